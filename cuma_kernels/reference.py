@@ -1,0 +1,91 @@
+"""Pure-torch semantics of the CuMA expert computation.
+
+Two forms live here:
+- `route_topk_torch` / `lora_experts_torch`: the vectorised CPU path (no Python loop over experts, no host sync).
+  They are the semantics the Triton kernels match, and the fallback on CPU.
+- `lora_experts_loop`: the published per-expert loop, kept as an oracle and as a benchmark baseline.
+"""
+from __future__ import annotations
+
+import torch
+
+ROUTING_MODES = ("cuma", "sum", "soft")
+
+
+def topk_stable(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim with ties broken toward the lower index (torch.topk does not promise that)."""
+    vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    return vals[..., :top_k], idx[..., :top_k]
+
+
+def renormalise(topk_probs: torch.Tensor, mode: str) -> torch.Tensor:
+    """Gate weights from the k selected probabilities.
+
+    "cuma": softmax over the selected *probabilities* (the published code's double softmax);
+    "sum":  p / sum(p); "soft": the raw probabilities, not renormalised (the published soft-routing ablation).
+    """
+    if mode == "cuma":
+        return torch.softmax(topk_probs, dim=-1)
+    if mode == "sum":
+        return topk_probs / topk_probs.sum(dim=-1, keepdim=True)
+    if mode == "soft":
+        return topk_probs
+    raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+
+
+def route_topk_torch(logits: torch.Tensor, top_k: int, mode: str = "cuma") -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (topk_weights [T, k] float32, topk_idx [T, k] int32). Differentiable in the weights."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    vals, idx = topk_stable(probs, top_k)
+    return renormalise(vals, mode), idx.to(torch.int32)
+
+
+def dense_gates(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, k] routing -> [T, E] gate matrix, zero off the top-k (slots that pick the same expert add up)."""
+    gates = topk_weights.new_zeros(topk_weights.shape[0], num_experts)
+    return gates.scatter_add(1, topk_idx.long(), topk_weights)
+
+
+def lora_experts_torch(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense gated form: every expert's rank-r product, masked by the [T, E] gates.
+
+    x [T, K]; lora_A [E, r, K] or [1, r, K] (shared A); lora_B [E, N, r]; topk_idx/topk_weights [T, k].
+    Returns base_out + scaling * sum_j w_tj B_{e_tj} A_{e_tj} x_t, in x's dtype (fp32 accumulation).
+    """
+    num_experts, out_features, rank = lora_B.shape
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc, a, b = x.to(compute), lora_A.to(compute), lora_B.to(compute)
+    gates = dense_gates(topk_idx, topk_weights.to(compute), num_experts)  # [T, E]
+    b_cat = b.permute(1, 0, 2).reshape(out_features, num_experts * rank)  # [N, E*r]
+    if a.shape[0] == 1:  # shared A: one shrink, then fan out per expert
+        h = xc @ a[0].t()  # [T, r]
+        hg = (gates[:, :, None] * h[:, None, :]).reshape(-1, num_experts * rank)
+    else:
+        h = xc @ a.reshape(num_experts * rank, -1).t()  # [T, E*r]
+        hg = h * gates.repeat_interleave(rank, dim=1)
+    delta = (hg @ b_cat.t()) * scaling
+    if base_out is not None:
+        delta = delta + base_out.to(compute)
+    return delta.to(x.dtype)
+
+
+def lora_experts_loop(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out=None):
+    """The published loop: for each slot and expert, gather its tokens, shrink, expand, scatter-add."""
+    out = torch.zeros(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
+    for slot in range(topk_idx.shape[1]):
+        for e in range(lora_B.shape[0]):
+            mask = topk_idx[:, slot] == e
+            if not mask.any():
+                continue
+            a = lora_A[0] if lora_A.shape[0] == 1 else lora_A[e]
+            h = x[mask] @ a.t()
+            out[mask] += (h @ lora_B[e].t()) * topk_weights[mask, slot, None].to(x.dtype) * scaling
+    return out if base_out is None else base_out + out
