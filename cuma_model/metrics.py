@@ -1,0 +1,250 @@
+"""Evaluation metrics on plain arrays: accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, mean-collapse.
+
+Every function here takes numpy arrays (or lists) and returns floats or plain dicts, so it can be checked by hand and
+against scipy. Conventions shared by all of them:
+
+- `true_idx`, `pred_idx`: int arrays [N] of choice indices.
+- `question_ids`: array [N] of question ids; rows of one question are compared with each other only.
+- scores are "scaled" ordinal values in [0, 1]: `(x - min) / (max - min)` with the question's answer scale.
+- group labels: array [N] of strings for one demographic dimension; `None`, float NaN and the labels in
+  `MISSING_LABELS` mark an unknown value and the row is left out of that dimension (the string "nan" is kept,
+  as in the published evaluation).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import wasserstein_distance
+from sklearn.metrics import f1_score
+
+MISSING_LABELS = frozenset({"Unknown"})
+EMD_AUC_THRESHOLDS = np.arange(0, 0.6 + 1e-8, 0.05)
+
+
+def accuracy(true_idx: Sequence[int], pred_idx: Sequence[int]) -> float:
+    """Share of rows whose predicted choice index equals the target."""
+    t, p = np.asarray(true_idx), np.asarray(pred_idx)
+    if t.shape != p.shape:
+        raise ValueError(f"true {t.shape} and pred {p.shape} differ in shape")
+    if t.size == 0:
+        return float("nan")
+    return float(np.mean(t == p))
+
+
+def macro_f1(true_letters: Sequence[str], pred_letters: Sequence[str]) -> float:
+    """sklearn macro-F1 pooled over all questions, the answer letters as classes (the published definition)."""
+    if len(true_letters) == 0:
+        return float("nan")
+    return float(f1_score(list(true_letters), list(pred_letters), average="macro", zero_division=0))
+
+
+def scale_scores(scores: Sequence[float], lo: float, hi: float) -> np.ndarray:
+    """Map ordinal answer values onto [0, 1] with the question's scale: (x - lo) / (hi - lo)."""
+    if hi == lo:
+        raise ValueError(f"degenerate answer scale ({lo}, {hi})")
+    return (np.asarray(scores, dtype=np.float64) - lo) / (hi - lo)
+
+
+def emd_per_question(question_ids: Sequence, true_scaled: Sequence[float], pred_scaled: Sequence[float]) -> dict:
+    """WorldValuesBench EMD: per question, W1 between the true and the predicted scaled scores of its respondents.
+
+    Returns {question_id: EMD_q} with `scipy.stats.wasserstein_distance(true, pred)` on that question's rows.
+    """
+    q = np.asarray(question_ids)
+    t = np.asarray(true_scaled, dtype=np.float64)
+    p = np.asarray(pred_scaled, dtype=np.float64)
+    out = {}
+    for qid in _unique_in_order(q):
+        rows = q == qid
+        out[qid] = float(wasserstein_distance(t[rows], p[rows]))
+    return out
+
+
+def emd_auc(emd_values: Iterable[float], thresholds: np.ndarray = EMD_AUC_THRESHOLDS) -> float:
+    """Area under pct(th) = 100 * mean(EMD_q <= th) over thresholds 0..0.6 step 0.05 (trapezoid; maximum 60)."""
+    e = np.asarray(list(emd_values), dtype=np.float64)
+    if e.size == 0:
+        return float("nan")
+    pct = np.array([100.0 * np.mean(e <= th) for th in thresholds])
+    return float(np.trapezoid(pct, thresholds))
+
+
+def emd_summary(per_question: Mapping) -> dict:
+    """Mean, median and AUC of the per-question EMDs."""
+    e = np.asarray(list(per_question.values()), dtype=np.float64)
+    if e.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "auc": float("nan"), "n_questions": 0}
+    return {"mean": float(e.mean()), "median": float(np.median(e)), "auc": emd_auc(e), "n_questions": int(e.size)}
+
+
+def is_missing(label) -> bool:
+    """True for None, float NaN and the labels in MISSING_LABELS (the string "nan" is a real label)."""
+    if label is None:
+        return True
+    if isinstance(label, float) and math.isnan(label):
+        return True
+    return label in MISSING_LABELS
+
+
+def group_accuracies(correct: Sequence[bool], labels: Sequence, min_rows: int = 1) -> dict:
+    """{label: (accuracy, n_rows)} over the known labels with at least `min_rows` rows."""
+    c = np.asarray(correct, dtype=bool)
+    lab = _label_array(labels)
+    if lab.size != c.size:
+        raise ValueError("labels and correct differ in length")
+    out = {}
+    for g in _unique_in_order(lab):
+        if g is None:
+            continue
+        rows = lab == g
+        n = int(rows.sum())
+        if n >= min_rows:
+            out[g] = (float(c[rows].mean()), n)
+    return out
+
+
+def sigma_inequity(correct: Sequence[bool], groups: Mapping[str, Sequence], min_rows: int = 5,
+                   min_groups: int = 2) -> dict:
+    """sigma-inequity: per dimension np.std (ddof 0) of subgroup accuracies, averaged over dimensions.
+
+    groups: {dimension: labels [N]}. Subgroups with fewer than `min_rows` rows or a missing label are skipped; a
+    dimension counts only with at least `min_groups` subgroups left. Returns {"mean", "per_dimension"}; the mean is
+    NaN when no dimension counts.
+    """
+    per_dim = {}
+    for dim, labels in groups.items():
+        accs = group_accuracies(correct, labels, min_rows=min_rows)
+        if len(accs) >= min_groups:
+            per_dim[dim] = float(np.std([a for a, _ in accs.values()]))
+    mean = float(np.mean(list(per_dim.values()))) if per_dim else float("nan")
+    return {"mean": mean, "per_dimension": per_dim}
+
+
+def group_macro_accuracy(correct: Sequence[bool], groups: Mapping[str, Sequence], min_rows: int = 1) -> dict:
+    """Per dimension, the mean over its groups of per-group accuracy (each group weighs the same); and their mean.
+
+    Returns {"mean", "per_dimension": {dim: {"macro", "groups": {label: accuracy}}}}. Missing labels are skipped.
+    """
+    per_dim = {}
+    for dim, labels in groups.items():
+        accs = group_accuracies(correct, labels, min_rows=min_rows)
+        if accs:
+            per_dim[dim] = {"macro": float(np.mean([a for a, _ in accs.values()])),
+                            "groups": {str(g): a for g, (a, _) in accs.items()}}
+    mean = float(np.mean([d["macro"] for d in per_dim.values()])) if per_dim else float("nan")
+    return {"mean": mean, "per_dimension": per_dim}
+
+
+def choice_entropy(choice_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-example Shannon entropy (nats) of the softmax over that example's valid choice-letter logits.
+
+    choice_logits: list of [n_choices_i] float arrays. Returns float64 [N]. A mean-collapsed model that is sure of
+    one answer has entropy near 0; uniform over n choices gives log(n).
+    """
+    out = np.empty(len(choice_logits), dtype=np.float64)
+    for i, z in enumerate(choice_logits):
+        z = np.asarray(z, dtype=np.float64)
+        z = z - z.max()
+        p = np.exp(z) / np.exp(z).sum()
+        out[i] = float(-np.sum(p[p > 0] * np.log(p[p > 0])))
+    return out
+
+
+def answer_distribution(idx: Sequence[int], n_choices: int) -> np.ndarray:
+    """Empirical distribution [n_choices] of the choice indices `idx`."""
+    counts = np.bincount(np.asarray(idx, dtype=np.int64), minlength=n_choices).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+    """Jensen-Shannon divergence in bits (in [0, 1]); scipy's `jensenshannon` returns its square root."""
+    return float(jensenshannon(np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64), base=2) ** 2)
+
+
+def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pred_idx: Sequence[int],
+                            n_choices: Sequence[int], true_scaled: Sequence[float], pred_scaled: Sequence[float],
+                            groups: Mapping[str, Sequence], min_rows: int = 5) -> dict:
+    """How far each group's predicted answer distribution is from its true one, and how far apart groups are.
+
+    A cell is one (dimension, group, question) with at least `min_rows` rows. Per cell:
+    - `emd`: W1 between the true and predicted scaled scores of the cell's rows;
+    - `js`: JS divergence (bits) between the true and predicted answer distributions (hard predictions).
+    `emd` and `js` are averaged over cells weighted by rows, per dimension and over all dimensions' cells.
+
+    Between-group spread, per (dimension, question) with >= 2 qualifying groups: the mean pairwise JS divergence
+    between the groups' predicted distributions (`pred_js`) and between their true ones (`true_js`); averaged over
+    questions (weighted by the question's rows in those groups). `ratio = pred_js / true_js`: near 1 when the model
+    keeps groups as far apart as they really are, near 0 when it answers every group alike (mean collapse), above 1
+    when it exaggerates differences. Finite samples give `true_js` a positive noise floor.
+    """
+    q = np.asarray(question_ids)
+    t = np.asarray(true_idx, dtype=np.int64)
+    p = np.asarray(pred_idx, dtype=np.int64)
+    nc = np.asarray(n_choices, dtype=np.int64)
+    ts = np.asarray(true_scaled, dtype=np.float64)
+    ps = np.asarray(pred_scaled, dtype=np.float64)
+    qrows = {qid: np.flatnonzero(q == qid) for qid in _unique_in_order(q)}
+
+    per_dim = {}
+    all_cells, all_spread = [], []  # (n, emd, js), (weight, pred_js, true_js)
+    for dim, labels in groups.items():
+        lab = _label_array(labels)
+        cells, spread = [], []  # spread: (weight, pred_js, true_js)
+        for qid, rows in qrows.items():
+            k = int(nc[rows[0]])
+            dists = []  # (n, true_dist, pred_dist)
+            for g in _unique_in_order(lab[rows]):
+                if g is None:
+                    continue
+                r = rows[lab[rows] == g]
+                if r.size < min_rows:
+                    continue
+                td, pd_ = answer_distribution(t[r], k), answer_distribution(p[r], k)
+                cells.append((r.size, float(wasserstein_distance(ts[r], ps[r])), js_divergence(td, pd_)))
+                dists.append((r.size, td, pd_))
+            if len(dists) >= 2:
+                pairs = list(itertools.combinations(range(len(dists)), 2))
+                pj = np.mean([js_divergence(dists[a][2], dists[b][2]) for a, b in pairs])
+                tj = np.mean([js_divergence(dists[a][1], dists[b][1]) for a, b in pairs])
+                spread.append((sum(d[0] for d in dists), float(pj), float(tj)))
+        all_cells += cells
+        all_spread += spread
+        per_dim[dim] = {**_weighted_cells(cells), "between_group_spread": _weighted_spread(spread)}
+    return {**_weighted_cells(all_cells), "between_group_spread": _weighted_spread(all_spread),
+            "per_dimension": per_dim}
+
+
+def _weighted_cells(cells: list) -> dict:
+    if not cells:
+        return {"emd": float("nan"), "js": float("nan"), "n_cells": 0}
+    w = np.array([c[0] for c in cells], dtype=np.float64)
+    return {"emd": float(np.average([c[1] for c in cells], weights=w)),
+            "js": float(np.average([c[2] for c in cells], weights=w)), "n_cells": len(cells)}
+
+
+def _weighted_spread(spread: list) -> dict:
+    if not spread:
+        return {"pred_js": float("nan"), "true_js": float("nan"), "ratio": float("nan"), "n_questions": 0}
+    w = np.array([s[0] for s in spread], dtype=np.float64)
+    pj = float(np.average([s[1] for s in spread], weights=w))
+    tj = float(np.average([s[2] for s in spread], weights=w))
+    return {"pred_js": pj, "true_js": tj, "ratio": pj / tj if tj > 0 else float("nan"), "n_questions": len(spread)}
+
+
+def _label_array(labels) -> np.ndarray:
+    """Object array of string labels, None where the label is missing."""
+    return np.array([None if is_missing(x) else str(x) for x in labels], dtype=object)
+
+
+def _unique_in_order(values) -> list:
+    seen, out = set(), []
+    for v in values:
+        key = v if not (isinstance(v, float) and math.isnan(v)) else "__nan__"
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out

@@ -1,0 +1,141 @@
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy, wasserstein_distance
+
+from cuma_model import metrics as M
+
+
+def test_accuracy_hand():
+    assert M.accuracy([0, 1, 2, 1], [0, 1, 1, 1]) == 0.75
+    with pytest.raises(ValueError):
+        M.accuracy([0, 1], [0])
+
+
+def test_macro_f1_hand():
+    # A: P=1, R=1/2, F1=2/3; B: P=2/3, R=1, F1=4/5
+    assert M.macro_f1(list("AABB"), list("ABBB")) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_scale_scores():
+    np.testing.assert_allclose(M.scale_scores([1, 2.5, 4], 1, 4), [0, 0.5, 1])
+    np.testing.assert_allclose(M.scale_scores([-1, 0, 1], -1, 1), [0, 0.5, 1])
+
+
+def test_emd_per_question_hand_and_scipy():
+    q = ["q1", "q1", "q2", "q2", "q2"]
+    t = [0.0, 1.0, 0.5, 0.5, 0.5]
+    p = [0.0, 0.0, 0.5, 0.5, 0.5]
+    e = M.emd_per_question(q, t, p)
+    assert e == {"q1": pytest.approx(0.5), "q2": pytest.approx(0.0)}
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 4, 200)
+    t, p = rng.random(200), rng.random(200)
+    e = M.emd_per_question(q, t, p)
+    for qid in range(4):
+        assert e[qid] == pytest.approx(wasserstein_distance(t[q == qid], p[q == qid]))
+    s = M.emd_summary(e)
+    assert s["mean"] == pytest.approx(np.mean(list(e.values())))
+    assert s["median"] == pytest.approx(np.median(list(e.values())))
+
+
+def test_emd_auc_hand():
+    assert len(M.EMD_AUC_THRESHOLDS) == 13
+    assert M.emd_auc([0.0, 0.0]) == pytest.approx(60.0)
+    # pct = 50 for th <= 0.45, 100 for th >= 0.5: 50*0.45 + 75*0.05 + 100*0.1
+    assert M.emd_auc([0.0, 0.48]) == pytest.approx(36.25)
+    assert M.emd_auc([0.9]) == pytest.approx(0.0)
+
+
+def test_sigma_inequity_skipping_rules():
+    correct = np.array([1] * 5 + [1, 1, 1, 0, 0] + [0] * 4 + [1] * 5, dtype=bool)
+    sex = ["a"] * 5 + ["b"] * 5 + ["c"] * 4 + ["Unknown"] * 5   # c: 4 rows, Unknown: skipped
+    age = ["x"] * 14 + ["y"] * 4 + [None]                      # y too small: only one subgroup left
+    kept = ["nan"] * 5 + ["m"] * 14                            # the string "nan" is a label
+    out = M.sigma_inequity(correct, {"sex": sex, "age": age})
+    assert set(out["per_dimension"]) == {"sex"}
+    assert out["per_dimension"]["sex"] == pytest.approx(np.std([1.0, 0.6]))
+    assert out["mean"] == pytest.approx(0.2)
+    out = M.sigma_inequity(correct, {"sex": sex, "kept": kept})
+    acc_m = correct[5:].mean()
+    assert out["per_dimension"]["kept"] == pytest.approx(np.std([1.0, acc_m]))
+    assert out["mean"] == pytest.approx((0.2 + np.std([1.0, acc_m])) / 2)
+    assert math.isnan(M.sigma_inequity(correct, {"age": age})["mean"])
+    # a float NaN label is missing, not a group
+    nan_lab = [float("nan")] * 5 + ["m"] * 14
+    assert M.sigma_inequity(correct, {"d": nan_lab})["per_dimension"] == {}
+
+
+def test_group_macro_accuracy_hand():
+    correct = [1, 1, 1, 0, 1, 0]
+    out = M.group_macro_accuracy(correct, {"party": ["d", "d", "d", "d", "r", "r"], "sex": ["f"] * 6})
+    assert out["per_dimension"]["party"]["groups"] == {"d": 0.75, "r": 0.5}
+    assert out["per_dimension"]["party"]["macro"] == pytest.approx(0.625)
+    assert out["per_dimension"]["sex"]["macro"] == pytest.approx(4 / 6)
+    assert out["mean"] == pytest.approx((0.625 + 4 / 6) / 2)
+
+
+def test_choice_entropy_hand_and_scipy():
+    h = M.choice_entropy([np.zeros(2), np.zeros(4), np.array([100.0, 0.0])])
+    np.testing.assert_allclose(h, [math.log(2), math.log(4), 0.0], atol=1e-12)
+    rng = np.random.default_rng(1)
+    logits = [rng.normal(size=k).astype(np.float32) for k in (2, 3, 5)]
+    for z, hz in zip(logits, M.choice_entropy(logits)):
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert hz == pytest.approx(entropy(p), rel=1e-6)
+
+
+def test_js_divergence_hand_and_scipy():
+    assert M.js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
+    assert M.js_divergence([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0.0, abs=1e-12)
+    p, q = np.array([0.2, 0.5, 0.3]), np.array([0.6, 0.1, 0.3])
+    assert M.js_divergence(p, q) == pytest.approx(jensenshannon(p, q, base=2) ** 2)
+
+
+def _gap_inputs(pred):
+    # one question, two groups of 5: group a always answers 0, group b always 1
+    q = ["q"] * 10
+    true = [0] * 5 + [1] * 5
+    return dict(question_ids=q, true_idx=true, pred_idx=pred, n_choices=[2] * 10,
+                true_scaled=np.array(true, float), pred_scaled=np.array(pred, float),
+                groups={"party": ["a"] * 5 + ["b"] * 5})
+
+
+def test_group_gaps_collapsed_model():
+    out = M.group_distribution_gaps(**_gap_inputs([0] * 10))
+    # cell a: emd 0, js 0; cell b: emd 1, js 1; row-weighted mean 0.5
+    assert out["emd"] == pytest.approx(0.5) and out["js"] == pytest.approx(0.5)
+    s = out["between_group_spread"]
+    assert s["pred_js"] == pytest.approx(0.0) and s["true_js"] == pytest.approx(1.0)
+    assert s["ratio"] == pytest.approx(0.0)
+    assert out["per_dimension"]["party"]["n_cells"] == 2
+
+
+def test_group_gaps_faithful_model_and_min_rows():
+    out = M.group_distribution_gaps(**_gap_inputs([0] * 5 + [1] * 5))
+    assert out["emd"] == pytest.approx(0.0) and out["js"] == pytest.approx(0.0, abs=1e-12)
+    assert out["between_group_spread"]["ratio"] == pytest.approx(1.0)
+    small = M.group_distribution_gaps(**_gap_inputs([0] * 10), min_rows=6)
+    assert small["n_cells"] == 0 and math.isnan(small["between_group_spread"]["ratio"])
+
+
+def test_group_gaps_against_scipy_random():
+    rng = np.random.default_rng(2)
+    n = 300
+    q = rng.integers(0, 3, n)
+    t, p = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    g = rng.choice(["u", "v"], n)
+    out = M.group_distribution_gaps(q, t, p, [4] * n, t / 3, p / 3, {"d": g}, min_rows=1)
+    emds, jss, ws = [], [], []
+    for qid in range(3):
+        for lab in ("u", "v"):
+            r = (q == qid) & (g == lab)
+            emds.append(wasserstein_distance(t[r] / 3, p[r] / 3))
+            td = np.bincount(t[r], minlength=4) / r.sum()
+            pd_ = np.bincount(p[r], minlength=4) / r.sum()
+            jss.append(jensenshannon(td, pd_, base=2) ** 2)
+            ws.append(r.sum())
+    assert out["emd"] == pytest.approx(np.average(emds, weights=ws))
+    assert out["js"] == pytest.approx(np.average(jss, weights=ws))
