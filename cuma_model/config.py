@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cuma_kernels.reference import ROUTING_MODES
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from .checkpoint import CONFIG_NAME, atomic_write_bytes
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -97,8 +97,6 @@ class CuMAConfig:
         return cls(**d)
 
     def save(self, directory: str | Path) -> Path:
-        from .checkpoint import atomic_write_bytes
-
         path = Path(directory) / CONFIG_NAME
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         return path

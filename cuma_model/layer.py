@@ -1,0 +1,101 @@
+"""CuMALinear: a frozen base nn.Linear plus E routed LoRA experts."""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+import cuma_kernels
+
+from .conditioning import Route, active_state, is_disabled, pending_embeds, recorder, RoutingRecord
+from .router import DemographicRouter, load_balancing_loss
+
+
+class CuMALinear(nn.Module):
+    """y = base(x) + (alpha / r) * sum_{j in topk(t)} g_tj B_j A_j dropout(x).
+
+    Wraps the existing `base_layer` (its weight is never copied, so quantized or sharded bases keep working).
+    `lora_A` is [E, r, in] (or [1, r, in] for the shared-A layout), `lora_B` is [E, out, r].
+    The router may be shared with sibling projections; it is registered on the module that owns it.
+    """
+
+    def __init__(self, base_layer: nn.Linear, router: DemographicRouter, owner, *, owns_router: bool, r: int,
+                 lora_alpha: float, shared_A: bool, dropout: float, init_A_std: float, dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        num_experts = router.num_experts
+        device = base_layer.weight.device
+        self.r, self.scaling = r, lora_alpha / r
+        self.lora_A = nn.Parameter(
+            torch.randn(1 if shared_A else num_experts, r, self.in_features, dtype=dtype, device=device) * init_A_std
+        )
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, dtype=dtype, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if owns_router:
+            self.router = router
+        else:  # a shared router is registered once, on the module that holds the sibling projections
+            self.__dict__["router"] = router
+        self.__dict__["owner"] = owner  # the model's CuMAHandle: not a module
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that inspects proj.weight (dtype, device) keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """-> (A [E or 1, r, in], B [E, out, r], scaling)."""
+        return self.lora_A, self.lora_B, self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if is_disabled(self.owner):
+            return out
+        route = self._route(x)
+        x2 = self.lora_dropout(x).reshape(-1, self.in_features)
+        y = cuma_kernels.lora_experts(
+            x2,
+            self.lora_A.to(x.dtype),
+            self.lora_B.to(x.dtype),
+            route.topk_idx,
+            route.topk_weights,
+            self.scaling,
+            base_out=out.reshape(-1, self.out_features),
+        )
+        return y.view(out.shape)
+
+    def _route(self, x: torch.Tensor) -> Route:
+        """Route x, once per (router, input): q/k/v sharing a router and an input reuse one decision."""
+        state = active_state(self.owner)
+        key = self.router.key
+        if state is not None:
+            cached = state.cached_route(key, x)
+            if cached is not None:
+                return cached
+            z = state.demographic_embeds
+        else:
+            z = pending_embeds(self.owner)
+        x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        logits = self.router.logits(x3, z)
+        topk_weights, topk_idx = self.router.route_flat(logits)
+        route = Route(topk_weights, topk_idx)
+        if state is not None:
+            state.store_route(key, x, route)
+            if state.compute_aux:
+                gates = self.router.gates(logits, topk_weights, topk_idx)
+                mask = state.token_mask(x3.shape[0], x3.shape[1])
+                state.aux_terms.append(load_balancing_loss(gates, self.router.top_k, mask))
+        trace = recorder(self.owner)
+        if trace is not None:
+            shape = (*x3.shape[:2], -1)
+            trace.records.append(
+                RoutingRecord(key, topk_idx.detach().long().view(shape).cpu(), topk_weights.detach().view(shape).cpu())
+            )
+        return route
+
+    def extra_repr(self) -> str:
+        shared = ", shared_A" if self.lora_A.shape[0] == 1 else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{shared}"

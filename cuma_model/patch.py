@@ -1,0 +1,170 @@
+"""patch_model: turn a Hugging Face decoder into a CuMA model in place."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from .conditioning import ForwardState, activate, pending_embeds, wrap_checkpoint_function
+from .config import CuMAConfig
+from .layer import CuMALinear
+from .router import DemographicRouter
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+class CuMAHandle:
+    """What a patched model knows about its adapter: the config, its routers and adapted layers, its base forward.
+
+    Every CuMALinear points at its handle: that is how two patched models alive at once keep their conditioning apart.
+    """
+
+    def __init__(self, config: CuMAConfig, base_forward):
+        self.config = config
+        self.base_forward = base_forward
+        self.layers: dict[str, CuMALinear] = {}
+        self.routers: dict[str, DemographicRouter] = {}
+        self.checkpointed: list[nn.Module] = []
+
+
+def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
+    """Freeze `model` and inject CuMA experts into its target linear layers, in place; returns `model`.
+
+    Keyword arguments are CuMAConfig fields (num_experts, top_k, r, lora_alpha, target_modules, shared_A,
+    demographic_dim, router_hidden_dim, router_num_layers, dropout, share_router_qkv, share_router_gate_up,
+    routing_mode, aux_loss_coef, ...); with `config` given they override its fields.
+    After patching, `model(..., demographic_embeds=z)` and `model.generate(..., demographic_embeds=z)` take z [B, D].
+    """
+    if getattr(model, "cuma", None) is not None:
+        raise ValueError("model is already patched with CuMA")
+    config = dataclasses.replace(config, **config_kwargs) if config is not None else CuMAConfig(**config_kwargs)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(t in name for t in config.target_modules)
+    ]
+    if not targets:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no linear layer matches target_modules={list(config.target_modules)}; "
+                         f"linear layers here are named {linear_names}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    handle = CuMAHandle(config, model.forward)
+    dtype = getattr(torch, config.adapter_dtype)
+    modules = dict(model.named_modules())
+    for name, base in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        router, shared = _router_for(handle, parent, parent_name, child, name, base, dtype)
+        layer = CuMALinear(base, router, handle, owns_router=not shared, r=config.r, lora_alpha=config.lora_alpha,
+                           shared_A=config.shared_A, dropout=config.dropout, init_A_std=config.init_A_std, dtype=dtype)
+        setattr(parent, child, layer)
+        handle.layers[name] = layer
+    handle.checkpointed = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
+                           or type(m).__name__.endswith("DecoderLayer")]
+    model.cuma = handle
+    model.forward = _conditioned_forward(model, handle)
+    return model
+
+
+def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[DemographicRouter, bool]:
+    cfg = handle.config
+    shared = (cfg.share_router_qkv and child in _QKV) or (cfg.share_router_gate_up and child in _GATE_UP)
+    attr = "cuma_router_qkv" if child in _QKV else "cuma_router_gate_up"
+    key = f"{parent_name}.{attr}" if shared else f"{name}.router"
+    if key in handle.routers:
+        return handle.routers[key], shared
+    router = DemographicRouter(base.in_features, cfg.demographic_dim, cfg.num_experts, cfg.top_k,
+                               hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
+                               dropout=cfg.dropout, mode=cfg.routing_mode, dtype=dtype, device=base.weight.device)
+    router.key = key
+    if shared:
+        setattr(parent, attr, router)
+    handle.routers[key] = router
+    return router, shared
+
+
+def _conditioned_forward(model: nn.Module, handle: CuMAHandle):
+    base_forward = handle.base_forward
+    accepts_attention_mask = "attention_mask" in inspect.signature(base_forward).parameters
+
+    @functools.wraps(base_forward)
+    def forward(*args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+        z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
+        _check_embeds(handle.config, z, args, kwargs)
+        for layer in handle.checkpointed:
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if fn is not None:
+                layer._gradient_checkpointing_func = wrap_checkpoint_function(fn)
+        mask = kwargs.get("attention_mask") if accepts_attention_mask else None
+        compute_aux = model.training and handle.config.aux_loss_coef > 0
+        state = ForwardState(handle, z, mask, compute_aux)
+        with activate(state):
+            out = base_forward(*args, **kwargs)
+        if compute_aux and state.aux_terms and hasattr(out, "keys"):
+            aux = handle.config.aux_loss_coef * torch.stack(state.aux_terms).sum()
+            out["aux_loss"] = aux
+            if out.get("loss") is not None:
+                out["loss"] = out["loss"] + aux.to(out["loss"].dtype)
+        return out
+
+    forward.__signature__ = _signature_with_embeds(base_forward)
+    return forward
+
+
+def _signature_with_embeds(fn) -> inspect.Signature:
+    """The base forward's signature plus `demographic_embeds` (generate() validates kwargs against it)."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = inspect.Parameter("demographic_embeds", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation="torch.Tensor | None")
+    params += [extra] + [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+    return sig.replace(parameters=params)
+
+
+def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
+    if config.demographic_dim == 0:
+        return
+    if z is None:
+        raise ValueError(
+            f"missing conditioning: pass demographic_embeds=<tensor [batch, {config.demographic_dim}]> "
+            "to the model's forward or generate, or wrap the call in cuma_model.conditioning(model, z)"
+        )
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != config.demographic_dim:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"demographic_embeds must be a tensor of shape [batch, {config.demographic_dim}], got {shape}")
+    if not z.is_floating_point():
+        raise ValueError(f"demographic_embeds must be floating point, got {z.dtype}")
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"demographic_embeds has batch {z.shape[0]} but the input has batch {inputs.shape[0]}; expand it "
+            "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
+            "for n samples per prompt)"
+        )
+
+
+def routers(model: nn.Module) -> list[DemographicRouter]:
+    """The model's routers, in layer order; each has `.key` (its qualified name), `.logits(x, z)`, `.route(x, z)`."""
+    return list(_handle(model).routers.values())
+
+
+def cuma_layers(model: nn.Module) -> dict[str, CuMALinear]:
+    """Qualified name -> CuMALinear of every adapted layer."""
+    return dict(_handle(model).layers)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "cuma", None) is not None
+
+
+def _handle(model: nn.Module) -> CuMAHandle:
+    handle = getattr(model, "cuma", None)
+    if handle is None:
+        raise ValueError("this model is not patched with CuMA: call cuma_model.patch_model(model, ...) first")
+    return handle

@@ -1,0 +1,110 @@
+"""DemographicRouter: the router MLP on [hidden ; z], with the z part computed once per sequence."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cuma_kernels
+from cuma_kernels.reference import dense_gates
+
+
+class DemographicRouter(nn.Module):
+    """Published router: Dropout -> Linear(d_in + D -> H) -> ReLU -> Dropout -> Linear(H -> E), then top-k.
+
+    The first Linear is stored whole (its weight is [H, d_in + D], initialised like the published one), but applied
+    as `W_h x + (W_z z + b)`: the z half is per sequence, so it is computed once per sequence, and the concatenation
+    [x ; z] is never materialised. With dropout > 0 the z half is dropped once per sequence rather than per token.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        demographic_dim: int,
+        num_experts: int,
+        top_k: int,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        mode: str = "cuma",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.demographic_dim = in_features, demographic_dim
+        self.num_experts, self.top_k, self.mode = num_experts, top_k, mode
+        self.key = ""  # qualified name, set by patch_model
+        widths = [in_features + demographic_dim] + [hidden_dim] * (num_layers - 1) + [num_experts]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(widths[:-1], widths[1:])
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def _check(self, x: torch.Tensor, z: torch.Tensor | None) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"router expects x of shape [batch, seq, {self.in_features}], got {tuple(x.shape)}")
+        if self.demographic_dim == 0:
+            return
+        if z is None:
+            raise ValueError(
+                "missing conditioning: this router needs demographic_embeds of shape "
+                f"[batch, {self.demographic_dim}] (pass demographic_embeds=... or use cuma_model.conditioning)"
+            )
+        if z.dim() != 2 or z.shape[1] != self.demographic_dim:
+            raise ValueError(
+                f"demographic_embeds must have shape [batch, {self.demographic_dim}], got {tuple(z.shape)}"
+            )
+        if z.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"demographic_embeds has batch {z.shape[0]} but the input has batch {x.shape[0]}; expand it "
+                "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
+                "for n samples per prompt)"
+            )
+
+    def logits(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """x [batch, seq, hidden], z [batch, D] -> pre-softmax logits [batch, seq, E] (in the router's dtype)."""
+        self._check(x, z)
+        first = self.layers[0]
+        w = first.weight
+        h = F.linear(self.dropout(x.to(w.dtype)), w[:, : self.in_features])
+        if self.demographic_dim:
+            per_sequence = F.linear(self.dropout(z.to(w.dtype)), w[:, self.in_features :], first.bias)
+        else:
+            per_sequence = first.bias[None]
+        h = h + per_sequence[:, None, :]
+        for layer in self.layers[1:]:
+            h = layer(self.dropout(F.relu(h)))
+        return h
+
+    def route(self, x: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (topk_weights [batch, seq, k] float32, topk_idx [batch, seq, k] int64)."""
+        w, idx = self.route_flat(self.logits(x, z))
+        return w.view(*x.shape[:2], -1), idx.long().view(*x.shape[:2], -1)
+
+    def route_flat(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [batch, seq, E] -> flat (topk_weights [T, k] float32, topk_idx [T, k] int32)."""
+        return cuma_kernels.route_topk(logits.reshape(-1, self.num_experts), self.top_k, self.mode)
+
+    def gates(self, logits: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """The published dense gate matrix G [T, E]: full softmax for "soft", else the top-k weights scattered."""
+        if self.mode == "soft":
+            return torch.softmax(logits.reshape(-1, self.num_experts).float(), dim=-1)
+        return dense_gates(topk_idx, topk_weights, self.num_experts)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode!r}, demographic_dim={self.demographic_dim}"
+
+
+def load_balancing_loss(gates: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Published per-router loss E * sum_e freq_e * prop_e on the dense gates G [T, E] (balanced minimum: 1).
+
+    freq_e: share of the top-k slots given to e (through sign(G), so it carries no gradient);
+    prop_e: mean gate weight of e. `token_mask` [T] excludes padding, as the published attention-mask weighting does.
+    """
+    num_experts = gates.shape[-1]
+    m = gates.new_ones(gates.shape[0]) if token_mask is None else token_mask.to(gates.dtype)
+    n = m.sum().clamp_min(1.0)
+    gm = gates * m[:, None]
+    freq = torch.sign(gm).sum(0) / (n * top_k)
+    prop = gm.sum(0) / n
+    return num_experts * (freq * prop).sum()
