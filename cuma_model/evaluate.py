@@ -1,0 +1,650 @@
+"""Evaluate survey answering: score choices with a model, statistical floors, all metrics, a routing report, a CLI.
+
+Pieces, in the order a run uses them:
+- `score_choices(model, tokenizer, prompts, letters_per_example, demographic_embeds=None)`: per-example logits over
+  that example's choice letters, read at the last prompt token (left padding, positions counted from each row's
+  first real token, `logits_to_keep=1`).
+- Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`; each
+  `predict(examples)` returns `Predictions(choice_idx, choice_logits)`, the same form as a model's.
+- `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None)`: one JSON-safe dict with every metric of
+  `cuma_model.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
+  entropy, per-group distribution gaps and between-group spread).
+- `format_report` / `write_markdown_table`: methods side by side.
+- `RoutingUsage` / `routing_usage_table`: expert usage per demographic group per router from routing records.
+- `python -m cuma_model.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
+  `python -m cuma_model.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR`: the floors.
+
+File formats. An examples file is JSONL, one `SurveyExample` per line with its dataclass fields. A predictions file
+is the same plus `"pred"` (the predicted choice index) and `"choice_logits"` (list of floats, or null): it carries
+the examples it was made on, so evaluating a run never needs the survey loaders or the same data split again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cuma_model import metrics as M
+from cuma_model.data import SurveyExample
+
+
+class Predictions(NamedTuple):
+    """Predicted choice indices [N] (int64) and optional per-example choice logits (list of [n_choices_i] fp32)."""
+
+    choice_idx: np.ndarray
+    choice_logits: list[np.ndarray] | None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics over examples
+# --------------------------------------------------------------------------------------------------------------------
+
+def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx: Sequence[int],
+                         choice_logits: Sequence[np.ndarray] | None = None, min_group_rows: int = 5) -> dict:
+    """Every metric for one method on `test_examples`, as a JSON-serialisable dict (NaN becomes null).
+
+    pred_choice_idx: int [N], the predicted choice index per example. choice_logits: optional list of
+    [n_choices_i] arrays (entropy is null without them). `min_group_rows` is the smallest subgroup (sigma-inequity)
+    or (group, question) cell (distribution gaps) that counts. Keys: n, n_questions, accuracy, macro_f1,
+    emd {mean, median, auc, n_questions, per_question}, sigma_inequity {mean, per_dimension},
+    group_macro_accuracy {mean, per_dimension}, entropy {mean, mean_normalized} | null,
+    group_gaps {emd, js, n_cells, between_group_spread {pred_js, true_js, ratio}, per_dimension}.
+    """
+    ex = list(test_examples)
+    pred = np.asarray(pred_choice_idx, dtype=np.int64)
+    if pred.shape != (len(ex),):
+        raise ValueError(f"{len(ex)} examples but predictions of shape {pred.shape}")
+    n_choices = np.array([len(e.choices) for e in ex], dtype=np.int64)
+    if np.any(pred < 0) or np.any(pred >= n_choices):
+        raise ValueError("a predicted choice index is out of range for its example")
+    true = np.array([e.target for e in ex], dtype=np.int64)
+    qids = np.array([e.question_id for e in ex], dtype=object)
+    true_scaled = np.array([_scaled(e, e.target) for e in ex])
+    pred_scaled = np.array([_scaled(e, int(p)) for e, p in zip(ex, pred)])
+    groups = example_groups(ex)
+    correct = true == pred
+
+    emd_q = M.emd_per_question(qids, true_scaled, pred_scaled)
+    out = {
+        "n": len(ex),
+        "n_questions": len(emd_q),
+        "accuracy": M.accuracy(true, pred),
+        "macro_f1": M.macro_f1([e.letters[e.target] for e in ex], [e.letters[p] for e, p in zip(ex, pred)]),
+        "emd": {**M.emd_summary(emd_q), "per_question": {str(k): v for k, v in emd_q.items()}},
+        "sigma_inequity": M.sigma_inequity(correct, groups, min_rows=min_group_rows),
+        "group_macro_accuracy": M.group_macro_accuracy(correct, groups),
+        "entropy": None,
+        "group_gaps": M.group_distribution_gaps(qids, true, pred, n_choices, true_scaled, pred_scaled, groups,
+                                                min_rows=min_group_rows),
+    }
+    if choice_logits is not None:
+        if len(choice_logits) != len(ex):
+            raise ValueError(f"{len(ex)} examples but {len(choice_logits)} logit rows")
+        h = M.choice_entropy(choice_logits)
+        out["entropy"] = {"mean": float(h.mean()) if h.size else float("nan"),
+                          "mean_normalized": float(np.mean(h / np.log(np.maximum(n_choices, 2))))
+                          if h.size else float("nan")}
+    return _json_safe(out)
+
+
+def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:
+    """{dimension: labels [N]} over every dimension seen in the examples (None where an example lacks it)."""
+    dims = list(dict.fromkeys(d for e in examples for d in e.groups))
+    return {d: [e.groups.get(d) for e in examples] for d in dims}
+
+
+def _scaled(e: SurveyExample, i: int) -> float:
+    lo, hi = e.scale
+    return float((e.scores[i] - lo) / (hi - lo))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------------
+
+_COLUMNS = [
+    ("acc", lambda m: m.get("accuracy")),
+    ("macro-F1", lambda m: m.get("macro_f1")),
+    ("EMD", lambda m: (m.get("emd") or {}).get("mean")),
+    ("sigma-ineq", lambda m: (m.get("sigma_inequity") or {}).get("mean")),
+    ("grp-macro-acc", lambda m: (m.get("group_macro_accuracy") or {}).get("mean")),
+    ("grp-EMD", lambda m: (m.get("group_gaps") or {}).get("emd")),
+    ("grp-JS", lambda m: (m.get("group_gaps") or {}).get("js")),
+    ("spread", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio")),
+    ("entropy", lambda m: (m.get("entropy") or {}).get("mean")),
+]
+_LEGEND = ("acc/macro-F1/grp-macro-acc: higher is better; EMD (WorldValuesBench, mean over questions), "
+           "sigma-ineq (std of group accuracies), grp-EMD/grp-JS (group answer distribution vs true): lower is better; "
+           "spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = collapsed); "
+           "entropy: mean answer entropy in nats.")
+
+
+def format_report(metrics_by_method: Mapping[str, Mapping]) -> str:
+    """A plain-text table, one row per method, of the headline metrics of `evaluate_predictions` dicts."""
+    rows = [[name] + [_fmt(get(m)) for _, get in _COLUMNS] for name, m in metrics_by_method.items()]
+    header = ["method"] + [c for c, _ in _COLUMNS]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def write_markdown_table(metrics_by_method: Mapping[str, Mapping], path: str | Path | None = None,
+                         caption: str | None = None) -> str:
+    """The `format_report` table as GitHub markdown (with a legend line); written to `path` when given."""
+    header = ["method"] + [c for c, _ in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(_COLUMNS)) + "|"]
+    for name, m in metrics_by_method.items():
+        lines.append("| " + " | ".join([name] + [_fmt(get(m)) for _, get in _COLUMNS]) + " |")
+    text = ((caption + "\n\n") if caption else "") + "\n".join(lines) + "\n\n" + _LEGEND + "\n"
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4f}"
+
+
+def _json_safe(x):
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistical floors
+# --------------------------------------------------------------------------------------------------------------------
+
+def _log_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Laplace-smoothed log answer frequencies: the argmax is the majority (lowest index on ties)."""
+    return np.log((counts + 1.0) / (counts.sum() + counts.size)).astype(np.float32)
+
+
+class QuestionMajority:
+    """Each question's most common training answer (lowest index on ties; choice 0 for an unseen question).
+
+    Logits are the log of the Laplace-smoothed training answer frequencies of the question, so entropy is that of
+    the question's marginal answer distribution.
+    """
+
+    name = "question_majority"
+
+    def fit(self, train: Sequence[SurveyExample]) -> "QuestionMajority":
+        self.counts_: dict[str, np.ndarray] = {}
+        for e in train:
+            c = self.counts_.setdefault(e.question_id, np.zeros(len(e.choices)))
+            c[e.target] += 1
+        return self
+
+    def _counts(self, e: SurveyExample) -> np.ndarray:
+        c = self.counts_.get(e.question_id)
+        return c if c is not None and c.size == len(e.choices) else np.zeros(len(e.choices))
+
+    def predict(self, examples: Sequence[SurveyExample]) -> Predictions:
+        logits = [_log_frequencies(self._counts(e)) for e in examples]
+        return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
+
+
+class GroupMajority(QuestionMajority):
+    """Per question, the training majority answer of the respondent's group, backing off when the group is thin.
+
+    The group is the combination of the respondent's labels on `dimensions` (in that order; default: every dimension
+    of the training examples, in order of first appearance). A group with fewer than `min_count` training answers to
+    the question backs off to the combination of the first len-1 dimensions, then len-2, ..., and finally to the
+    question majority. So put the dimension that matters most first. `backoff_levels_` (after `predict`) counts how
+    many test rows were answered at each number of dimensions used (0 = question majority).
+    """
+
+    name = "group_majority"
+
+    def __init__(self, dimensions: Sequence[str] | None = None, min_count: int = 5):
+        self.dimensions = list(dimensions) if dimensions is not None else None
+        self.min_count = min_count
+
+    def fit(self, train: Sequence[SurveyExample]) -> "GroupMajority":
+        super().fit(train)
+        if self.dimensions is None:
+            self.dimensions = list(dict.fromkeys(d for e in train for d in e.groups))
+        self.group_counts_: dict[tuple, np.ndarray] = {}
+        for e in train:
+            labels = self._labels(e)
+            for level in range(1, len(labels) + 1):
+                c = self.group_counts_.setdefault((e.question_id, labels[:level]), np.zeros(len(e.choices)))
+                c[e.target] += 1
+        return self
+
+    def _labels(self, e: SurveyExample) -> tuple:
+        return tuple(str(e.groups.get(d)) for d in self.dimensions)
+
+    def predict(self, examples: Sequence[SurveyExample]) -> Predictions:
+        self.backoff_levels_ = {}
+        logits = []
+        for e in examples:
+            labels = self._labels(e)
+            counts, used = self._counts(e), 0
+            for level in range(len(labels), 0, -1):
+                c = self.group_counts_.get((e.question_id, labels[:level]))
+                if c is not None and c.size == len(e.choices) and c.sum() >= self.min_count:
+                    counts, used = c, level
+                    break
+            self.backoff_levels_[used] = self.backoff_levels_.get(used, 0) + 1
+            logits.append(_log_frequencies(counts))
+        return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
+
+
+class LogisticRegressionBaseline(QuestionMajority):
+    """Per question, a multinomial logistic regression on the one-hot demographic labels (`groups`).
+
+    One `OneHotEncoder` (unknown labels ignored) over `dimensions` (default: all) is fitted on all training rows;
+    each question gets its own `LogisticRegression(C)`. A question seen with a single answer predicts it; an unseen
+    question falls back to the question majority (choice 0). Logits are log-probabilities (clipped at 1e-12).
+    """
+
+    name = "logistic_regression"
+
+    def __init__(self, dimensions: Sequence[str] | None = None, C: float = 1.0, max_iter: int = 1000):
+        self.dimensions = list(dimensions) if dimensions is not None else None
+        self.C = C
+        self.max_iter = max_iter
+
+    def _matrix(self, examples: Sequence[SurveyExample]) -> np.ndarray:
+        return np.array([[str(e.groups.get(d)) for d in self.dimensions] for e in examples], dtype=object)
+
+    def fit(self, train: Sequence[SurveyExample]) -> "LogisticRegressionBaseline":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import OneHotEncoder
+
+        super().fit(train)
+        if self.dimensions is None:
+            self.dimensions = list(dict.fromkeys(d for e in train for d in e.groups))
+        self.encoder_ = OneHotEncoder(handle_unknown="ignore").fit(self._matrix(train))
+        self.models_ = {}
+        by_q: dict[str, list[SurveyExample]] = {}
+        for e in train:
+            by_q.setdefault(e.question_id, []).append(e)
+        for qid, rows in by_q.items():
+            y = np.array([e.target for e in rows])
+            if np.unique(y).size < 2:
+                continue  # the question majority answers it
+            clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
+            self.models_[qid] = (clf.fit(self.encoder_.transform(self._matrix(rows)), y), len(rows[0].choices))
+        return self
+
+    def predict(self, examples: Sequence[SurveyExample]) -> Predictions:
+        examples = list(examples)
+        logits: list[np.ndarray | None] = [None] * len(examples)
+        by_q: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_q.setdefault(e.question_id, []).append(i)
+        for qid, idx in by_q.items():
+            fitted = self.models_.get(qid)
+            if fitted is None or fitted[1] != len(examples[idx[0]].choices):
+                for i in idx:
+                    logits[i] = _log_frequencies(self._counts(examples[i]))
+                continue
+            clf, k = fitted
+            proba = clf.predict_proba(self.encoder_.transform(self._matrix([examples[i] for i in idx])))
+            full = np.zeros((len(idx), k))
+            full[:, clf.classes_] = proba
+            for row, i in enumerate(idx):
+                logits[i] = np.log(np.clip(full[row], 1e-12, 1.0)).astype(np.float32)
+        return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
+
+
+def run_baselines(train: Sequence[SurveyExample], test: Sequence[SurveyExample],
+                  group_dimensions: Sequence[str] | None = None, min_count: int = 5) -> dict[str, Predictions]:
+    """Fit every floor on `train` and predict `test`: {name: Predictions}."""
+    floors = [QuestionMajority(), GroupMajority(group_dimensions, min_count=min_count),
+              LogisticRegressionBaseline(group_dimensions)]
+    return {f.name: f.fit(train).predict(test) for f in floors}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring a model
+# --------------------------------------------------------------------------------------------------------------------
+
+def letter_token_ids(tokenizer, letters: Iterable[str]) -> dict[str, int]:
+    """{letter: token id} of each answer letter as the model would emit it as the first token of its answer.
+
+    With a chat template, the id is read off the template itself: render a one-question conversation with the
+    generation prompt, render it again with the assistant turn `letter`, and take the first token after the common
+    prefix that decodes to the letter. This picks "A" or " A" as the template dictates (ChatML templates such as
+    SmolLM2's or Qwen's put the answer right after "assistant\\n", so the bare "A"). Without a template (or when the
+    rendering does not extend the prompt) the letter must encode to a single known token on its own. Raises
+    ValueError when a letter is not a single known token; pass `letter_ids=` to `score_choices` to override.
+    """
+    out = {}
+    for letter in dict.fromkeys(letters):
+        tid = _letter_id_from_template(tokenizer, letter)
+        if tid is None:
+            ids = tokenizer.encode(letter, add_special_tokens=False)
+            if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
+                raise ValueError(f"answer letter {letter!r} is not a single token ({ids}); pass letter_ids=")
+            tid = ids[0]
+        out[letter] = int(tid)
+    return out
+
+
+def _letter_id_from_template(tokenizer, letter: str) -> int | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    msgs = [{"role": "user", "content": "Which one?"}]
+    try:
+        prefix = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": letter}], tokenize=False)
+    except Exception:  # a template that rejects this conversation: fall back to the bare letter
+        return None
+    if not isinstance(prefix, str) or not full.startswith(prefix):
+        return None
+    pre = tokenizer.encode(prefix, add_special_tokens=False)
+    ids = tokenizer.encode(full, add_special_tokens=False)
+    # a prompt ending in whitespace may tokenize differently on its own: search from the common prefix
+    start = next((i for i, (a, b) in enumerate(zip(pre, ids)) if a != b), min(len(pre), len(ids)))
+    for tid in ids[start: start + 8]:
+        if tokenizer.decode([tid]).strip() == letter:
+            return tid
+    return None
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.inference_mode()
+def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example: Sequence[Sequence[str]],
+                  demographic_embeds: torch.Tensor | None = None, batch_size: int = 16,
+                  letter_ids: Mapping[str, int] | None = None, add_special_tokens: bool = False,
+                  progress: bool = True) -> list[np.ndarray]:
+    """Logits of each example's answer letters at its last prompt token.
+
+    prompts: N fully formatted prompt strings (e.g. `apply_chat_template(..., add_generation_prompt=True,
+    tokenize=False)`; tokenized with `add_special_tokens` False by default since the template already holds them).
+    letters_per_example: N sequences of letters (e.g. `example.letters`). demographic_embeds: optional [N, D] tensor
+    aligned with `prompts`, passed to the model as `demographic_embeds=` with the rows of each batch (for a
+    CuMA-patched model; leave None for a plain or PEFT model). Returns N float32 arrays [len(letters_i)].
+
+    Prompts are sorted by length and batched; each batch is LEFT padded, so the last column is every row's last real
+    token, and `position_ids` count from each row's first real token, so a padded row sees exactly what it would see
+    alone. The head runs on the last position only (`logits_to_keep=1`) when the model's forward accepts it.
+    Letter ids come from `letter_token_ids` (computed once) unless `letter_ids` is given.
+    """
+    if len(prompts) != len(letters_per_example):
+        raise ValueError(f"{len(prompts)} prompts but {len(letters_per_example)} letter lists")
+    if demographic_embeds is not None and demographic_embeds.shape[0] != len(prompts):
+        raise ValueError(f"demographic_embeds has {demographic_embeds.shape[0]} rows for {len(prompts)} prompts")
+    all_letters = [l for ls in letters_per_example for l in ls]
+    ids = dict(letter_ids) if letter_ids is not None else letter_token_ids(tokenizer, all_letters)
+    missing = set(all_letters) - set(ids)
+    if missing:
+        raise ValueError(f"no token id for letters {sorted(missing)}")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    keep_kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("an empty prompt cannot be scored")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc="scoring", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start: start + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=position_ids.to(device), use_cache=False, **keep_kw)
+            if demographic_embeds is not None:
+                kwargs["demographic_embeds"] = demographic_embeds[torch.as_tensor(batch)].to(device)
+            last = model(**kwargs).logits[:, -1, :].float()
+            for row, i in enumerate(batch):
+                sel = torch.tensor([ids[l] for l in letters_per_example[i]], device=last.device)
+                out[i] = last[row, sel].cpu().numpy()
+            bar.update(len(batch))
+    return out
+
+
+def predict_from_logits(choice_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Argmax choice index per example (lowest index on ties): int64 [N]."""
+    return np.array([int(np.argmax(z)) for z in choice_logits], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Routing report
+# --------------------------------------------------------------------------------------------------------------------
+
+class RoutingUsage:
+    """Counts, over batches, how often each expert is selected per (demographic group, router).
+
+    Feed it one batch at a time with `add(records, token_mask, groups)`:
+    - records: the routing records of one forward pass (e.g. `trace.records` of `cuma_model.record_routing`); each
+      has `.router_key` (str), `.topk_idx` [B, S, k] int (torch or numpy) and, for `weighted=True`,
+      `.topk_weights` [B, S, k] float. Plain tuples `(router_key, topk_idx[, topk_weights])` work too.
+    - token_mask: [B, S] bool/int, the tokens to count (the attention mask drops padding; a narrower mask can keep
+      only the profile or the answer position).
+    - groups: B dicts {dimension: label}, the batch's examples' `groups`.
+    Every token contributes its k selections (or, when `weighted`, its k gate weights). Counts are also kept under
+    the dimension/group "all". `table()` gives the shares.
+    """
+
+    def __init__(self, weighted: bool = False):
+        self.weighted = weighted
+        self._counts: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def add(self, records: Iterable, token_mask, groups: Sequence[Mapping[str, str]]) -> None:
+        mask = _to_numpy(token_mask).astype(bool)
+        if mask.ndim != 2 or mask.shape[0] != len(groups):
+            raise ValueError(f"token_mask {mask.shape} does not match {len(groups)} examples")
+        dims = list(dict.fromkeys(d for g in groups for d in g))
+        labels = {d: np.array([str(g.get(d)) for g in groups], dtype=object) for d in dims}
+        for rec in records:
+            key, idx, w = _record_fields(rec, self.weighted)
+            if idx.shape[:2] != mask.shape:
+                raise ValueError(f"router {key}: topk_idx {idx.shape} does not match token_mask {mask.shape}")
+            n_exp = int(idx.max()) + 1 if idx.size else 0
+            b, s = np.nonzero(mask)
+            per_ex = np.zeros((mask.shape[0], n_exp))
+            vals = w[b, s].reshape(-1) if w is not None else np.ones(b.size * idx.shape[2])
+            np.add.at(per_ex, (np.repeat(b, idx.shape[2]), idx[b, s].reshape(-1)), vals)
+            self._accumulate(("all", "all", key), per_ex.sum(0))
+            for d, lab in labels.items():
+                for g in dict.fromkeys(lab):
+                    self._accumulate((d, g, key), per_ex[lab == g].sum(0))
+
+    def _accumulate(self, key: tuple[str, str, str], counts: np.ndarray) -> None:
+        old = self._counts.get(key)
+        if old is None:
+            self._counts[key] = counts.astype(np.float64)
+            return
+        n = max(old.size, counts.size)
+        self._counts[key] = np.pad(old, (0, n - old.size)) + np.pad(counts, (0, n - counts.size))
+
+    def table(self, num_experts: int | None = None) -> pd.DataFrame:
+        """DataFrame (dimension, group, router, expert, count, share); shares sum to 1 per (dimension, group,
+        router) that saw any token. `num_experts` pads experts never selected (default: the largest index seen)."""
+        n = max([c.size for c in self._counts.values()] + [num_experts or 0])
+        rows = []
+        for (dim, group, router), c in self._counts.items():
+            c = np.pad(c, (0, n - c.size))
+            total = c.sum()
+            for e in range(n):
+                rows.append((dim, group, router, e, float(c[e]), float(c[e] / total) if total > 0 else float("nan")))
+        return pd.DataFrame(rows, columns=["dimension", "group", "router", "expert", "count", "share"])
+
+
+def routing_usage_table(batches: Iterable[tuple[Iterable, object, Sequence[Mapping[str, str]]]],
+                        num_experts: int | None = None, weighted: bool = False) -> pd.DataFrame:
+    """`RoutingUsage` over an iterable of (records, token_mask [B, S], groups [B]) batches; see its docstring."""
+    usage = RoutingUsage(weighted=weighted)
+    for records, token_mask, groups in batches:
+        usage.add(records, token_mask, groups)
+    return usage.table(num_experts)
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _record_fields(rec, weighted: bool):
+    if isinstance(rec, (tuple, list)):
+        key, idx, w = rec[0], rec[1], (rec[2] if len(rec) > 2 else None)
+    else:
+        key, idx, w = rec.router_key, rec.topk_idx, getattr(rec, "topk_weights", None)
+    idx = _to_numpy(idx).astype(np.int64)
+    if idx.ndim != 3:
+        raise ValueError(f"router {key}: topk_idx must be [B, S, k], got {idx.shape}")
+    if weighted:
+        if w is None:
+            raise ValueError(f"router {key}: weighted usage needs topk_weights")
+        w = _to_numpy(w).astype(np.float64)
+    else:
+        w = None
+    return str(key), idx, w
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files and command line
+# --------------------------------------------------------------------------------------------------------------------
+
+def example_from_dict(d: Mapping) -> SurveyExample:
+    """A SurveyExample from a JSON dict (extra keys such as pred / choice_logits are ignored)."""
+    return SurveyExample(
+        respondent_id=str(d["respondent_id"]), question_id=str(d["question_id"]), profile=d.get("profile", ""),
+        groups=dict(d.get("groups", {})), question=d.get("question", ""), choices=tuple(d["choices"]),
+        scores=tuple(float(s) for s in d["scores"]), scale=tuple(float(s) for s in d["scale"]),
+        target=int(d["target"]), letters=tuple(d.get("letters", ())))
+
+
+def write_examples_jsonl(path: str | Path, examples: Iterable[SurveyExample]) -> Path:
+    """One JSON object per example (its dataclass fields)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for e in examples:
+            f.write(json.dumps(dataclasses.asdict(e)) + "\n")
+    return path
+
+
+def read_examples_jsonl(path: str | Path) -> list[SurveyExample]:
+    with Path(path).open() as f:
+        return [example_from_dict(json.loads(line)) for line in f if line.strip()]
+
+
+def write_predictions_jsonl(path: str | Path, examples: Sequence[SurveyExample], pred_choice_idx: Sequence[int],
+                            choice_logits: Sequence[np.ndarray] | None = None) -> Path:
+    """The run's predictions file: each example's fields plus "pred" (int) and "choice_logits" (floats or null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, e in enumerate(examples):
+            row = dataclasses.asdict(e)
+            row["pred"] = int(pred_choice_idx[i])
+            row["choice_logits"] = None if choice_logits is None else [float(v) for v in choice_logits[i]]
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_predictions_jsonl(path: str | Path) -> tuple[list[SurveyExample], np.ndarray, list[np.ndarray] | None]:
+    """(examples, pred_choice_idx int64 [N], choice_logits or None when any row lacks them)."""
+    with Path(path).open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    examples = [example_from_dict(r) for r in rows]
+    pred = np.array([int(r["pred"]) for r in rows], dtype=np.int64)
+    logits = None
+    if rows and all(r.get("choice_logits") is not None for r in rows):
+        logits = [np.asarray(r["choice_logits"], dtype=np.float32) for r in rows]
+    return examples, pred, logits
+
+
+def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = None) -> dict:
+    """DIR/predictions.jsonl -> DIR/metrics.json, DIR/answer_shares_<dim>.png per dimension (default: all), and
+    DIR/routing_<dim>.png when DIR/routing_usage.csv (a `routing_usage_table` saved with `to_csv(index=False)`)
+    exists. Returns the metrics dict."""
+    from cuma_model import plots
+
+    run_dir = Path(run_dir)
+    examples, pred, logits = read_predictions_jsonl(run_dir / "predictions.jsonl")
+    metrics = evaluate_predictions(examples, pred, logits)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    groups = example_groups(examples)
+    dims = list(plot_dimensions) if plot_dimensions is not None else list(groups)
+    choice_sets = {e.choices for e in examples}
+    names = list(next(iter(choice_sets))) if len(choice_sets) == 1 else None
+    for d in dims:
+        if d in groups and any(not M.is_missing(x) for x in groups[d]):
+            plots.plot_group_answer_shares([e.question_id for e in examples], [e.target for e in examples], pred,
+                                           groups[d], d, run_dir / f"answer_shares_{_safe(d)}.png", names)
+    usage_csv = run_dir / "routing_usage.csv"
+    if usage_csv.exists():
+        usage = pd.read_csv(usage_csv, dtype={"group": str, "router": str})
+        for d in dims:
+            if (usage["dimension"] == d).any():
+                plots.plot_routing_heatmap(usage, d, run_dir / f"routing_{_safe(d)}.png")
+    return metrics
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cuma_model.evaluate", description=(
+        "Evaluate saved runs (DIR/predictions.jsonl -> DIR/metrics.json + PNGs) and compare them, "
+        "or compute the statistical floors for a train/test split of examples."))
+    p.add_argument("--run-dir", action="append", default=[], help="a run directory (repeatable)")
+    p.add_argument("--plot-dimension", action="append", default=None,
+                   help="demographic dimension to plot (repeatable; default: all)")
+    p.add_argument("--baselines", action="store_true", help="fit the floors on --train and evaluate on --test")
+    p.add_argument("--train", help="train examples JSONL (one SurveyExample per line)")
+    p.add_argument("--test", help="test examples JSONL")
+    p.add_argument("--out", help="output directory of --baselines (one run directory per floor)")
+    p.add_argument("--group-dims", help="comma-separated dimensions of the group floors, most important first")
+    p.add_argument("--markdown", help="also write the comparison table as markdown to this path")
+    a = p.parse_args(argv)
+    if not a.run_dir and not a.baselines:
+        p.error("give --run-dir and/or --baselines")
+    results = {}
+    if a.baselines:
+        if not (a.train and a.test and a.out):
+            p.error("--baselines needs --train, --test and --out")
+        train, test = read_examples_jsonl(a.train), read_examples_jsonl(a.test)
+        dims = a.group_dims.split(",") if a.group_dims else None
+        for name, pr in run_baselines(train, test, dims).items():
+            write_predictions_jsonl(Path(a.out) / name / "predictions.jsonl", test, pr.choice_idx, pr.choice_logits)
+            results[name] = evaluate_run(Path(a.out) / name, a.plot_dimension)
+    for d in a.run_dir:
+        results[Path(d).name] = evaluate_run(d, a.plot_dimension)
+    print(format_report(results))
+    if a.markdown:
+        write_markdown_table(results, a.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

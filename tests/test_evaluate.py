@@ -1,0 +1,331 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cuma_model import evaluate as E
+from cuma_model.data import SurveyExample
+
+
+def ex(rid, qid, target, groups, k=3):
+    return SurveyExample(respondent_id=str(rid), question_id=qid, profile=f"person {rid}", groups=groups,
+                         question=f"question {qid}?", choices=tuple(f"c{i}" for i in range(k)),
+                         scores=tuple(float(i) for i in range(k)), scale=(0.0, float(k - 1)), target=target)
+
+
+def synthetic_survey(n_resp, seed, noise=0.1):
+    """Answers depend on party: d -> 0, r -> 2, i -> 1 (with `noise` random answers)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(n_resp):
+        party = rng.choice(["d", "r", "i"], p=[0.45, 0.35, 0.2])
+        sex = rng.choice(["f", "m"])
+        for q in ("q1", "q2", "q3"):
+            t = {"d": 0, "r": 2, "i": 1}[party]
+            if q == "q2":
+                t = 2 - t
+            if rng.random() < noise:
+                t = int(rng.integers(0, 3))
+            out.append(ex(f"{seed}-{r}", q, t, {"party": party, "sex": sex}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- floors
+
+def test_question_majority_hand():
+    train = [ex(1, "q1", 2, {}), ex(2, "q1", 2, {}), ex(3, "q1", 0, {}), ex(4, "q2", 1, {}), ex(5, "q2", 0, {})]
+    test = [ex(9, "q1", 0, {}), ex(9, "q2", 0, {}), ex(9, "q9", 1, {})]
+    pred = E.QuestionMajority().fit(train).predict(test)
+    # q2 ties between 0 and 1: lowest index; unseen q9: choice 0
+    assert pred.choice_idx.tolist() == [2, 0, 0]
+    np.testing.assert_allclose(np.exp(pred.choice_logits[0]), [2 / 6, 1 / 6, 3 / 6], rtol=1e-6)
+
+
+def test_group_majority_backoff():
+    g = lambda p, s: {"party": p, "sex": s}
+    train = [ex(1, "q1", 1, g("d", "f")), ex(2, "q1", 1, g("d", "f")), ex(3, "q1", 2, g("d", "m")),
+             ex(4, "q1", 0, g("r", "f")), ex(5, "q1", 0, g("r", "f")), ex(6, "q1", 0, g("r", "f"))]
+    test = [ex(7, "q1", 0, g("d", "f")),   # full group (2 rows) -> 1
+            ex(8, "q1", 0, g("d", "m")),   # (d, m) has 1 row < 2 -> party d: {1: 2, 2: 1} -> 1
+            ex(9, "q1", 0, g("r", "m")),   # unseen combination -> party r -> 0
+            ex(10, "q1", 0, g("x", "f"))]  # unseen party -> question majority {0: 3, 1: 2, 2: 1} -> 0
+    gm = E.GroupMajority(["party", "sex"], min_count=2).fit(train)
+    assert gm.predict(test).choice_idx.tolist() == [1, 1, 0, 0]
+    assert gm.backoff_levels_ == {2: 1, 1: 2, 0: 1}
+    # without back-off the thin (d, m) group would answer 2
+    assert E.GroupMajority(["party", "sex"], min_count=1).fit(train).predict(test[1:2]).choice_idx.tolist() == [2]
+    # sex first: (d, m) backs off to sex m, seen once -> question majority
+    assert E.GroupMajority(["sex", "party"], min_count=2).fit(train).predict(test[1:2]).choice_idx.tolist() == [0]
+
+
+def test_logistic_regression_beats_question_majority():
+    train, test = synthetic_survey(150, seed=0), synthetic_survey(60, seed=1)
+    preds = E.run_baselines(train, test)
+    true = np.array([e.target for e in test])
+    acc = {k: float(np.mean(p.choice_idx == true)) for k, p in preds.items()}
+    assert acc["question_majority"] < 0.6
+    assert acc["logistic_regression"] > acc["question_majority"] + 0.3
+    assert acc["group_majority"] > acc["question_majority"] + 0.3
+    lr = preds["logistic_regression"]
+    assert all(z.shape == (3,) and z.dtype == np.float32 for z in lr.choice_logits)
+    assert lr.choice_idx.tolist() == [int(np.argmax(z)) for z in lr.choice_logits]
+
+
+# ---------------------------------------------------------------------------------------------------- metrics dict
+
+def test_evaluate_predictions_perfect_and_collapsed():
+    test = synthetic_survey(40, seed=3)
+    true = np.array([e.target for e in test])
+    m = E.evaluate_predictions(test, true, [np.eye(3)[t] * 10 for t in true])
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["emd"]["mean"] == 0.0
+    assert m["group_gaps"]["js"] == pytest.approx(0.0, abs=1e-12)
+    assert m["group_gaps"]["between_group_spread"]["ratio"] == pytest.approx(1.0)
+    assert m["entropy"]["mean"] < 1e-3
+    json.dumps(m, allow_nan=False)
+
+    collapsed = E.evaluate_predictions(test, np.zeros(len(test), dtype=int), [np.zeros(3)] * len(test))
+    assert collapsed["group_gaps"]["between_group_spread"]["pred_js"] == pytest.approx(0.0)
+    assert collapsed["group_gaps"]["between_group_spread"]["ratio"] == pytest.approx(0.0)
+    assert collapsed["entropy"]["mean_normalized"] == pytest.approx(1.0)
+    assert collapsed["emd"]["mean"] > 0.1
+    assert "party" in collapsed["sigma_inequity"]["per_dimension"]
+    json.dumps(collapsed, allow_nan=False)
+
+    report = E.format_report({"perfect": m, "collapsed": collapsed})
+    lines = report.splitlines()
+    assert lines[0].split()[:3] == ["method", "acc", "macro-F1"]
+    assert lines[2].startswith("perfect") and "1.0000" in lines[2] and lines[3].startswith("collapsed")
+    md = E.write_markdown_table({"perfect": m})
+    assert md.startswith("| method | acc |") and "| perfect | 1.0000 |" in md
+
+    with pytest.raises(ValueError):
+        E.evaluate_predictions(test[:2], [0, 3])
+    with pytest.raises(ValueError):
+        E.evaluate_predictions(test[:2], [0])
+
+
+def test_predictions_jsonl_roundtrip(tmp_path):
+    test = synthetic_survey(5, seed=4)
+    pred = np.arange(len(test)) % 3
+    logits = [np.array([0.5, -1.0, 2.0], dtype=np.float32)] * len(test)
+    E.write_predictions_jsonl(tmp_path / "p.jsonl", test, pred, logits)
+    back, pred2, logits2 = E.read_predictions_jsonl(tmp_path / "p.jsonl")
+    assert back == test and pred2.tolist() == pred.tolist()
+    np.testing.assert_array_equal(logits2[0], logits[0])
+
+
+def test_cli_baselines_and_run_dir(tmp_path, capsys):
+    E.write_examples_jsonl(tmp_path / "train.jsonl", synthetic_survey(60, seed=5))
+    test = synthetic_survey(20, seed=6)
+    E.write_examples_jsonl(tmp_path / "test.jsonl", test)
+    run = tmp_path / "run"
+    E.write_predictions_jsonl(run / "predictions.jsonl", test, [e.target for e in test])
+    E.routing_usage_table([([("layer.0", np.zeros((1, 2, 1), dtype=int))], np.ones((1, 2)), [{"party": "d"}])]) \
+        .to_csv(run / "routing_usage.csv", index=False)
+    rc = E.main(["--baselines", "--train", str(tmp_path / "train.jsonl"), "--test", str(tmp_path / "test.jsonl"),
+                 "--out", str(tmp_path / "floors"), "--run-dir", str(run), "--plot-dimension", "party",
+                 "--markdown", str(tmp_path / "t.md")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for name in ("question_majority", "group_majority", "logistic_regression", "run"):
+        assert name in out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["accuracy"] == 1.0 and m["entropy"] is None
+    assert (run / "answer_shares_party.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "routing_party.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "floors" / "logistic_regression" / "metrics.json").exists()
+    assert "| run |" in (tmp_path / "t.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- routing report
+
+class Rec:
+    def __init__(self, key, idx, w):
+        self.router_key, self.topk_idx, self.topk_weights = key, idx, w
+
+
+def test_routing_usage_shares_and_padding(tmp_path):
+    # batch of 2, S=4, k=2; row 0 is left padded by one token routed to expert 3, which must not count
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    idx = torch.tensor([[[3, 3], [0, 1], [0, 1], [0, 2]],
+                        [[1, 2], [1, 2], [1, 2], [2, 1]]])
+    w = torch.full((2, 4, 2), 0.5)
+    w[0, 1] = torch.tensor([0.9, 0.1])
+    recs = [Rec("layer.0", idx, w), Rec("layer.1", idx.flip(-1), w)]
+    groups = [{"party": "d", "sex": "f"}, {"party": "r", "sex": "f"}]
+    usage = E.RoutingUsage()
+    usage.add(recs, mask, groups)
+    t = usage.table(num_experts=5)
+    assert list(t.columns) == ["dimension", "group", "router", "expert", "count", "share"]
+    sums = t.groupby(["dimension", "group", "router"])["share"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0)
+    d0 = t[(t.dimension == "party") & (t.group == "d") & (t.router == "layer.0")].set_index("expert")["share"]
+    np.testing.assert_allclose(d0.to_numpy(), [3 / 6, 2 / 6, 1 / 6, 0, 0])
+    f0 = t[(t.dimension == "sex") & (t.group == "f") & (t.router == "layer.0")].set_index("expert")["count"]
+    np.testing.assert_allclose(f0.to_numpy(), [3, 6, 5, 0, 0])
+    assert set(t.dimension) == {"all", "party", "sex"}
+
+    # a second batch accumulates
+    usage.add([Rec("layer.0", torch.zeros(1, 2, 2, dtype=torch.long), None)], torch.ones(1, 2), [{"party": "d"}])
+    d0 = usage.table().query("dimension == 'party' and group == 'd' and router == 'layer.0'")
+    np.testing.assert_allclose(d0["count"].to_numpy(), [7, 2, 1, 0])
+
+    weighted = E.routing_usage_table([(recs, mask, groups)], weighted=True)
+    wd = weighted.query("dimension == 'party' and group == 'd' and router == 'layer.0'")["count"].to_numpy()
+    np.testing.assert_allclose(wd, [0.9 + 0.5 + 0.5, 0.1 + 0.5, 0.5, 0])
+
+    with pytest.raises(ValueError):
+        usage.add(recs, mask[:, :3], groups)
+
+    from cuma_model.plots import plot_routing_heatmap
+    png = plot_routing_heatmap(t, "party", tmp_path / "r.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------- model scoring
+
+WORDS = ["you", "are", "a", "person", "from", "ohio", "texas", "which", "one", "?", "answer", "options", "user",
+         "assistant", "system", "party", "democrat", "republican"]
+LETTERS = ["A", "B", "C", "D"]
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+
+
+def tiny_tokenizer(template=TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    # bare letters and letters after a space ("▁A") are distinct tokens, as in real tokenizers
+    vocab = specials + WORDS + ["▁" + w for w in WORDS] + LETTERS + ["▁" + l for l in LETTERS]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = template
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def prompts_of(tok, n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 12))))
+        out.append(tok.apply_chat_template([{"role": "user", "content": words}], tokenize=False,
+                                           add_generation_prompt=True))
+    return out
+
+
+def test_letter_token_ids_follow_chat_template():
+    tok = tiny_tokenizer()
+    ids = E.letter_token_ids(tok, ["A", "B", "A"])
+    # the template puts a space between "assistant" and the answer, so the model emits "▁A", not the bare "A"
+    assert ids == {"A": tok.convert_tokens_to_ids("▁A"), "B": tok.convert_tokens_to_ids("▁B")}
+    no_template = tiny_tokenizer(template=None)
+    assert E.letter_token_ids(no_template, ["C"]) == {"C": tok.convert_tokens_to_ids("C")}
+    with pytest.raises(ValueError):
+        E.letter_token_ids(no_template, ["Z"])
+
+
+def reference_scores(model, tok, prompts, letters):
+    ids = E.letter_token_ids(tok, LETTERS)
+    out = []
+    with torch.no_grad():
+        for p, ls in zip(prompts, letters):
+            x = torch.tensor([tok.encode(p, add_special_tokens=False)])
+            out.append(model(input_ids=x).logits[0, -1, [ids[l] for l in ls]].numpy())
+    return out
+
+
+def test_score_choices_left_padding_matches_alone(tiny_llama):
+    model, tok = tiny_llama
+    prompts = prompts_of(tok)
+    letters = [LETTERS[: 2 + i % 3] for i in range(len(prompts))]
+    lengths = {len(tok.encode(p, add_special_tokens=False)) for p in prompts}
+    assert len(lengths) > 2  # batches really mix lengths
+    ref = reference_scores(model, tok, prompts, letters)
+    calls = []
+    original = model.forward
+
+    def spy(**kw):
+        out = original(**kw)
+        calls.append((kw.get("logits_to_keep"), tuple(out.logits.shape)))
+        return out
+
+    model.forward = spy
+    try:
+        got = E.score_choices(model, tok, prompts, letters, batch_size=4, progress=False)
+    finally:
+        del model.forward
+    assert [c[0] for c in calls] == [1, 1] and all(s[1] == 1 for _, s in calls)
+    for g, r, ls in zip(got, ref, letters):
+        assert g.dtype == np.float32 and g.shape == (len(ls),)
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    alone = [E.score_choices(model, tok, [p], [ls], batch_size=1, progress=False)[0]
+             for p, ls in zip(prompts, letters)]
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g, a, rtol=1e-4, atol=1e-5)
+    assert E.predict_from_logits(got).tolist() == [int(np.argmax(r)) for r in ref]
+
+
+class Conditioned(torch.nn.Module):
+    """Stands in for a CuMA-patched model: adds demographic_embeds[:, 0] to every logit."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                demographic_embeds=None):
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
+        self.seen.append(demographic_embeds.shape)
+        out.logits = out.logits + demographic_embeds[:, :1, None]
+        return out
+
+
+def test_score_choices_passes_demographic_rows(tiny_llama):
+    model, tok = tiny_llama
+    prompts = prompts_of(tok, n=5, seed=1)
+    letters = [LETTERS] * 5
+    z = torch.zeros(5, 3)
+    z[:, 0] = torch.arange(5) * 100.0
+    wrapped = Conditioned(model)
+    got = E.score_choices(wrapped, tok, prompts, letters, demographic_embeds=z, batch_size=2, progress=False)
+    plain = E.score_choices(model, tok, prompts, letters, batch_size=2, progress=False)
+    assert [s for s in wrapped.seen] == [(2, 3), (2, 3), (1, 3)]
+    for i in range(5):
+        np.testing.assert_allclose(got[i] - plain[i], 100.0 * i, atol=1e-3)
+    with pytest.raises(ValueError):
+        E.score_choices(wrapped, tok, prompts, letters, demographic_embeds=z[:4], progress=False)
+
+
+def test_score_choices_peft_model(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_llama
+    prompts = prompts_of(tok, n=4, seed=2)
+    letters = [LETTERS] * 4
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        got = E.score_choices(peft_model, tok, prompts, letters, batch_size=3, progress=False)
+        ref = reference_scores(peft_model, tok, prompts, letters)
+    finally:
+        peft_model.unload()
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
