@@ -1,13 +1,13 @@
 """cuma_model: the thin model layer of CuMA (config, router, adapted linear, patching, conditioning, save/load)."""
 from .checkpoint import from_pretrained, save_pretrained
-from .conditioning import adapters_disabled, conditioning, record_routing
+from .context import adapters_disabled, conditioning, record_routing
 from .config import CuMAConfig
 from .layer import CuMALinear
-from .patch import cuma_layers, is_patched, patch_model, routers
+from .patch import cuma_layers, is_patched, patch_model, routers, unpatch_model
 from .router import DemographicRouter, load_balancing_loss
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",
     "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
-    "save_pretrained",
+    "save_pretrained", "unpatch_model",
 ]

@@ -7,7 +7,7 @@ from torch import nn
 
 import cuma_kernels
 
-from .conditioning import Route, active_state, is_disabled, pending_embeds, recorder, RoutingRecord
+from .context import Route, active_state, is_disabled, pending_embeds, recorder, RoutingRecord
 from .router import DemographicRouter, load_balancing_loss
 
 

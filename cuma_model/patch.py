@@ -8,7 +8,7 @@ import inspect
 import torch
 from torch import nn
 
-from .conditioning import ForwardState, activate, pending_embeds, wrap_checkpoint_function
+from .context import ForwardState, activate, pending_embeds, wrap_checkpoint_function
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .router import DemographicRouter
@@ -147,6 +147,22 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
             "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
             "for n samples per prompt)"
         )
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo patch_model in place: the base layers and the base forward come back, adapters and routers go."""
+    handle = _handle(model)
+    modules = dict(model.named_modules())
+    for name, layer in handle.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer.base_layer)
+    for key in handle.routers:
+        parent_name, _, attr = key.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if attr in parent._modules:
+            delattr(parent, attr)
+    del model.forward, model.cuma
+    return model
 
 
 def routers(model: nn.Module) -> list[DemographicRouter]:

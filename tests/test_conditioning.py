@@ -1,0 +1,174 @@
+"""z must reach every router, correctly, through every way people run a decoder."""
+import pytest
+import torch
+
+import cuma_model
+from tiny_models import randomize_experts, tiny_decoder
+
+D = 6
+
+
+def patched(arch="llama", seed=0, **kw):
+    model = tiny_decoder(arch, seed=seed)
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=16, **kw)
+    randomize_experts(model, std=0.5, seed=seed + 1)
+    return model
+
+
+def test_z_changes_the_output_and_rows_are_independent():
+    model = patched()
+    ids = torch.randint(3, 97, (3, 8))
+    z = torch.randn(3, D) * 3
+    full = model(ids, demographic_embeds=z).logits
+    other = model(ids, demographic_embeds=torch.randn(3, D) * 3).logits
+    assert not torch.allclose(full, other, atol=1e-4)
+    for i in range(3):
+        torch.testing.assert_close(model(ids[i:i + 1], demographic_embeds=z[i:i + 1]).logits, full[i:i + 1],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_cached_greedy_decoding_equals_uncached(arch):
+    model = patched(arch)
+    ids = torch.randint(3, 97, (2, 6))
+    z = torch.randn(2, D) * 3
+    cached = model.generate(ids, attention_mask=torch.ones_like(ids), demographic_embeds=z, max_new_tokens=6,
+                            do_sample=False, pad_token_id=0)
+    uncached = model.generate(ids, attention_mask=torch.ones_like(ids), demographic_embeds=z, max_new_tokens=6,
+                              do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_and_num_return_sequences_follow_their_rows():
+    model = patched()
+    ids = torch.randint(3, 97, (2, 5))
+    z = torch.randn(2, D) * 3
+    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    both = model.generate(ids, attention_mask=torch.ones_like(ids), demographic_embeds=z, **kw)
+    for i in range(2):
+        alone = model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]),
+                               demographic_embeds=z[i:i + 1], **kw)
+        assert torch.equal(both[2 * i:2 * i + 2], alone)
+
+
+def test_conditioning_context_manager_for_forward_and_generate():
+    model = patched()
+    ids = torch.randint(3, 97, (2, 5))
+    z = torch.randn(2, D)
+    expected = model(ids, demographic_embeds=z).logits
+    with cuma_model.conditioning(model, z):
+        torch.testing.assert_close(model(ids).logits, expected)
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(g, model.generate(ids, attention_mask=torch.ones_like(ids), demographic_embeds=z,
+                                         max_new_tokens=3, do_sample=False, pad_token_id=0))
+    with pytest.raises(ValueError, match="missing conditioning"):
+        model(ids)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = patched()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(5))
+        z = torch.randn(2, D, generator=torch.Generator().manual_seed(6))
+        out = model(ids, demographic_embeds=z, labels=ids)
+        out.loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_reentrant_checkpointing_also_replays_conditioning():
+    model = patched()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    ids = torch.randint(3, 97, (2, 7))
+    out = model(ids, demographic_embeds=torch.randn(2, D), labels=ids)
+    out.loss.backward()  # the replay would raise "missing conditioning" if z were lost
+    assert model.model.layers[0].self_attn.q_proj.lora_B.grad.abs().sum() > 0
+
+
+def test_two_patched_models_alive_at_once_even_nested():
+    a, b = patched(seed=0), patched(seed=10)
+    ids = torch.randint(3, 97, (2, 5))
+    za, zb = torch.randn(2, D), torch.randn(2, D)
+    ref_a, ref_b = a(ids, demographic_embeds=za).logits, b(ids, demographic_embeds=zb).logits
+    inner = {}
+
+    def run_a_inside_b(*args):  # model a runs in the middle of model b's forward
+        inner["a"] = a(ids, demographic_embeds=za).logits
+
+    hook = b.model.layers[0].register_forward_hook(run_a_inside_b)
+    got_b = b(ids, demographic_embeds=zb).logits
+    hook.remove()
+    torch.testing.assert_close(got_b, ref_b)
+    torch.testing.assert_close(inner["a"], ref_a)
+    with cuma_model.conditioning(a, za):
+        torch.testing.assert_close(b(ids, demographic_embeds=zb).logits, ref_b)
+
+
+def test_no_state_is_left_on_modules_after_forward():
+    model = patched()
+    model.train()
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    out = model(torch.randint(3, 97, (2, 5)), demographic_embeds=torch.randn(2, D), labels=torch.randint(3, 97, (2, 5)))
+    out.loss.backward()
+    after = {name: set(vars(m)) for name, m in model.named_modules()}
+    assert before == after
+    from cuma_model import context as c
+    assert c._ACTIVE.get() == () and c._PENDING.get() == ()
+
+
+def test_bad_conditioning_raises_clear_errors():
+    model = patched()
+    ids = torch.randint(3, 97, (4, 5))
+    with pytest.raises(ValueError, match="batch 2 but the input has batch 4"):
+        model(ids, demographic_embeds=torch.randn(2, D))  # no silent tiling
+    with pytest.raises(ValueError, match=r"shape \[batch, 6\]"):
+        model(ids, demographic_embeds=torch.randn(4, D + 1))
+    with pytest.raises(ValueError, match="floating point"):
+        model(ids, demographic_embeds=torch.ones(4, D, dtype=torch.long))
+    with pytest.raises(ValueError, match="missing conditioning"):
+        model(ids)
+
+
+def test_aux_loss_is_in_outputs_and_in_the_loss():
+    model = patched()
+    model.train()
+    ids = torch.randint(3, 97, (2, 6))
+    z = torch.randn(2, D)
+    out = model(ids, demographic_embeds=z, labels=ids)
+    assert out.aux_loss.ndim == 0 and out.aux_loss > 0 and out["aux_loss"] is out.aux_loss
+    plain = model(ids, demographic_embeds=z)
+    ce = torch.nn.functional.cross_entropy(plain.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce + out.aux_loss, rtol=1e-5, atol=1e-6)
+    # Two routers, each >= 1 at balance: the weighted loss is at least 0.01 * 2.
+    assert out.aux_loss.item() >= 0.02 - 1e-6
+    model.eval()
+    assert model(ids, demographic_embeds=z).get("aux_loss") is None
+
+
+def test_semantic_only_router_needs_no_z():
+    model = tiny_decoder("llama")
+    cuma_model.patch_model(model, demographic_dim=0, shared_A=True)
+    ids = torch.randint(3, 97, (2, 5))
+    assert model(ids).logits.shape == (2, 5, 97)
+
+
+def test_record_routing_and_disabled_adapters():
+    model = patched()
+    base = tiny_decoder("llama")
+    ids = torch.randint(3, 97, (2, 5))
+    z = torch.randn(2, D)
+    with cuma_model.record_routing(model) as trace:
+        model(ids, demographic_embeds=z)
+    assert [r.router_key for r in trace.records] == [r.key for r in cuma_model.routers(model)]
+    assert trace.records[0].topk_idx.shape == (2, 5, 2) and trace.records[0].topk_idx.dtype == torch.int64
+    with cuma_model.adapters_disabled(model):
+        torch.testing.assert_close(model(ids, demographic_embeds=z).logits, base(ids).logits)
