@@ -1,4 +1,5 @@
 """Kernels for CuMA: top-k routing and grouped LoRA experts (Triton on CUDA, vectorised torch on CPU)."""
-from .ops import lora_experts, route_topk
+from .ops import backend_for, lora_experts, route_topk
+from .routing import DispatchMetadata, dispatch_metadata
 
-__all__ = ["lora_experts", "route_topk"]
+__all__ = ["DispatchMetadata", "backend_for", "dispatch_metadata", "lora_experts", "route_topk"]

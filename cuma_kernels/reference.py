@@ -89,3 +89,76 @@ def lora_experts_loop(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_o
             h = x[mask] @ a.t()
             out[mask] += (h @ lora_B[e].t()) * topk_weights[mask, slot, None].to(x.dtype) * scaling
     return out if base_out is None else base_out + out
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lora_experts_torch_forward(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense gated form without an autograd graph: (y [T, N] in x's dtype, h saved for the backward).
+
+    h is x @ A^T in the compute dtype: [T, r] for a shared A, [T, E*r] otherwise.
+    Pair with `lora_experts_torch_backward`: together they are the CPU path of `cuma_kernels.lora_experts`.
+    """
+    num_experts, out_features, rank = lora_B.shape
+    compute = _compute_dtype(x.dtype)
+    xc, a, b = x.to(compute), lora_A.to(compute), lora_B.to(compute)
+    gates = dense_gates(topk_idx, topk_weights.to(compute), num_experts)  # [T, E]
+    h = xc @ a.reshape(-1, a.shape[-1]).t()
+    hg = _gated(h, gates, num_experts, rank)
+    # scaling goes into the small [N, E*r] operand, never over a [T, N] tensor
+    b_cat = b.permute(1, 0, 2).reshape(out_features, num_experts * rank) * scaling
+    if base_out is None:
+        y = hg @ b_cat.t()
+    else:
+        y = torch.addmm(base_out.to(compute), hg, b_cat.t())
+    return y.to(x.dtype), h
+
+
+def _gated(h: torch.Tensor, gates: torch.Tensor, num_experts: int, rank: int) -> torch.Tensor:
+    """[T, E*r] = g_te * h_te (per-expert h [T, E*r]) or g_te * h_t (shared h [T, r])."""
+    T = gates.shape[0]
+    if h.shape[1] == rank:  # shared A (or a single expert: both branches agree)
+        return (gates[:, :, None] * h[:, None, :]).reshape(T, num_experts * rank)
+    return (h.view(T, -1, rank) * gates[:, :, None]).reshape(T, num_experts * rank)
+
+
+def lora_experts_torch_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    h: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, d topk_weights) of `lora_experts_torch_forward`, in closed form; each in its input's dtype."""
+    num_experts, out_features, rank = lora_B.shape
+    num_a, _, in_features = lora_A.shape
+    T = x.shape[0]
+    compute = _compute_dtype(x.dtype)
+    xc, a, b = x.to(compute), lora_A.to(compute), lora_B.to(compute)
+    dy = grad_y.to(compute)
+    gates = dense_gates(topk_idx, topk_weights.to(compute), num_experts)
+    b_cat = b.permute(1, 0, 2).reshape(out_features, num_experts * rank) * scaling
+    hg = _gated(h, gates * scaling, num_experts, rank)
+    d_b = (dy.t() @ hg).view(out_features, num_experts, rank).permute(1, 0, 2)
+    dhg = (dy @ b_cat).view(T, num_experts, rank)
+    h3 = h.view(T, -1, rank)
+    d_gates = (dhg * h3).sum(-1)  # [T, E]
+    d_w = d_gates.gather(1, topk_idx.long())
+    dh = dhg * gates[:, :, None]
+    dh = dh.sum(1) if num_a == 1 else dh.reshape(T, num_experts * rank)
+    d_a = (dh.t() @ xc).view(num_a, rank, in_features)
+    dx = dh @ a.reshape(num_a * rank, in_features)
+    return dx.to(x.dtype), d_a.to(lora_A.dtype), d_b.to(lora_B.dtype).contiguous(), d_w.to(topk_weights.dtype)
