@@ -58,7 +58,8 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
     or (group, question) cell (distribution gaps) that counts. Keys: n, n_questions, accuracy, macro_f1,
     emd {mean, median, auc, n_questions, per_question}, sigma_inequity {mean, per_dimension},
     group_macro_accuracy {mean, per_dimension}, entropy {mean, mean_normalized} | null,
-    group_gaps {emd, js, n_cells, between_group_spread {pred_js, true_js, ratio}, per_dimension}.
+    group_gaps {emd, js, js_soft, n_cells, between_group_spread {pred_js, true_js, ratio, pred_js_soft,
+    ratio_soft}, per_dimension} (the *_soft entries use the softmax of choice_logits and are null without them).
     """
     ex = list(test_examples)
     pred = np.asarray(pred_choice_idx, dtype=np.int64)
@@ -84,16 +85,21 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
         "sigma_inequity": M.sigma_inequity(correct, groups, min_rows=min_group_rows),
         "group_macro_accuracy": M.group_macro_accuracy(correct, groups),
         "entropy": None,
-        "group_gaps": M.group_distribution_gaps(qids, true, pred, n_choices, true_scaled, pred_scaled, groups,
-                                                min_rows=min_group_rows),
+        "group_gaps": None,
     }
+    proba = None
     if choice_logits is not None:
         if len(choice_logits) != len(ex):
             raise ValueError(f"{len(ex)} examples but {len(choice_logits)} logit rows")
+        if any(len(z) != k for z, k in zip(choice_logits, n_choices)):
+            raise ValueError("a logit row's length differs from its example's number of choices")
+        proba = M.softmax_rows(choice_logits)
         h = M.choice_entropy(choice_logits)
         out["entropy"] = {"mean": float(h.mean()) if h.size else float("nan"),
                           "mean_normalized": float(np.mean(h / np.log(np.maximum(n_choices, 2))))
                           if h.size else float("nan")}
+    out["group_gaps"] = M.group_distribution_gaps(qids, true, pred, n_choices, true_scaled, pred_scaled, groups,
+                                                  min_rows=min_group_rows, pred_proba=proba)
     return _json_safe(out)
 
 
@@ -121,11 +127,13 @@ _COLUMNS = [
     ("grp-EMD", lambda m: (m.get("group_gaps") or {}).get("emd")),
     ("grp-JS", lambda m: (m.get("group_gaps") or {}).get("js")),
     ("spread", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio")),
+    ("spread-soft", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio_soft")),
     ("entropy", lambda m: (m.get("entropy") or {}).get("mean")),
 ]
 _LEGEND = ("acc/macro-F1/grp-macro-acc: higher is better; EMD (WorldValuesBench, mean over questions), "
            "sigma-ineq (std of group accuracies), grp-EMD/grp-JS (group answer distribution vs true): lower is better; "
-           "spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = collapsed); "
+           "spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = collapsed; "
+           "spread-soft uses mean predicted probabilities instead of hard answers); "
            "entropy: mean answer entropy in nats.")
 
 
@@ -364,6 +372,23 @@ def _letter_id_from_template(tokenizer, letter: str) -> int | None:
     return None
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each int64 [B, max_len], of token-id rows padded on the LEFT.
+
+    The last column is every row's last real token; position_ids count from each row's first real token (0 on the
+    padding), so a padded row sees exactly the positions it would see alone.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        if len(ids):
+            input_ids[row, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, position_ids
+
+
 def _accepts_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -411,13 +436,7 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
     with tqdm(total=len(prompts), desc="scoring", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start: start + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            input_ids, mask, position_ids = left_pad([encoded[i] for i in batch], pad_id)
             kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                           position_ids=position_ids.to(device), use_cache=False, **keep_kw)
             if demographic_embeds is not None:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
 from scipy.stats import wasserstein_distance
 from sklearn.metrics import f1_score
 
@@ -139,19 +139,24 @@ def group_macro_accuracy(correct: Sequence[bool], groups: Mapping[str, Sequence]
     return {"mean": mean, "per_dimension": per_dim}
 
 
+def softmax_rows(choice_logits: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Softmax of each example's choice logits: list of float64 [n_choices_i]."""
+    out = []
+    for z in choice_logits:
+        z = np.asarray(z, dtype=np.float64)
+        e = np.exp(z - z.max())
+        out.append(e / e.sum())
+    return out
+
+
 def choice_entropy(choice_logits: Sequence[np.ndarray]) -> np.ndarray:
     """Per-example Shannon entropy (nats) of the softmax over that example's valid choice-letter logits.
 
     choice_logits: list of [n_choices_i] float arrays. Returns float64 [N]. A mean-collapsed model that is sure of
     one answer has entropy near 0; uniform over n choices gives log(n).
     """
-    out = np.empty(len(choice_logits), dtype=np.float64)
-    for i, z in enumerate(choice_logits):
-        z = np.asarray(z, dtype=np.float64)
-        z = z - z.max()
-        p = np.exp(z) / np.exp(z).sum()
-        out[i] = float(-np.sum(p[p > 0] * np.log(p[p > 0])))
-    return out
+    return np.array([float(-np.sum(p[p > 0] * np.log(p[p > 0]))) for p in softmax_rows(choice_logits)],
+                    dtype=np.float64)
 
 
 def answer_distribution(idx: Sequence[int], n_choices: int) -> np.ndarray:
@@ -161,25 +166,39 @@ def answer_distribution(idx: Sequence[int], n_choices: int) -> np.ndarray:
 
 
 def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
-    """Jensen-Shannon divergence in bits (in [0, 1]); scipy's `jensenshannon` returns its square root."""
-    return float(jensenshannon(np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64), base=2) ** 2)
+    """Jensen-Shannon divergence in bits (in [0, 1]); scipy's `jensenshannon(p, q, base=2)` is its square root.
+
+    Computed directly and clipped at 0: scipy's square root turns the rounding of two equal distributions into NaN.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+    js = 0.5 * (rel_entr(p, m).sum() + rel_entr(q, m).sum()) / np.log(2)
+    return float(max(js, 0.0))
 
 
 def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pred_idx: Sequence[int],
                             n_choices: Sequence[int], true_scaled: Sequence[float], pred_scaled: Sequence[float],
-                            groups: Mapping[str, Sequence], min_rows: int = 5) -> dict:
+                            groups: Mapping[str, Sequence], min_rows: int = 5,
+                            pred_proba: Sequence[np.ndarray] | None = None) -> dict:
     """How far each group's predicted answer distribution is from its true one, and how far apart groups are.
 
     A cell is one (dimension, group, question) with at least `min_rows` rows. Per cell:
     - `emd`: W1 between the true and predicted scaled scores of the cell's rows;
     - `js`: JS divergence (bits) between the true and predicted answer distributions (hard predictions).
-    `emd` and `js` are averaged over cells weighted by rows, per dimension and over all dimensions' cells.
+    - `js_soft` (with `pred_proba`, the per-row answer probabilities): JS between the true distribution and the
+      mean predicted probabilities of the cell's rows.
+    These are averaged over cells weighted by rows, per dimension and over all dimensions' cells.
 
     Between-group spread, per (dimension, question) with >= 2 qualifying groups: the mean pairwise JS divergence
     between the groups' predicted distributions (`pred_js`) and between their true ones (`true_js`); averaged over
     questions (weighted by the question's rows in those groups). `ratio = pred_js / true_js`: near 1 when the model
     keeps groups as far apart as they really are, near 0 when it answers every group alike (mean collapse), above 1
-    when it exaggerates differences. Finite samples give `true_js` a positive noise floor.
+    when it exaggerates differences. Hard predictions make each group's predicted distribution peaked, which
+    inflates `pred_js` (two groups with different majorities are 1 bit apart); `pred_js_soft` / `ratio_soft` use the
+    mean predicted probabilities instead and are the fairer comparison for a model. Finite samples give `true_js` a
+    positive noise floor.
     """
     q = np.asarray(question_ids)
     t = np.asarray(true_idx, dtype=np.int64)
@@ -188,15 +207,18 @@ def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pre
     ts = np.asarray(true_scaled, dtype=np.float64)
     ps = np.asarray(pred_scaled, dtype=np.float64)
     qrows = {qid: np.flatnonzero(q == qid) for qid in _unique_in_order(q)}
+    proba = list(pred_proba) if pred_proba is not None else None
+    if proba is not None and len(proba) != q.size:
+        raise ValueError(f"{len(proba)} probability rows for {q.size} examples")
 
     per_dim = {}
-    all_cells, all_spread = [], []  # (n, emd, js), (weight, pred_js, true_js)
+    all_cells, all_spread = [], []  # (n, emd, js, js_soft), (weight, pred_js, true_js, pred_js_soft)
     for dim, labels in groups.items():
         lab = _label_array(labels)
-        cells, spread = [], []  # spread: (weight, pred_js, true_js)
+        cells, spread = [], []
         for qid, rows in qrows.items():
             k = int(nc[rows[0]])
-            dists = []  # (n, true_dist, pred_dist)
+            dists = []  # (n, true_dist, pred_dist, soft_pred_dist | None)
             for g in _unique_in_order(lab[rows]):
                 if g is None:
                     continue
@@ -204,13 +226,17 @@ def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pre
                 if r.size < min_rows:
                     continue
                 td, pd_ = answer_distribution(t[r], k), answer_distribution(p[r], k)
-                cells.append((r.size, float(wasserstein_distance(ts[r], ps[r])), js_divergence(td, pd_)))
-                dists.append((r.size, td, pd_))
+                sd = np.mean([proba[i] for i in r], axis=0) if proba is not None else None
+                cells.append((r.size, float(wasserstein_distance(ts[r], ps[r])), js_divergence(td, pd_),
+                              js_divergence(td, sd) if sd is not None else float("nan")))
+                dists.append((r.size, td, pd_, sd))
             if len(dists) >= 2:
                 pairs = list(itertools.combinations(range(len(dists)), 2))
                 pj = np.mean([js_divergence(dists[a][2], dists[b][2]) for a, b in pairs])
                 tj = np.mean([js_divergence(dists[a][1], dists[b][1]) for a, b in pairs])
-                spread.append((sum(d[0] for d in dists), float(pj), float(tj)))
+                sj = (np.mean([js_divergence(dists[a][3], dists[b][3]) for a, b in pairs])
+                      if proba is not None else float("nan"))
+                spread.append((sum(d[0] for d in dists), float(pj), float(tj), float(sj)))
         all_cells += cells
         all_spread += spread
         per_dim[dim] = {**_weighted_cells(cells), "between_group_spread": _weighted_spread(spread)}
@@ -220,19 +246,23 @@ def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pre
 
 def _weighted_cells(cells: list) -> dict:
     if not cells:
-        return {"emd": float("nan"), "js": float("nan"), "n_cells": 0}
+        return {"emd": float("nan"), "js": float("nan"), "js_soft": float("nan"), "n_cells": 0}
     w = np.array([c[0] for c in cells], dtype=np.float64)
     return {"emd": float(np.average([c[1] for c in cells], weights=w)),
-            "js": float(np.average([c[2] for c in cells], weights=w)), "n_cells": len(cells)}
+            "js": float(np.average([c[2] for c in cells], weights=w)),
+            "js_soft": float(np.average([c[3] for c in cells], weights=w)), "n_cells": len(cells)}
 
 
 def _weighted_spread(spread: list) -> dict:
     if not spread:
-        return {"pred_js": float("nan"), "true_js": float("nan"), "ratio": float("nan"), "n_questions": 0}
+        nan = float("nan")
+        return {"pred_js": nan, "true_js": nan, "ratio": nan, "pred_js_soft": nan, "ratio_soft": nan,
+                "n_questions": 0}
     w = np.array([s[0] for s in spread], dtype=np.float64)
-    pj = float(np.average([s[1] for s in spread], weights=w))
-    tj = float(np.average([s[2] for s in spread], weights=w))
-    return {"pred_js": pj, "true_js": tj, "ratio": pj / tj if tj > 0 else float("nan"), "n_questions": len(spread)}
+    pj, tj, sj = (float(np.average([s[i] for s in spread], weights=w)) for i in (1, 2, 3))
+    ratio = (lambda x: x / tj if tj > 0 else float("nan"))
+    return {"pred_js": pj, "true_js": tj, "ratio": ratio(pj), "pred_js_soft": sj, "ratio_soft": ratio(sj),
+            "n_questions": len(spread)}
 
 
 def _label_array(labels) -> np.ndarray:

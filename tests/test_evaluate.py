@@ -87,6 +87,8 @@ def test_evaluate_predictions_perfect_and_collapsed():
     collapsed = E.evaluate_predictions(test, np.zeros(len(test), dtype=int), [np.zeros(3)] * len(test))
     assert collapsed["group_gaps"]["between_group_spread"]["pred_js"] == pytest.approx(0.0)
     assert collapsed["group_gaps"]["between_group_spread"]["ratio"] == pytest.approx(0.0)
+    assert collapsed["group_gaps"]["between_group_spread"]["ratio_soft"] == pytest.approx(0.0)
+    assert m["group_gaps"]["between_group_spread"]["ratio_soft"] == pytest.approx(1.0, abs=1e-3)
     assert collapsed["entropy"]["mean_normalized"] == pytest.approx(1.0)
     assert collapsed["emd"]["mean"] > 0.1
     assert "party" in collapsed["sigma_inequity"]["per_dimension"]
