@@ -129,7 +129,7 @@ def _gated(h: torch.Tensor, gates: torch.Tensor, num_experts: int, rank: int) ->
     T = gates.shape[0]
     if h.shape[1] == rank:  # shared A (or a single expert: both branches agree)
         return (gates[:, :, None] * h[:, None, :]).reshape(T, num_experts * rank)
-    return (h.view(T, -1, rank) * gates[:, :, None]).reshape(T, num_experts * rank)
+    return (h.view(T, num_experts, rank) * gates[:, :, None]).reshape(T, num_experts * rank)
 
 
 def lora_experts_torch_backward(
@@ -154,7 +154,7 @@ def lora_experts_torch_backward(
     hg = _gated(h, gates * scaling, num_experts, rank)
     d_b = (dy.t() @ hg).view(out_features, num_experts, rank).permute(1, 0, 2)
     dhg = (dy @ b_cat).view(T, num_experts, rank)
-    h3 = h.view(T, -1, rank)
+    h3 = h.view(T, h.shape[1] // rank, rank)
     d_gates = (dhg * h3).sum(-1)  # [T, E]
     d_w = d_gates.gather(1, topk_idx.long())
     dh = dhg * gates[:, :, None]
