@@ -46,7 +46,7 @@ def plot_routing_heatmap(usage: pd.DataFrame, dimension: str, path: str | Path, 
         ax.set_yticks(range(len(groups)), groups if ax is axes[0][0] else [""] * len(groups), fontsize=7)
         ax.set_xlabel("expert", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of routed slots")
-    fig.suptitle(f"expert usage by {dimension}", fontsize=9)
+    fig.suptitle(f"expert usage by {dimension}", fontsize=9, y=1.04)
     return _save(fig, path)
 
 
