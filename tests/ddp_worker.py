@@ -1,10 +1,12 @@
-"""One rank of the 2-process DDP check (launched by tests/test_distributed.py through torchrun, gloo on CPU).
+"""One rank of the 2-process DDP / FSDP checks (launched by tests/test_distributed.py through torchrun, gloo on CPU).
 
 Each rank takes its half of one batch (its own rows of z too), runs two forward/backward passes through a
 DistributedDataParallel-wrapped CuMA model WITHOUT find_unused_parameters, with routing skewed so that some experts
 receive no token, and rank 0 writes the averaged gradients of the second pass to --out.
 Two losses are checked: the language-model loss alone (aux_loss_coef=0: the average of the two halves equals the
 whole-batch loss exactly), and the loss with the load-balancing term (the average of the two per-half losses).
+With --mode fsdp the model is sharded with FSDP2 (`fully_shard` per decoder layer, then the root), the way
+accelerate's transformer-layer auto-wrap does it, and the full gradients are gathered before writing.
 """
 from __future__ import annotations
 
@@ -48,9 +50,27 @@ def loss_of(model, ids, z):
     return model(input_ids=ids, labels=ids, demographic_embeds=z).loss
 
 
+def wrap(model, mode: str):
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters defaults to False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:  # one unit per decoder layer: its routers and experts shard with it
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -60,11 +80,11 @@ def main() -> None:
     results = {}
     for name, coef in (("lm", 0.0), ("lm_aux", 0.01)):
         model = build(coef)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters defaults to False
-        for _ in range(2):  # an unused parameter would make the second forward raise
-            ddp.zero_grad(set_to_none=True)
-            loss_of(ddp, ids[rows], z[rows]).backward()
-        results[name] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        wrapped = wrap(model, args.mode)
+        for _ in range(2):  # with DDP, an unused parameter would make the second forward raise
+            wrapped.zero_grad(set_to_none=True)
+            loss_of(wrapped, ids[rows], z[rows]).backward()
+        results[name] = {n: full(p.grad).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save(results, args.out)
     dist.barrier()

@@ -1,4 +1,4 @@
-"""Multi-process training: DDP without find_unused_parameters, and where FSDP puts routers and experts."""
+"""Multi-process training on CPU (gloo): DDP without find_unused_parameters, FSDP2 per decoder layer, and where\nrouters and experts live."""
 import os
 import re
 import socket
@@ -45,13 +45,14 @@ def test_every_trainable_parameter_is_in_the_graph_even_for_empty_experts():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(tmp_path, mode):
     out = tmp_path / "rank0_grads.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"),
-           "--out", str(out)]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"),
+           "--out", str(out), "--mode", mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = torch.load(out)
