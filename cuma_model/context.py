@@ -22,10 +22,14 @@ _DISABLED: ContextVar[tuple] = ContextVar("cuma_disabled_adapters", default=())
 
 @dataclass
 class Route:
-    """One router's decision for one input: flat [T, k] weights (float32) and indices (int32)."""
+    """One router's decision for one input: flat [T, k] weights (float32) and indices (int32).
+
+    `dispatch` (the tokens sorted by expert) is computed on first use and shared by every module using the route.
+    """
 
     topk_weights: torch.Tensor
     topk_idx: torch.Tensor
+    dispatch: object = None
 
 
 @dataclass

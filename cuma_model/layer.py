@@ -56,6 +56,8 @@ class CuMALinear(nn.Module):
             return out
         route = self._route(x)
         x2 = self.lora_dropout(x).reshape(-1, self.in_features)
+        if route.dispatch is None and cuma_kernels.backend_for(x2) == "triton":
+            route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
         y = cuma_kernels.lora_experts(
             x2,
             self.lora_A.to(x.dtype),
@@ -64,6 +66,7 @@ class CuMALinear(nn.Module):
             route.topk_weights,
             self.scaling,
             base_out=out.reshape(-1, self.out_features),
+            dispatch=route.dispatch,
         )
         return y.view(out.shape)
 
