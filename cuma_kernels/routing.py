@@ -84,7 +84,7 @@ def route_topk_triton(logits: torch.Tensor, top_k: int, mode: str = "cuma") -> t
     idx = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     if T == 0:
         return weights, idx
-    block_e = triton.next_power_of_2(E)
+    block_e = max(2, triton.next_power_of_2(E))
     block_t = max(1, min(64, 4096 // block_e))
     grid = (triton.cdiv(T, block_t),)
     _route_topk_kernel[grid](
@@ -92,7 +92,7 @@ def route_topk_triton(logits: torch.Tensor, top_k: int, mode: str = "cuma") -> t
         weights, idx,
         T, E,
         TOP_K=top_k, MODE=MODE_CODES[mode],
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
     )
     return weights, idx
 
