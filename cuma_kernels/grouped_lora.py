@@ -111,7 +111,10 @@ def _gather_matmul_kernel(
 # Token-major expand: a program owns BLOCK_T tokens x BLOCK_N outputs and adds every expert's contribution
 # in registers, so each output element is written once (deterministic, no atomics). For each expert present
 # in the tile it builds the gated [BLOCK_T, r] slice (sum over the token's slots that chose it of g * h) and
-# multiplies by B_e^T. Experts absent from the tile are skipped. The rank dimension is padded to >= 16.
+# multiplies by B_e^T. Experts absent from the tile are skipped, so tiles are filled in `token_order` (tokens
+# grouped by their set of experts) when it is given: a tile then holds few distinct experts, and the work per
+# token falls from E*r towards k*r. Rows are gathered and scattered by that permutation; each row is still
+# written by exactly one program. The rank dimension is padded to >= 16.
 @triton.autotune(
     configs=tune_configs(
         [{"BLOCK_T": 64, "BLOCK_N": 64}, {"BLOCK_T": 64, "BLOCK_N": 128}, {"BLOCK_T": 128, "BLOCK_N": 128,
@@ -124,17 +127,22 @@ def _gather_matmul_kernel(
 def _expand_kernel(
     h_ptr, stride_ht, stride_hj, stride_he,
     b_ptr, stride_be, stride_bn, stride_br,
-    idx_ptr, gate_ptr,
+    idx_ptr, gate_ptr, token_order_ptr,
     base_ptr, stride_st, stride_sn,
     out_ptr, stride_ot, stride_on,
     T, N, R, E, scaling,
-    TOP_K: tl.constexpr, HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_BASE: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_mask = rows < T
+    slots = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = slots < T
+    if PERMUTED:
+        rows = tl.load(token_order_ptr + slots, mask=t_mask, other=0).to(tl.int64)
+    else:
+        rows = slots
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -289,9 +297,11 @@ def lora_expand(
     scaling: float,
     base_out: torch.Tensor | None,
     out_dtype: torch.dtype,
+    token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, N] (out_dtype) = base_out + scaling * sum_j g_tj B_{e_tj} h_tj. lora_B [E, N, r] contiguous,
-    topk_idx [T, k] int32 and topk_weights [T, k] fp32 contiguous, base_out [T, N] or None."""
+    topk_idx [T, k] int32 and topk_weights [T, k] fp32 contiguous, base_out [T, N] or None, token_order [T]
+    int64 (a permutation of the tokens, e.g. DispatchMetadata.token_order) or None."""
     T, top_k = topk_idx.shape
     num_experts, n, rank = lora_B.shape
     out = torch.empty(T, n, dtype=out_dtype, device=lora_B.device)
@@ -304,11 +314,12 @@ def lora_expand(
     _expand_kernel[grid](
         h, sht, shj, she,
         lora_B, lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        topk_idx, topk_weights,
+        topk_idx, topk_weights, token_order if token_order is not None else topk_idx,
         base, base.stride(0), base.stride(1),
         out, out.stride(0), out.stride(1),
         T, n, rank, num_experts, scaling,
-        TOP_K=top_k, HAS_BASE=base_out is not None, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
+        TOP_K=top_k, HAS_BASE=base_out is not None, PERMUTED=token_order is not None, UPCAST=upcast, IEEE=ieee,
+        BLOCK_R=rank_block(rank),
     )
     return out
 
@@ -322,6 +333,7 @@ def lora_experts_triton_forward(
     scaling: float,
     base_out: torch.Tensor | None,
     sort_order: torch.Tensor,
+    token_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [T, N] in x's dtype, h fp32 saved for the backward). Inputs as in `lora_experts`; idx int32."""
     x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
@@ -330,7 +342,7 @@ def lora_experts_triton_forward(
     if base_out is not None:
         base_out = base_out.contiguous()
     h, layout = lora_shrink(x, lora_A, topk_idx, sort_order, lora_B.shape[0])
-    y = lora_expand(h, layout, lora_B, topk_idx, topk_weights, scaling, base_out, x.dtype)
+    y = lora_expand(h, layout, lora_B, topk_idx, topk_weights, scaling, base_out, x.dtype, token_order)
     return y, h
 
 

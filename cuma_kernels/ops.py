@@ -110,16 +110,18 @@ def _lora_experts_fwd(
     base_out: Optional[torch.Tensor],
     sort_order: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
+    token_order: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return lora_experts_triton_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order)
+        return lora_experts_triton_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order,
+                                           token_order)
     y, h = lora_experts_torch_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out)
     return y, h.contiguous()
 
 
 @_lora_experts_fwd.register_fake
-def _(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, backend):
+def _(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, token_order, backend):
     T, top_k = topk_idx.shape
     num_experts, n, rank = lora_B.shape
     h_shape = _saved_h_shape(backend, T, lora_A.shape[0], num_experts, rank, top_k)
@@ -154,7 +156,7 @@ def _(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order,
 
 
 def _lora_setup(ctx, inputs, output):
-    x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, backend = inputs
+    x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, _, backend = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
     ctx.scaling = scaling
@@ -168,7 +170,7 @@ def _lora_backward(ctx, grad_y, grad_h):
     dx, d_a, d_b, d_w = _lora_experts_bwd(
         grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, ctx.scaling, sort_order, offsets, ctx.backend)
     d_base = grad_y if ctx.has_base else None
-    return dx, d_a, d_b, None, d_w, None, d_base, None, None, None
+    return dx, d_a, d_b, None, d_w, None, d_base, None, None, None, None
 
 
 torch.library.register_autograd("cuma::lora_experts_fwd", _lora_backward, setup_context=_lora_setup)
@@ -234,11 +236,11 @@ def lora_experts(
     """
     _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out)
     backend = backend_for(x)
-    sort_order = offsets = None
+    sort_order = offsets = token_order = None
     if backend == "triton":
         if dispatch is None:
             dispatch = dispatch_metadata(topk_idx, lora_B.shape[0])
-        sort_order, offsets = dispatch.sort_order, dispatch.offsets
+        sort_order, offsets, token_order = dispatch.sort_order, dispatch.offsets, dispatch.token_order
     y, _ = _lora_experts_fwd(x, lora_A, lora_B, topk_idx, topk_weights, float(scaling), base_out, sort_order,
-                             offsets, backend)
+                             offsets, token_order, backend)
     return y

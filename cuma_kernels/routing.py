@@ -127,11 +127,13 @@ class DispatchMetadata:
     counts [E] int64: (token, slot) pairs per expert.
     sort_order [T*k] int64: flat pair ids (t * k + j) sorted by expert, stable (token order inside an expert).
     offsets [E+1] int64: expert e's pairs are sort_order[offsets[e]:offsets[e+1]].
+    token_order [T] int64: the tokens sorted by their set of experts (tokens routed alike become neighbours).
     """
 
     counts: torch.Tensor
     sort_order: torch.Tensor
     offsets: torch.Tensor
+    token_order: torch.Tensor
     num_experts: int
     top_k: int
 
@@ -149,4 +151,10 @@ def dispatch_metadata(topk_idx: torch.Tensor, num_experts: int) -> DispatchMetad
     sort_order = torch.sort(flat, stable=True).indices
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return DispatchMetadata(counts, sort_order, offsets, num_experts, int(topk_idx.shape[1]))
+    # key = the token's experts in ascending order, read as base-E digits (exact while E**k < 2**63, e.g. E <= 64
+    # with k <= 8; past that the key wraps, which only makes the grouping, never the result, worse)
+    top_k = int(topk_idx.shape[1])
+    digits = torch.sort(topk_idx.long(), dim=1).values
+    weights = num_experts ** torch.arange(top_k - 1, -1, -1, device=flat.device, dtype=torch.int64)
+    token_order = torch.sort((digits * weights).sum(1), stable=True).indices
+    return DispatchMetadata(counts, sort_order, offsets, token_order, num_experts, top_k)

@@ -211,3 +211,19 @@ def test_bad_input_messages(change, error, match):
     kwargs.update(change)
     with pytest.raises(error, match=match):
         lora_experts(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_expand_with_and_without_token_order(backend):
+    gen = torch.Generator().manual_seed(17)
+    T, K, N, r, E, k = 50, 24, 40, 8, 6, 2
+    x, A, B = (torch.randn(T, K, generator=gen), torch.randn(E, r, K, generator=gen),
+               torch.randn(E, N, r, generator=gen))
+    idx, w = make_routing(T, E, k, "random", gen)
+    x, A, B, idx, w = (t.to(DEVICE) for t in (x, A, B, idx, w))
+    md = dispatch_metadata(idx, E)
+    y_plain, _ = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, None, md.sort_order)
+    y_perm, _ = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, None, md.sort_order, md.token_order)
+    ref = reference(x.cpu().double(), A.cpu().double(), B.cpu().double(), idx.cpu(), w.cpu().double(), 0.5, None)
+    torch.testing.assert_close(y_plain.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_perm.cpu().double(), ref, rtol=1e-4, atol=1e-4)

@@ -51,7 +51,7 @@ def test_opcheck_custom_ops(monkeypatch):
     w, idx = route_topk(logits.detach(), 2)
     torch.library.opcheck(torch.ops.cuma.route_topk.default, (logits, 2, "sum", "torch"))
     torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,
-                          (x, A, B, idx, w.requires_grad_(), 0.5, base, None, None, "torch"))
+                          (x, A, B, idx, w.requires_grad_(), 0.5, base, None, None, None, "torch"))
 
 
 def test_gpu_report_smoke_mode():

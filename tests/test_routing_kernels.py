@@ -167,6 +167,10 @@ def test_dispatch_metadata_invariants(case, idx_dtype):
         assert (flat[seg] == e).all()
         assert seg.tolist() == sorted(seg.tolist())  # stable: token order kept inside an expert
     assert md.sort_order.device == idx.device
+    token_order = md.token_order.cpu()
+    assert sorted(token_order.tolist()) == list(range(T))  # a permutation of the tokens
+    expert_sets = [tuple(sorted(row)) for row in idx.cpu()[token_order].tolist()]
+    assert expert_sets == sorted(expert_sets)  # tokens routed alike are neighbours
 
 
 def test_dispatch_metadata_rejects_bad_shape():
