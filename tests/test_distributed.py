@@ -98,3 +98,21 @@ def test_trainable_parameters_live_inside_their_decoder_layer(arch, kw):
     for router in cuma_model.routers(model):
         owners = [i for i, layer in enumerate(model.model.layers) if any(m is router for m in layer.modules())]
         assert len(owners) == 1, router.key
+
+
+def test_example_launch_configs_parse():
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    examples = HERE.parent / "examples"
+    fsdp2 = load_config_from_file(str(examples / "accelerate_fsdp2.yaml"))
+    assert fsdp2.distributed_type == "FSDP" and fsdp2.fsdp_config["fsdp_version"] == 2
+    assert fsdp2.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == type(tiny_decoder("llama").model.layers[0]).__name__
+    fsdp1 = load_config_from_file(str(examples / "accelerate_fsdp1.yaml"))
+    assert fsdp1.fsdp_config["fsdp_use_orig_params"] is True
+    ds = load_config_from_file(str(examples / "accelerate_deepspeed_zero2.yaml"))
+    assert ds.distributed_type == "DEEPSPEED"
+    zero = json.loads((HERE.parent / ds.deepspeed_config["deepspeed_config_file"]).read_text())
+    assert zero["zero_optimization"]["stage"] == 2
+    assert load_config_from_file(str(examples / "accelerate_ddp.yaml")).distributed_type == "MULTI_GPU"
