@@ -278,3 +278,26 @@ def test_grpo_step_repeats_z_per_completion(tmp_path):
     torch.testing.assert_close(routed[-1][1], out[P.EMBEDS_KEY])
     logs = trainer.state.log_history[0]
     assert "aux_loss" in logs and np.isfinite(logs["loss"]) and "kl" in logs
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_dpo_from_sft_checkpoint_saves_final_adapter(tmp_path):
+    tok = char_tokenizer()
+    sft = tiny_policy(tok)
+    cuma_model.save_pretrained(sft, tmp_path / "sft")
+    base = tiny_decoder("llama", seed=0, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id, bos_token_id=None)
+    argv = ["--stage", "dpo", "--sft-checkpoint", str(tmp_path / "sft"), "--max-respondents", "6",
+            "--max-steps", "1", "--batch-size", "2", "--learning-rate", "1e-3", "--output-dir", str(tmp_path / "out")]
+    assert P.build_parser().parse_args(argv).reference == "base"
+    result = P.run_preference(argv, model=base, tokenizer=tok, encoder=fake_encoder)
+    assert result["global_step"] == 1 and result["rows"] == 2
+    assert (tmp_path / "out" / "preference_result.json").is_file()
+    final = tmp_path / "out" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = cuma_model.from_pretrained(tiny_decoder("llama", seed=0, vocab_size=len(tok)), final)
+    trained = dict(base.named_parameters())
+    changed = [n for n, p in reloaded.named_parameters() if p.requires_grad
+               and not torch.equal(p, dict(sft.named_parameters())[n])]
+    assert changed and all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters() if p.requires_grad)
