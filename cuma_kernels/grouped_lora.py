@@ -346,6 +346,38 @@ def lora_experts_triton_forward(
     return y, h
 
 
+def expert_weight_grad(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    layout: str,
+    gates: torch.Tensor,
+    sort_order: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Fill out [E, N, r] (any strides, e.g. a permuted view) with scaling * sum_{pairs of e} dy_t^T (g_tj h_tj).
+
+    dy [T, N]; h fp32 in `layout` (see h_strides); gates [T, k] fp32; sort_order/offsets from DispatchMetadata.
+    """
+    num_experts, n, rank = out.shape
+    if n == 0 or rank == 0 or num_experts == 0:
+        return out
+    top_k = gates.shape[1]
+    sht, shj, she = h_strides(layout, num_experts, top_k, rank)
+    upcast, ieee = _flags(dy.dtype)
+    grid = lambda meta: (num_experts, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _expand_weight_grad_kernel[grid](
+        dy, dy.stride(0), dy.stride(1),
+        h, sht, shj, she,
+        gates, sort_order, offsets,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        n, rank, num_experts, scaling,
+        TOP_K=top_k, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
+    )
+    return out
+
+
 def lora_experts_triton_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -361,8 +393,10 @@ def lora_experts_triton_backward(
     """(dx [T, K], dA like lora_A, dB like lora_B, d topk_weights [T, k] fp32).
 
     dh_tj = scaling * dy_t @ B_{e_tj} is a grouped GEMM over sorted pairs ([T*k, r], never [T, k, N]);
-    dg_tj = dh_tj . h_tj (an r-length dot); dA and dx are dense GEMMs over the scattered [T, E*r] (or [T, r])
-    gradient; dB runs per expert over its sorted segment.
+    dg_tj = dh_tj . h_tj (an r-length dot); dB runs per expert over its sorted segment.
+    dA and dx: dense GEMMs over the scattered [T, E*r] (or [T, r]) gradient while E*r is small; in the grouped
+    ("pairs") layout they reuse the sparse kernels instead (dx is an expand through A^T, dA_e^T a segment sum
+    like dB), so no [T, E*r] tensor is ever built.
     """
     grad_y = grad_y.contiguous()
     x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
@@ -374,8 +408,9 @@ def lora_experts_triton_backward(
     layout = h_layout(num_a, num_experts, rank)
     idx64 = topk_idx.long()
 
-    dh = gather_matmul(grad_y, lora_B, (n * rank, 1, rank), T * top_k, rank, scale=scaling,
-                       topk_idx=topk_idx, sort_order=sort_order).view(T, top_k, rank)
+    dh_raw = gather_matmul(grad_y, lora_B, (n * rank, 1, rank), T * top_k, rank, scale=scaling,
+                           topk_idx=topk_idx, sort_order=sort_order)
+    dh = dh_raw.view(T, top_k, rank)
     if layout == "shared":
         h_pairs = h[:, None, :].expand(T, top_k, rank)
     elif layout == "dense":
@@ -383,30 +418,23 @@ def lora_experts_triton_backward(
     else:
         h_pairs = h.view(T, top_k, rank)
     d_gates = (dh * h_pairs).sum(-1)
-    dh = dh * gates[:, :, None]
 
-    if layout == "shared":
-        dh_dense = dh.sum(1)  # [T, r]
+    if layout == "pairs":
+        dx = lora_expand(dh_raw, "pairs", lora_A.permute(0, 2, 1), topk_idx, gates, 1.0, None, x.dtype)
+        d_a = torch.empty_like(lora_A)
+        expert_weight_grad(x, dh_raw, "pairs", gates, sort_order, offsets, d_a.permute(0, 2, 1), 1.0)
     else:
-        dh_dense = torch.zeros(T, num_experts, rank, dtype=torch.float32, device=x.device)
-        dh_dense.scatter_add_(1, idx64[:, :, None].expand(T, top_k, rank), dh)
-        dh_dense = dh_dense.view(T, num_experts * rank)
-    a_cat = lora_A.view(num_a * rank, kd)
-    dh_c = dh_dense.to(x.dtype)
-    dx = dh_c @ a_cat
-    d_a = (dh_c.t() @ x).view(num_a, rank, kd)
+        dh = dh * gates[:, :, None]
+        if layout == "shared":
+            dh_dense = dh.sum(1)  # [T, r]
+        else:
+            dh_dense = torch.zeros(T, num_experts, rank, dtype=torch.float32, device=x.device)
+            dh_dense.scatter_add_(1, idx64[:, :, None].expand(T, top_k, rank), dh)
+            dh_dense = dh_dense.view(T, num_experts * rank)
+        a_cat = lora_A.view(num_a * rank, kd)
+        dh_c = dh_dense.to(x.dtype)
+        dx = dh_c @ a_cat
+        d_a = (dh_c.t() @ x).view(num_a, rank, kd)
 
-    d_b = torch.empty_like(lora_B)
-    if n and rank:
-        sht, shj, she = h_strides(layout, num_experts, top_k, rank)
-        upcast, ieee = _flags(grad_y.dtype)
-        grid = lambda meta: (num_experts, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _expand_weight_grad_kernel[grid](
-            grad_y, grad_y.stride(0), grad_y.stride(1),
-            h, sht, shj, she,
-            gates, sort_order, offsets,
-            d_b, d_b.stride(0), d_b.stride(1), d_b.stride(2),
-            n, rank, num_experts, scaling,
-            TOP_K=top_k, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
-        )
+    d_b = expert_weight_grad(grad_y, h, layout, gates, sort_order, offsets, torch.empty_like(lora_B), scaling)
     return dx, d_a, d_b, d_gates

@@ -132,13 +132,16 @@ def test_routing_patterns(backend, pattern, shared):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("shape", [(37, 40, 72, 8, 4, 2, False), (130, 48, 40, 16, 6, 3, False),
-                                   (1, 24, 24, 4, 3, 1, False)])
-def test_grouped_shrink_layout(backend, shape, monkeypatch):
-    # E*r above the dense limit takes the grouped shrink over sorted tokens; force it at small sizes
+@pytest.mark.parametrize("shape,pattern", [((37, 40, 72, 8, 4, 2, False), "random"),
+                                           ((130, 48, 40, 16, 6, 3, False), "random"),
+                                           ((1, 24, 24, 4, 3, 1, False), "random"),
+                                           ((45, 40, 56, 8, 6, 2, False), "skewed"),
+                                           ((45, 40, 56, 8, 6, 2, False), "empty")])
+def test_grouped_layout(backend, shape, pattern, monkeypatch):
+    # E*r above the dense limit takes the grouped path (shrink, dx and dA over sorted tokens); force it here
     monkeypatch.setattr(grouped_lora, "DENSE_SHRINK_MAX", 0)
     assert grouped_lora.h_layout(shape[4], shape[4], shape[3]) == "pairs"
-    check_fp32(run_case(*shape, torch.float32, dispatch=True))
+    check_fp32(run_case(*shape, torch.float32, pattern=pattern, dispatch=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
