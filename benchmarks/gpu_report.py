@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_report.py            # on a CUDA machine (H100/H200): tests + timings, a few minutes
     python benchmarks/gpu_report.py --smoke    # tiny shapes on CPU, torch backend: checks the script itself
+    python benchmarks/gpu_report.py --cpu      # the CPU target shape (T=4096, K=N=1024, r=16, E=8, k=2, fp32)
 
 Timed (bf16, T=16384, K=4096, N in {4096, 1024}, r=64, E=8, k=2), forward and forward+backward, the expert
 computation alone (routing and its dispatch metadata are computed once, outside the timed region, as one router
@@ -132,6 +133,7 @@ def print_table(rows, header):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with the torch backend")
+    parser.add_argument("--cpu", action="store_true", help="the CPU target shape, fp32, torch backend")
     parser.add_argument("--skip-tests", action="store_true", help="only the timings")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
@@ -142,6 +144,12 @@ def main(argv=None) -> int:
         shapes = [(64, 48, n, 8, 4, 2) for n in (64, 32)]
         warmup, iters = 1, 2
         card = "CPU (smoke)"
+    elif args.cpu:
+        os.environ.setdefault("CUMA_BACKEND", "torch")
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = [(4096, 1024, 1024, 16, 8, 2)]
+        warmup, iters = 1, args.iters
+        card = f"CPU ({torch.get_num_threads()} threads)"
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke on CPU", file=sys.stderr)
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
         card = torch.cuda.get_device_name(device)
 
     status = 0
-    if not args.smoke and not args.skip_tests:
+    if not (args.smoke or args.cpu or args.skip_tests):
         status = run_gpu_tests()
         print(f"kernel tests on {card}: {'passed' if status == 0 else 'FAILED'}", flush=True)
 

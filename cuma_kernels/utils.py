@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 
 
@@ -31,17 +30,3 @@ def tune_configs(gpu_configs: list[dict], default: dict, num_warps: int = 4) -> 
 def rank_block(rank: int) -> int:
     """Tile size for the rank dimension: a power of two, at least 16 (tl.dot's minimum on a GPU)."""
     return max(16, triton.next_power_of_2(rank))
-
-
-def upcast_for_dot(dtype: torch.dtype) -> bool:
-    """Whether kernels must cast tiles to fp32 before tl.dot.
-
-    The interpreter multiplies the raw bits of bf16 operands (silently wrong results), so every tile is
-    upcast there; on a GPU only fp32 inputs take the exact (non-TF32) path, handled inside the kernels.
-    """
-    return interpreting()
-
-
-def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
-    """fp32 operands use exact fp32 products (TF32 would miss the 1e-4 tolerance); half types use tensor cores."""
-    return "ieee" if (dtype == torch.float32 or upcast) else "tf32"

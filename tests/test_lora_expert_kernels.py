@@ -119,7 +119,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_K{}_N{}_r{}_E{}_k{}_{}".format(*s[:6], "sharedA" if s[6] else "A"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_K{}_N{}_r{}_E{}_k{}_".format(*s[:6]) + ("A", "sharedA")[s[6]])
 def test_fp32_matches_reference(backend, shape):
     check_fp32(run_case(*shape, torch.float32))
 
