@@ -208,11 +208,16 @@ def _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out) ->
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    # A range check reads the indices on the host: cheap on CPU, a sync on CUDA, impossible while tracing.
-    if topk_idx.numel() and not topk_idx.is_cuda and not torch.compiler.is_compiling():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < 0 or hi >= num_experts:
-            raise IndexError(f"topk_idx values must be in [0, {num_experts}), got min {lo} and max {hi}")
+    # Range check: on the host for CPU tensors; on CUDA a device-side assert (no sync; an out-of-range index
+    # would otherwise make the kernels read foreign memory silently). Skipped while tracing.
+    if topk_idx.numel() and not torch.compiler.is_compiling():
+        if topk_idx.is_cuda:
+            torch._assert_async(((topk_idx >= 0) & (topk_idx < num_experts)).all(),
+                                f"topk_idx values must be in [0, {num_experts})")
+        else:
+            lo, hi = int(topk_idx.min()), int(topk_idx.max())
+            if lo < 0 or hi >= num_experts:
+                raise IndexError(f"topk_idx values must be in [0, {num_experts}), got min {lo} and max {hi}")
 
 
 def lora_experts(
