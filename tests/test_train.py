@@ -1,0 +1,180 @@
+"""cuma_model.train on tiny random decoders: learning, exact resume, atomic checkpoints, the base path, bad options."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cuma_model import train as T
+from cuma_model.data import SurveyExample
+from tiny_models import tiny_decoder
+
+WORDS = ["you", "are", "a", "democrat", "republican", "independent", "which", "one", "?", "answer", "with", "letter",
+         ".", "spend", "more", "less", "same", "on", "roads", "parks", "schools", "system", "user", "assistant"]
+LETTERS = ["A", "B", "C"]
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+PARTIES = ["democrat", "republican", "independent"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = specials + WORDS + ["▁" + w for w in WORDS] + LETTERS + ["▁" + l for l in LETTERS]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = TEMPLATE
+    return fast
+
+
+def survey(n_resp=60, seed=0):
+    """Three questions; the answer is a function of party and question (10% noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(n_resp):
+        party = int(rng.integers(0, 3))
+        for qi, topic in enumerate(["roads", "parks", "schools"]):
+            t = (party + qi) % 3 if rng.random() > 0.1 else int(rng.integers(0, 3))
+            out.append(SurveyExample(
+                respondent_id=str(r), question_id=topic, profile=f"you are a {PARTIES[party]}",
+                groups={"party": PARTIES[party]}, question=f"spend more on {topic} ?",
+                choices=("more", "less", "same"), scores=(1.0, 2.0, 3.0), scale=(1.0, 3.0), target=t))
+    return out
+
+
+class PartyEncoder:
+    """A stand-in sentence encoder: z is the one-hot party of the profile text (dim 4)."""
+
+    dim = 4
+
+    def encode_unique(self, texts):
+        position = {}
+        index = [position.setdefault(t, len(position)) for t in texts]
+        table = torch.zeros(len(position), self.dim)
+        for text, i in position.items():
+            for j, p in enumerate(PARTIES):
+                if p in text:
+                    table[i, j] = 1.0
+        return table, torch.tensor(index)
+
+
+def parts(seed=0):
+    tok = tiny_tokenizer()
+    model = tiny_decoder("llama", seed=seed, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         initializer_range=0.3)  # logits with some range: a 0.02 init makes them nearly flat
+    return dict(model=model, tokenizer=tok, encoder=PartyEncoder(), examples=survey())
+
+
+def options(tmp_path, **kw):
+    base = dict(train_examples=0, eval_examples=0, batch_size=8, lr=1e-2, scheduler="constant", warmup_steps=0,
+                num_experts=4, top_k=2, r=4, router_hidden_dim=16, routing_examples=16, plots=False,
+                output_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return base
+
+
+def curve(result):
+    return [h["loss"] for h in result["train"]["history"]]
+
+
+@pytest.mark.parametrize("method", ["cuma", "lora"])
+def test_loss_falls(tmp_path, method):
+    res = T.train(options(tmp_path, method=method, max_steps=25, do_eval=False), **parts())
+    loss = curve(res)
+    assert len(loss) == 25
+    assert np.mean(loss[-8:]) < 0.6 * np.mean(loss[:4]), loss
+
+
+def adapter_weights(run_dir):
+    return load_file(str(Path(run_dir) / "final" / "adapter_model.safetensors"))
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    # 3 epochs of 12 micro-batches in 6 steps each (accumulation 2), with a schedule: the resume point (step 8)
+    # falls inside the second epoch, so the data order, the skipped batches and the LR position all have to match.
+    common = dict(method="cuma", epochs=3, grad_accum=2, scheduler="cosine", warmup_steps=3, dropout=0.1,
+                  train_examples=90, do_eval=False)
+    straight = T.train(options(tmp_path, output_dir=str(tmp_path / "straight"), **common), **parts())
+    first = T.train(options(tmp_path, output_dir=str(tmp_path / "split"), save_steps=4, **common), **parts())
+    assert first["train"]["steps"] == straight["train"]["steps"] == 18
+    # throw away the later checkpoints and the final adapter, then continue from step 8
+    for name in ("checkpoint-12", "checkpoint-16", "final"):
+        import shutil
+        shutil.rmtree(tmp_path / "split" / name)
+    resumed = T.train(options(tmp_path, output_dir=str(tmp_path / "split"), save_steps=4, resume="latest",
+                              **common), **parts())
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "split")
+    assert set(a) == set(b) and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert curve(resumed) == curve(straight)
+    assert [h["lr"] for h in resumed["train"]["history"]] == [h["lr"] for h in straight["train"]["history"]]
+
+
+def test_checkpoints_complete_and_atomic(tmp_path):
+    res = T.train(options(tmp_path, method="lora", max_steps=6, save_steps=3, routing_examples=0), **parts())
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.iterdir())
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")], names
+    assert {"checkpoint-3", "final", "metrics.json", "predictions.jsonl"} <= set(names)
+    for ck in ("checkpoint-3", "final"):
+        files = {p.name for p in (run / ck).iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", T.STATE_NAME, T.RUN_ARGS_NAME} <= files, files
+        assert not [f for f in files if f.startswith(".")]
+        state = T.read_training_state(run / ck)
+        assert state["step"] == int(ck.split("-")[1]) if ck != "final" else state["step"] == 6
+        assert {"optimizer", "scheduler", "rng", "epoch", "batches_done", "history"} <= set(state)
+    assert T.find_latest_checkpoint(run).name == "final"
+    # a checkpoint rewritten in place is replaced as a whole, leaving nothing behind
+    model = parts()["model"]
+    T.write_checkpoint(run / "checkpoint-3", T.apply_method(model, T._args_from(options(tmp_path, method="lora")), 0),
+                       "lora", {"step": 3}, T._args_from(options(tmp_path)))
+    assert T.read_training_state(run / "checkpoint-3") == {"step": 3}
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "lora" and metrics["train"]["steps"] == 6
+    assert set(metrics["floors"]) == {"question_majority", "group_majority", "logistic_regression"}
+    assert metrics["metrics"]["n"] == res["data"]["n_eval"]
+
+
+def test_base_and_routing_report(tmp_path):
+    res = T.train(options(tmp_path, method="base", eval_examples=24), **parts())
+    assert res["train"]["steps"] == 0 and res["metrics"]["n"] == 24
+    assert not (tmp_path / "run" / "final").exists()
+    assert 0.0 <= res["metrics"]["accuracy"] <= 1.0 and res["metrics"]["entropy"] is not None
+    res = T.train(options(tmp_path, method="cuma", max_steps=2, eval_examples=24, plots=True,
+                          output_dir=str(tmp_path / "cuma")), **parts())
+    run = tmp_path / "cuma"
+    usage = __import__("pandas").read_csv(run / "routing_usage.csv")
+    assert set(usage["dimension"]) == {"all", "party"}
+    shares = usage.groupby(["dimension", "group", "router"])["share"].sum()
+    np.testing.assert_allclose(shares.to_numpy(), 1.0, rtol=1e-6)
+    for png in ("loss_curve.png", "routing_party.png", "answer_shares_party.png"):
+        assert (run / png).stat().st_size > 0
+    assert "question_majority" in res["report"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--top-k", "4", "--num-experts", "2"], "top-k"),
+    (["--survey", "nonsense"], "unknown survey"),
+    (["--batch-size", "0"], "batch-size"),
+    (["--method", "base", "--resume", "latest"], "base"),
+])
+def test_bad_options(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        T.main(argv)
+    assert match in capsys.readouterr().err
+    with pytest.raises(ValueError, match=match):
+        T.train(argv)
+
+
+def test_unknown_option_name():
+    with pytest.raises(ValueError, match="unknown training options"):
+        T.train({"top_kk": 3})
