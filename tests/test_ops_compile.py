@@ -61,3 +61,60 @@ def test_gpu_report_smoke_mode():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for provider in ("cuma", "loop", "dense", "base"):
         assert provider in proc.stdout
+
+
+# ---- Compiling the kernels for a Hopper GPU without one ------------------------------------------------------
+# The interpreter accepts programs a GPU compiler rejects (mixed dot operand types, tiles under 16, ...), so the
+# kernels are also compiled to a cubin for sm_90 here, in a child process without TRITON_INTERPRET.
+# `python tests/test_ops_compile.py --all` compiles every dtype and tile variant (minutes).
+
+
+def _compile_kernels_for_sm90(all_variants: bool) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cuma_kernels import grouped_lora, routing
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_one(fn, pointers, floats, constexprs):
+        sig = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
+               for name in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target)
+
+    dtypes = ("bf16", "fp16", "fp32") if all_variants else ("bf16",)
+    for dt in dtypes:
+        ieee = dt == "fp32"
+        for k, block_e, block_k in ([(2, 8, 2), (1, 2, 2), (8, 64, 8)] if all_variants else [(2, 8, 2)]):
+            compile_one(routing._route_topk_kernel, {"logits_ptr": "*" + dt, "weights_ptr": "*fp32", "idx_ptr": "*i32"},
+                        (), dict(TOP_K=k, MODE=0, BLOCK_T=64, BLOCK_E=block_e, BLOCK_K=block_k))
+        for grouped, block_r in ([(True, 16), (False, 128), (True, 64)] if all_variants else [(True, 16)]):
+            compile_one(grouped_lora._gather_matmul_kernel.fn,
+                        {"x_ptr": "*" + dt, "w_ptr": "*" + dt, "out_ptr": "*fp32", "order_ptr": "*i64",
+                         "expert_ptr": "*i32"}, ("scale",),
+                        dict(TOP_K=2, GROUPED=grouped, UPCAST=False, IEEE=ieee, BLOCK_R=block_r, BLOCK_M=64,
+                             BLOCK_K=64))
+        for permuted, block_r in ([(True, 16), (False, 128), (True, 64)] if all_variants else [(True, 16)]):
+            compile_one(grouped_lora._expand_kernel.fn,
+                        {"h_ptr": "*fp32", "b_ptr": "*" + dt, "idx_ptr": "*i32", "gate_ptr": "*fp32",
+                         "token_order_ptr": "*i64", "base_ptr": "*" + dt, "out_ptr": "*" + dt}, ("scaling",),
+                        dict(TOP_K=2, HAS_BASE=permuted, PERMUTED=permuted, UPCAST=False, IEEE=ieee,
+                             BLOCK_R=block_r, BLOCK_T=64, BLOCK_N=64))
+        for block_r in ([16, 128] if all_variants else [16]):
+            compile_one(grouped_lora._expand_weight_grad_kernel.fn,
+                        {"dy_ptr": "*" + dt, "h_ptr": "*fp32", "gate_ptr": "*fp32", "order_ptr": "*i64",
+                         "offsets_ptr": "*i64", "db_ptr": "*" + dt}, ("scaling",),
+                        dict(TOP_K=2, UPCAST=False, IEEE=ieee, BLOCK_R=block_r, BLOCK_M=64, BLOCK_N=64))
+    print("compiled for sm_90")
+
+
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stdout + proc.stderr
+
+
+if __name__ == "__main__":
+    _compile_kernels_for_sm90(all_variants="--all" in sys.argv)
