@@ -275,6 +275,14 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval().requires_grad_(False)
 
 
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF checkpoint is de-quantized to plain float tensors at load, but the model keeps its GGUF quantizer, and
+    `Trainer` refuses to fine-tune a "quantized" model; nothing in it is quantized any more, so drop the marker."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+
+
 def _embed_rows(encoder: Callable, examples: Sequence[Mapping], dim: int) -> torch.Tensor:
     """z [N, D] float32 for a list of rows: each row's `demographic_embeds` if present, else encoder(profile)."""
     if EMBEDS_KEY in examples[0]:
@@ -348,6 +356,7 @@ def _dpo_class():
             if reference not in REFERENCES:
                 raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
             handle = _handle(model)
+            _drop_gguf_quantizer(model)
             self.cuma_policy, self.cuma_reference = model, reference
             ref_model = None
             if not args.precompute_ref_log_probs:
@@ -438,6 +447,7 @@ def _grpo_class():
 
         def __init__(self, model, reward_funcs, args, train_dataset, processing_class, encoder, **kwargs):
             handle = _handle(model)
+            _drop_gguf_quantizer(model)
             self.cuma_policy, self.cuma_encoder = model, encoder
             self._cuma_dim = handle.config.demographic_dim
             self._cuma_rows: torch.Tensor | None = None
@@ -525,6 +535,7 @@ def load_base_model(model: str | None = None):
         d, kw = model, {}
     tok = AutoTokenizer.from_pretrained(d, **kw)
     base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
+    _drop_gguf_quantizer(base)
     return base, tok
 
 
