@@ -276,11 +276,16 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
-    """A GGUF checkpoint is de-quantized to plain float tensors at load, but the model keeps its GGUF quantizer, and
+    """A GGUF checkpoint is de-quantized to plain float tensors at load, but the model stays marked as quantized, and
     `Trainer` refuses to fine-tune a "quantized" model; nothing in it is quantized any more, so drop the marker."""
+    if not getattr(model, "is_quantized", False):
+        return
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
-        model.hf_quantizer = None
+    method = str(getattr(getattr(model.config, "quantization_config", None), "quant_method", "") or "")
+    if "gguf" in type(quantizer).__name__.lower() or "gguf" in method.lower():
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.is_quantized = False
 
 
 def _embed_rows(encoder: Callable, examples: Sequence[Mapping], dim: int) -> torch.Tensor:
