@@ -3,11 +3,11 @@ from .checkpoint import from_pretrained, save_pretrained
 from .context import adapters_disabled, conditioning, record_routing
 from .config import CuMAConfig
 from .layer import CuMALinear
-from .patch import cuma_layers, is_patched, patch_model, routers, unpatch_model
+from .patch import cuma_layers, forward_scope, is_patched, patch_model, routers, unpatch_model
 from .router import DemographicRouter, load_balancing_loss
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",
-    "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
+    "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
     "save_pretrained", "unpatch_model",
 ]

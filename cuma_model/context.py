@@ -50,6 +50,12 @@ class ForwardState:
     def store_route(self, key: str, x: torch.Tensor, route: Route) -> None:
         self.routes[key] = (weakref.ref(x), route)
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """The weighted load-balancing loss of the routers run in this state (None when none was computed)."""
+        if not self.aux_terms:
+            return None
+        return self.owner.config.aux_loss_coef * torch.stack(self.aux_terms).sum()
+
     def token_mask(self, batch: int, seq: int) -> torch.Tensor | None:
         """The attention mask of the current tokens (the last `seq` columns: earlier ones belong to the KV cache)."""
         m = self.attention_mask

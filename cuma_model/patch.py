@@ -1,8 +1,8 @@
 """patch_model: turn a Hugging Face decoder into a CuMA model in place."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import inspect
 
 import torch
@@ -68,7 +68,7 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     handle.checkpointed = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
                            or type(m).__name__.endswith("DecoderLayer")]
     model.cuma = handle
-    model.forward = _conditioned_forward(model, handle)
+    model.forward = ConditionedForward(model, handle.base_forward)
     return model
 
 
@@ -89,32 +89,52 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
     return router, shared
 
 
-def _conditioned_forward(model: nn.Module, handle: CuMAHandle):
-    base_forward = handle.base_forward
-    accepts_attention_mask = "attention_mask" in inspect.signature(base_forward).parameters
+@contextlib.contextmanager
+def forward_scope(model: nn.Module, demographic_embeds: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None = None, compute_aux: bool | None = None):
+    """Condition every CuMA layer of `model` on z inside the block, exactly as the patched forward does.
 
-    @functools.wraps(base_forward)
-    def forward(*args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+    For integrations that call the backbone without going through `model.forward` (e.g. a trainer's own log-prob
+    head). Yields the `ForwardState`; `state.aux_loss()` is the weighted load-balancing loss of the block's calls.
+    `compute_aux` defaults to the model's training mode.
+    """
+    handle = _handle(model)
+    for layer in handle.checkpointed:  # a checkpointed layer's backward replay must see this state again
+        fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if fn is not None:
+            layer._gradient_checkpointing_func = wrap_checkpoint_function(fn)
+    if compute_aux is None:
+        compute_aux = model.training
+    state = ForwardState(handle, demographic_embeds, attention_mask, compute_aux and handle.config.aux_loss_coef > 0)
+    with activate(state):
+        yield state
+
+
+class ConditionedForward:
+    """The patched model's forward: the base forward plus the `demographic_embeds` keyword.
+
+    A callable object rather than a closure, so `copy.deepcopy(model)` gives a copy whose forward is its own.
+    """
+
+    def __init__(self, model: nn.Module, base_forward):
+        self.model, self.base_forward = model, base_forward
+        self.__signature__ = _signature_with_embeds(base_forward)  # generate() validates kwargs against it
+        self.__doc__ = getattr(base_forward, "__doc__", None)
+        self.takes_attention_mask = "attention_mask" in inspect.signature(base_forward).parameters
+
+    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+        handle = self.model.cuma
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
         _check_embeds(handle.config, z, args, kwargs)
-        for layer in handle.checkpointed:
-            fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if fn is not None:
-                layer._gradient_checkpointing_func = wrap_checkpoint_function(fn)
-        mask = kwargs.get("attention_mask") if accepts_attention_mask else None
-        compute_aux = model.training and handle.config.aux_loss_coef > 0
-        state = ForwardState(handle, z, mask, compute_aux)
-        with activate(state):
-            out = base_forward(*args, **kwargs)
-        if compute_aux and state.aux_terms and hasattr(out, "keys"):
-            aux = handle.config.aux_loss_coef * torch.stack(state.aux_terms).sum()
+        mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
+        with forward_scope(self.model, z, mask) as state:
+            out = self.base_forward(*args, **kwargs)
+        aux = state.aux_loss()
+        if aux is not None and hasattr(out, "keys"):
             out["aux_loss"] = aux
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + aux.to(out["loss"].dtype)
         return out
-
-    forward.__signature__ = _signature_with_embeds(base_forward)
-    return forward
 
 
 def _signature_with_embeds(fn) -> inspect.Signature:

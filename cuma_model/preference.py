@@ -9,7 +9,7 @@ Data:
 
 How z reaches the model. TRL 1.16 calls the model with `fused_lm_head=True`, a forward it installs in front of the
 model's own: it runs the backbone directly and never passes through the patched top-level forward. So the trainers
-here open the per-forward conditioning scope themselves around each model call (`_forward_scope`: the same state the
+here open the per-forward conditioning scope themselves around each model call (`patch.forward_scope`: the same state the
 patched forward builds: z, attention mask for the aux loss, gradient-checkpoint replay) and add the load-balancing
 loss to the training loss.
 - DPO: `DataCollatorForPreference` stacks the batch as [chosen rows; rejected rows] (2B rows); the collator here adds
@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
-from .context import ForwardState, activate, adapters_disabled, conditioning, wrap_checkpoint_function
+from .context import adapters_disabled, conditioning
+from .patch import forward_scope
 from .data import DEFAULT_SURVEY, SurveyExample, build_messages, render_prompts
 
 logger = logging.getLogger(__name__)
@@ -212,28 +213,9 @@ def _handle(model):
 @contextlib.contextmanager
 def _forward_scope(models: Sequence[nn.Module], z: torch.Tensor, attention_mask: torch.Tensor | None,
                    compute_aux: bool):
-    """Condition every forward of `models` inside the block on z [rows, D], as the patched forward would.
-
-    Yields the `ForwardState`s (one per model); `_aux_loss(state)` reads the weighted load-balancing loss.
-    """
+    """`patch.forward_scope` for several models at once (policy and a reference copy); yields their states."""
     with contextlib.ExitStack() as stack:
-        states = []
-        for model in models:
-            handle = _handle(model)
-            for layer in handle.checkpointed:  # gradient checkpointing replays the forward with this state
-                fn = getattr(layer, "_gradient_checkpointing_func", None)
-                if fn is not None:
-                    layer._gradient_checkpointing_func = wrap_checkpoint_function(fn)
-            aux = compute_aux and handle.config.aux_loss_coef > 0
-            state = stack.enter_context(activate(ForwardState(handle, z, attention_mask, aux)))
-            states.append(state)
-        yield states
-
-
-def _aux_loss(state: ForwardState) -> torch.Tensor | None:
-    if not state.aux_terms:
-        return None
-    return state.owner.config.aux_loss_coef * torch.stack(state.aux_terms).sum()
+        yield [stack.enter_context(forward_scope(m, z, attention_mask, compute_aux)) for m in models]
 
 
 def _check_rows(z: torch.Tensor, rows: int, what: str) -> None:
@@ -267,12 +249,8 @@ class BaseReference(nn.Module):
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of a patched model, with its own conditioning (the copied forward is re-bound to it)."""
-    from .patch import _conditioned_forward
-
-    ref = copy.deepcopy(model)
-    ref.forward = _conditioned_forward(ref, ref.cuma)  # the copied attribute still points at the original
-    return ref.eval().requires_grad_(False)
+    """A frozen deep copy of a patched model (the copy's forward and conditioning are its own)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
@@ -414,7 +392,7 @@ def _dpo_class():
             compute_aux = self.model.training
             with _forward_scope(self._conditioned_models(), z2, rest["attention_mask"], compute_aux) as states:
                 result = super()._compute_loss(model, rest, return_outputs)
-            aux = _aux_loss(states[0])
+            aux = states[0].aux_loss()
             self._cuma_last_aux = aux
             if aux is None:
                 return result
@@ -505,7 +483,7 @@ def _grpo_class():
                 logps.append(lp)
                 if compute_entropy:
                     entropies.append(ent)
-                aux = _aux_loss(states[0])
+                aux = states[0].aux_loss()
                 if aux is not None:
                     aux_terms.append(aux)
             aux = None

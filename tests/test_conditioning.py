@@ -172,3 +172,29 @@ def test_record_routing_and_disabled_adapters():
     assert trace.records[0].topk_idx.shape == (2, 5, 2) and trace.records[0].topk_idx.dtype == torch.int64
     with cuma_model.adapters_disabled(model):
         torch.testing.assert_close(model(ids, demographic_embeds=z).logits, base(ids).logits)
+
+
+def test_deepcopy_gives_an_independent_model():
+    import copy
+
+    model = patched()
+    clone = copy.deepcopy(model)
+    assert clone.forward.model is clone and clone.cuma is not model.cuma
+    layer = clone.model.layers[0].self_attn.q_proj
+    assert layer.owner is clone.cuma and layer.router is clone.model.layers[0].self_attn.cuma_router_qkv
+    ids, z = torch.randint(3, 97, (2, 5)), torch.randn(2, D)
+    torch.testing.assert_close(clone(ids, demographic_embeds=z).logits, model(ids, demographic_embeds=z).logits)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    assert not torch.allclose(clone(ids, demographic_embeds=z).logits, model(ids, demographic_embeds=z).logits)
+
+
+def test_forward_scope_conditions_direct_backbone_calls():
+    model = patched()
+    model.train()
+    ids, z = torch.randint(3, 97, (2, 5)), torch.randn(2, D)
+    full = model(ids, demographic_embeds=z)
+    with cuma_model.forward_scope(model, z) as state:
+        hidden = model.model(ids).last_hidden_state  # the backbone, not the patched top-level forward
+    torch.testing.assert_close(model.lm_head(hidden), full.logits)
+    torch.testing.assert_close(state.aux_loss(), full.aux_loss)
