@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune CuMA or a baseline on survey answers, then evaluate it against the statistical floors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("method and model")
+    g.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft",
+                   help="sft: this script; dpo/grpo continue from --sft-checkpoint (see python -m cuma_model.preference "
+                        "--help for their options)")
     g.add_argument("--method", choices=METHODS, default="cuma")
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory (or a hub id already cached; nothing is downloaded); "
@@ -732,6 +735,14 @@ def plot_loss_curve(history: Sequence[Mapping], path: Path, title: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft")
+    known, _ = stage.parse_known_args(argv)
+    if known.stage != "sft":  # preference stages continue from an SFT checkpoint: see cuma_model.preference
+        from . import preference
+
+        return preference.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

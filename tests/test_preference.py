@@ -301,3 +301,12 @@ def test_cli_dpo_from_sft_checkpoint_saves_final_adapter(tmp_path):
     changed = [n for n, p in reloaded.named_parameters() if p.requires_grad
                and not torch.equal(p, dict(sft.named_parameters())[n])]
     assert changed and all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters() if p.requires_grad)
+
+
+def test_training_script_dispatches_preference_stages(monkeypatch):
+    from cuma_model import train
+
+    seen = []
+    monkeypatch.setattr(P, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--stage", "grpo", "--sft-checkpoint", "runs/cuma/final", "--max-steps", "3"]
+    assert train.main(argv) == 0 and seen == [argv]
