@@ -6,6 +6,7 @@ import torch
 
 from cuma_model import evaluate as E
 from cuma_model.data import SurveyExample
+from tiny_models import CHAT_TEMPLATE, word_tokenizer
 
 
 def ex(rid, qid, target, groups, k=3):
@@ -190,24 +191,11 @@ def test_routing_usage_shares_and_padding(tmp_path):
 WORDS = ["you", "are", "a", "person", "from", "ohio", "texas", "which", "one", "?", "answer", "options", "user",
          "assistant", "system", "party", "democrat", "republican"]
 LETTERS = ["A", "B", "C", "D"]
-TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+TEMPLATE = CHAT_TEMPLATE
 
 
 def tiny_tokenizer(template=TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    # bare letters and letters after a space ("▁A") are distinct tokens, as in real tokenizers
-    vocab = specials + WORDS + ["▁" + w for w in WORDS] + LETTERS + ["▁" + l for l in LETTERS]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = template
-    return fast
+    return word_tokenizer(WORDS, LETTERS, template)
 
 
 @pytest.fixture(scope="module")

@@ -9,29 +9,17 @@ from safetensors.torch import load_file
 
 from cuma_model import train as T
 from cuma_model.data import SurveyExample
-from tiny_models import tiny_decoder
+from tiny_models import CHAT_TEMPLATE, tiny_decoder, word_tokenizer
 
 WORDS = ["you", "are", "a", "democrat", "republican", "independent", "which", "one", "?", "answer", "with", "letter",
          ".", "spend", "more", "less", "same", "on", "roads", "parks", "schools", "system", "user", "assistant"]
 LETTERS = ["A", "B", "C"]
-TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+TEMPLATE = CHAT_TEMPLATE
 PARTIES = ["democrat", "republican", "independent"]
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = specials + WORDS + ["▁" + w for w in WORDS] + LETTERS + ["▁" + l for l in LETTERS]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = TEMPLATE
-    return fast
+    return word_tokenizer(WORDS, LETTERS, TEMPLATE)
 
 
 def survey(n_resp=60, seed=0):

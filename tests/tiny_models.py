@@ -45,3 +45,26 @@ def randomize_experts(model, std: float = 0.2, seed: int = 1) -> None:
         for layer in cuma_model.cuma_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * std)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+
+
+def word_tokenizer(words, letters=("A", "B", "C", "D"), template=CHAT_TEMPLATE):
+    """A word-level fast tokenizer with a chat template, built in code (no files, no hub).
+
+    Bare letters and letters after a space ("▁A") are distinct tokens, as in real tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = specials + list(words) + ["▁" + w for w in words] + list(letters) + ["▁" + l for l in letters]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = template
+    return fast
