@@ -1,6 +1,7 @@
 """pytest options, fixtures and the ratio summary for the CuMA microbenchmarks.
 
 Run: pytest benchmarks/ --benchmark-only  (the plain `pytest` run never collects this folder).
+On CPU the run uses one torch thread unless --cuma-threads says otherwise (see the option's help).
 
 Without CUDA the default shape is sized for a small CPU: the CPU target shape T=4096, K=N=1024, r=16, E=8, k=2,
 fp32. With CUDA the defaults are design.md's headline shapes (T=16384, K=4096, N=4096 and 1024, r=64, E=8, k=2,
@@ -26,12 +27,23 @@ def pytest_addoption(parser):
     group.addoption("--cuma-device", default=None, help="device to benchmark on (default: cuda when available)")
     group.addoption("--cuma-budget", type=float, default=None,
                     help="seconds of timed calls per benchmark (default 1.0 on CPU, 0.5 on CUDA)")
+    group.addoption("--cuma-threads", type=int, default=None,
+                    help="torch CPU threads; default 1 on CPU (two OpenMP threads on a shared 2-core machine stall "
+                         "whenever the other core is busy), torch's default on CUDA; 0 = torch's default")
     group.addoption("--cuma-ratios-json", default=None, help="also write the ratio table to this JSON file")
 
 
 def _device(config) -> torch.device:
     name = config.getoption("--cuma-device")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pytest_configure(config):
+    threads = config.getoption("--cuma-threads")
+    if threads is None:
+        threads = 0 if _device(config).type == "cuda" else 1
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def pytest_generate_tests(metafunc):
@@ -67,7 +79,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not rows:
         return
     tr = terminalreporter
-    tr.write_sep("-", f"CuMA ratios from this run (medians; torch {torch.__version__}, {_device(config)})")
+    tr.write_sep("-", f"CuMA ratios from this run (medians; torch {torch.__version__}, {_device(config)}, "
+                      f"{torch.get_num_threads()} threads)")
     tr.write_line(f"{'op':8} {'mode':8} {'shape':34} {'provider':11} {'median ms':>10} {'x faster than ref':>20} "
                   f"{'time / base':>12}")
     for r in rows:
@@ -78,4 +91,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = config.getoption("--cuma-ratios-json")
     if path:
         with open(path, "w") as f:
-            json.dump({"torch": torch.__version__, "device": str(_device(config)), "rows": rows}, f, indent=2)
+            json.dump({"torch": torch.__version__, "device": str(_device(config)), "threads": torch.get_num_threads(),
+                       "rows": rows}, f, indent=2)

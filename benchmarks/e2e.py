@@ -1,6 +1,6 @@
 """End-to-end CuMA benchmark on SmolLM2-135M-Instruct: one training step, and KV-cache generation.
 
-    python benchmarks/e2e.py [--repeats 4] [--gen-repeats 2] [--threads N] [--json out.json] [--csv out.csv]
+    python benchmarks/e2e.py [--repeats 3] [--gen-repeats 2] [--threads 1] [--json out.json] [--csv out.csv]
 
 Training step = forward + backward + AdamW step on a batch of 8 x 96 tokens, q_proj and v_proj adapted:
   cuma       cuma_model.patch_model(E=8, k=2, r=8, alpha=16), routers shared by q/v of a layer, aux loss on
@@ -272,7 +272,7 @@ def median(xs):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=4, help="timed training steps per configuration (interleaved)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed training steps per configuration (interleaved)")
     ap.add_argument("--gen-repeats", type=int, default=2, help="timed generate() calls per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps / generate calls per configuration first")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"training configurations, from {CONFIGS}")
@@ -288,7 +288,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads; default 1 on CPU (on a shared 2-core machine two OpenMP threads stall "
+                         "whenever the other core is busy, several-fold per op), torch's default on CUDA; 0 = torch's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--model-cache", type=Path, default=DEFAULT_CACHE,
@@ -313,6 +315,8 @@ def fmt(x, spec):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
@@ -376,8 +380,9 @@ def main(argv=None) -> int:
         rows.append(dict(workload="train_step", **summarise(name, step_times[name], tokens, peft_medians(step_times)),
                          peak_extra_mb=memory.get(name, {}).get("peak_extra_mb"), trainable_params=trainable[name]))
     for name in gen_configs:
-        rows.append(dict(workload="generate", **summarise(name, gen_times[name], args.gen_prompts * args.new_tokens,
-                                                          peft_medians(gen_times))))
+        row = summarise(name, gen_times[name], args.gen_prompts * args.new_tokens, peft_medians(gen_times))
+        row["label"] = row["label"].replace(" fwd+bwd", "")  # generation runs forward only
+        rows.append(dict(workload="generate", **row))
 
     print()
     print(f"Training step: batch {args.batch} x {args.seq} tokens, q_proj+v_proj, AdamW; medians of {args.repeats} "

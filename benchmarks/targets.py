@@ -1,6 +1,6 @@
 """The expert-computation target, measured interleaved: cuma_kernels.lora_experts vs the published loop and the rest.
 
-    python benchmarks/targets.py [--repeats 7] [--threads N] [--T 4096 --K 1024 --N 1024 --r 16 --E 8 --k 2]
+    python benchmarks/targets.py [--repeats 7] [--threads 1] [--T 4096 --K 1024 --N 1024 --r 16 --E 8 --k 2]
 
 pytest-benchmark times one row after another, so on a shared machine a burst of load can land on one row only.
 This script runs every row once per round (A B C ... A B C ...), reports medians of wall-clock and of this process's
@@ -62,13 +62,16 @@ def one_call(p: Problem, forward, train: bool) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads; default 1 on CPU (see e2e.py --help), torch's default on CUDA")
     for name, default in (("T", 4096), ("K", 1024), ("N", 1024), ("r", 16), ("E", 8), ("k", 2)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
