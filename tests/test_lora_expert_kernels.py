@@ -1,6 +1,7 @@
 """Mixture of LoRA experts: output and every gradient against an fp64 reference, on both backends.
 
 CUMA_TEST_DEVICE=cuda runs the same tests on a GPU (the Triton backend then compiles for real).
+"torch" and "torch-routed" are the torch backend forced to its dense and its routed form (CUMA_CPU_PATH).
 """
 import os
 
@@ -12,7 +13,7 @@ from cuma_kernels import dispatch_metadata, lora_experts
 from cuma_kernels.reference import lora_experts_loop
 
 DEVICE = os.environ.get("CUMA_TEST_DEVICE", "cpu")
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "torch-routed", "triton"]
 
 
 @pytest.fixture
@@ -20,7 +21,11 @@ def backend(request, monkeypatch):
     name = request.param
     if name == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("CUMA_BACKEND", name)
+    if name.startswith("torch"):
+        if DEVICE != "cpu":
+            pytest.skip("the torch backend's two forms are tested on the CPU")
+        monkeypatch.setenv("CUMA_CPU_PATH", "routed" if name == "torch-routed" else "dense")
+    monkeypatch.setenv("CUMA_BACKEND", name.split("-")[0])
     return name
 
 
@@ -162,9 +167,11 @@ def test_precomputed_dispatch_is_reused(backend):
     check_fp32(run_case(29, 40, 48, 8, 5, 2, False, torch.float32, dispatch=True, seed=13))
 
 
+@pytest.mark.parametrize("path", ["dense", "routed"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gradcheck_torch_path(shared, monkeypatch):
+def test_gradcheck_torch_path(shared, path, monkeypatch):
     monkeypatch.setenv("CUMA_BACKEND", "torch")
+    monkeypatch.setenv("CUMA_CPU_PATH", path)
     gen = torch.Generator().manual_seed(2)
     T, K, N, r, E, k = 6, 5, 4, 3, 4, 2
     x = torch.randn(T, K, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -188,6 +195,29 @@ def test_matches_published_loop(shared):
     base = torch.randn(T, N, generator=gen)
     torch.testing.assert_close(lora_experts(x, A, B, idx, w, 2.0, base),
                                lora_experts_loop(x, A, B, idx, w, 2.0, base), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_routed_path_edge_cases(shared, monkeypatch):
+    """Routed form: all pairs on one expert, k=8 with E=64, and every expert gradient a full tensor."""
+    monkeypatch.setenv("CUMA_BACKEND", "torch")
+    monkeypatch.setenv("CUMA_CPU_PATH", "routed")
+    check_fp32(run_case(40, 24, 40, 8, 8, 1, shared, torch.float32, pattern="skewed", seed=5))
+    res = run_case(25, 24, 40, 4, 64, 8, shared, torch.float32, seed=6)
+    check_fp32(res)
+    assert res["B"][0].shape == (64, 40, 4) and res["B"][0][res["B"][1].abs().sum((1, 2)) == 0].abs().sum() == 0
+
+
+def test_auto_choice_of_the_torch_path(monkeypatch):
+    from cuma_kernels.ops import torch_expert_path
+    monkeypatch.delenv("CUMA_CPU_PATH", raising=False)
+    assert torch_expert_path(4096, 16, 8, 2) == "routed"
+    assert torch_expert_path(768, 8, 8, 2) == "dense"  # SmolLM2-135M q/v layer
+    assert torch_expert_path(4096, 8, 64, 2) == "routed"
+    assert torch_expert_path(16, 8, 64, 2) == "dense"
+    monkeypatch.setenv("CUMA_CPU_PATH", "sparse")
+    with pytest.raises(ValueError, match="CUMA_CPU_PATH"):
+        torch_expert_path(16, 8, 64, 2)
 
 
 def _inputs(T=4, K=8, N=6, r=2, E=3, k=2):

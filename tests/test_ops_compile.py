@@ -52,6 +52,10 @@ def test_opcheck_custom_ops(monkeypatch):
     torch.library.opcheck(torch.ops.cuma.route_topk.default, (logits, 2, "sum", "torch"))
     torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,
                           (x, A, B, idx, w.requires_grad_(), 0.5, base, None, None, None, "torch"))
+    from cuma_kernels.routed_cpu import pair_order
+    order, offsets = pair_order(idx, B.shape[0])
+    torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,  # the routed form of the torch path
+                          (x, A, B, idx, w, 0.5, base, order, offsets, None, "torch_routed"))
 
 
 def test_gpu_report_smoke_mode():
