@@ -613,7 +613,13 @@ def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = No
     run_dir = Path(run_dir)
     examples, pred, logits = read_predictions_jsonl(run_dir / "predictions.jsonl")
     metrics = evaluate_predictions(examples, pred, logits)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    path = run_dir / "metrics.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if "metrics" in saved:  # a training run's summary: refresh its metrics, keep the rest (config, timings, floors)
+        saved["metrics"] = metrics
+        path.write_text(json.dumps(saved, indent=1))
+    else:
+        path.write_text(json.dumps(metrics, indent=1))
     groups = example_groups(examples)
     dims = list(plot_dimensions) if plot_dimensions is not None else list(groups)
     choice_sets = {e.choices for e in examples}

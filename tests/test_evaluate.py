@@ -141,6 +141,17 @@ def test_cli_baselines_and_run_dir(tmp_path, capsys):
     assert "| run |" in (tmp_path / "t.md").read_text()
 
 
+def test_evaluate_run_keeps_a_training_summary(tmp_path):
+    test = synthetic_survey(10, seed=7)
+    E.write_predictions_jsonl(tmp_path / "predictions.jsonl", test, [e.target for e in test])
+    summary = {"method": "cuma", "timings": {"total_s": 12.0}, "metrics": {"accuracy": 0.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps(summary))
+    E.evaluate_run(tmp_path, plot_dimensions=[])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["method"] == "cuma" and saved["timings"] == {"total_s": 12.0}
+    assert saved["metrics"]["accuracy"] == 1.0
+
+
 # ---------------------------------------------------------------------------------------------------- routing report
 
 class Rec:
