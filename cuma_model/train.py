@@ -638,7 +638,8 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
               "data": {"survey": args.survey, "split": args.split, "eval_split": args.eval_split,
                        "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
                        "n_test": len(splits.test), "n_eval": len(splits.eval)},
-              "train": {"steps": step, "history": history}, "timings": timings}
+              "train": {"steps": step, "history": history}, "timings": timings,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.do_eval and main:
         result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, out_dir,
                                    z_table[index_eval.to(z_table.device)].cpu() if needs_z else None,
