@@ -65,11 +65,20 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
                            shared_A=config.shared_A, dropout=config.dropout, init_A_std=config.init_A_std, dtype=dtype)
         setattr(parent, child, layer)
         handle.layers[name] = layer
-    handle.checkpointed = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
-                           or type(m).__name__.endswith("DecoderLayer")]
+    # Layers that transformers may checkpoint (GradientCheckpointingLayer subclasses, or any module that already has a
+    # checkpoint function): their replay must see the conditioning of the call that ran them.
+    handle.checkpointed = [m for m in model.modules() if _checkpointable(m)]
     model.cuma = handle
     model.forward = ConditionedForward(model, handle.base_forward)
     return model
+
+
+def _checkpointable(module: nn.Module) -> bool:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: fall back on the attribute it sets when checkpointing is enabled
+        GradientCheckpointingLayer = ()
+    return isinstance(module, GradientCheckpointingLayer) or hasattr(module, "_gradient_checkpointing_func")
 
 
 def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[DemographicRouter, bool]:
