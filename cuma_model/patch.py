@@ -18,14 +18,13 @@ _GATE_UP = ("gate_proj", "up_proj")
 
 
 class CuMAHandle:
-    """What a patched model knows about its adapter: the config, its routers and adapted layers, its base forward.
+    """What a patched model knows about its adapter: the config, its routers and adapted layers.
 
     Every CuMALinear points at its handle: that is how two patched models alive at once keep their conditioning apart.
     """
 
-    def __init__(self, config: CuMAConfig, base_forward):
+    def __init__(self, config: CuMAConfig):
         self.config = config
-        self.base_forward = base_forward
         self.layers: dict[str, CuMALinear] = {}
         self.routers: dict[str, DemographicRouter] = {}
         self.checkpointed: list[nn.Module] = []
@@ -54,7 +53,7 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     for p in model.parameters():
         p.requires_grad_(False)
 
-    handle = CuMAHandle(config, model.forward)
+    handle = CuMAHandle(config)
     dtype = getattr(torch, config.adapter_dtype)
     modules = dict(model.named_modules())
     for name, base in targets:
@@ -68,8 +67,8 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     # Layers that transformers may checkpoint (GradientCheckpointingLayer subclasses, or any module that already has a
     # checkpoint function): their replay must see the conditioning of the call that ran them.
     handle.checkpointed = [m for m in model.modules() if _checkpointable(m)]
+    model.forward = ConditionedForward(model, model.forward)
     model.cuma = handle
-    model.forward = ConditionedForward(model, handle.base_forward)
     return model
 
 
