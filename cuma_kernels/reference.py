@@ -1,8 +1,10 @@
 """Pure-torch semantics of the CuMA expert computation.
 
-Two forms live here:
-- `route_topk_torch` / `lora_experts_torch`: the vectorised CPU path (no Python loop over experts, no host sync).
-  They are the semantics the Triton kernels match, and the fallback on CPU.
+What lives here:
+- `route_topk_torch` and `lora_experts_torch_forward` / `_backward`: the dense gated form (no Python loop over
+  experts, no host sync) with a closed-form backward; the CPU path of the custom ops when the shapes favour it
+  (the routed form is in `routed_cpu.py`), and the semantics the Triton kernels match.
+- `lora_experts_torch`: the same dense form through plain autograd, the "dense torch" benchmark baseline.
 - `lora_experts_loop`: the published per-expert loop, kept as an oracle and as a benchmark baseline.
 """
 from __future__ import annotations
