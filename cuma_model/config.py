@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,11 @@ class CuMAConfig:
     demographic_dim: int = field(
         default=384, metadata={"help": "Size D of the demographic embedding z; 0 routes on hidden states alone."}
     )
+    demographic_scale: float = field(
+        default=1.0,
+        metadata={"help": "z is multiplied by this at every router input: puts a unit-norm z on the scale of the "
+                          "hidden states it is concatenated with (the published code fed an unnormalised z)."},
+    )
     router_hidden_dim: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
     router_num_layers: int = field(default=2, metadata={"help": "Linear layers in the router MLP (1, 2 or more)."})
     share_router_qkv: bool = field(default=True, metadata={"help": "q/k/v of one layer share one router."})
@@ -63,6 +69,8 @@ class CuMAConfig:
             raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if self.demographic_dim < 0:
             raise ValueError(f"demographic_dim must be >= 0, got {self.demographic_dim}")
+        if not (math.isfinite(self.demographic_scale) and self.demographic_scale > 0):
+            raise ValueError(f"demographic_scale must be a finite number > 0, got {self.demographic_scale}")
         if self.router_hidden_dim < 1:
             raise ValueError(f"router_hidden_dim must be >= 1, got {self.router_hidden_dim}")
         if self.router_num_layers < 1:

@@ -89,7 +89,8 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
         return handle.routers[key], shared
     router = DemographicRouter(base.in_features, cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
-                               dropout=cfg.dropout, mode=cfg.routing_mode, dtype=dtype, device=base.weight.device)
+                               dropout=cfg.dropout, mode=cfg.routing_mode,
+                               demographic_scale=cfg.demographic_scale, dtype=dtype, device=base.weight.device)
     router.key = key
     if shared:
         setattr(parent, attr, router)

@@ -27,12 +27,14 @@ class DemographicRouter(nn.Module):
         num_layers: int = 2,
         dropout: float = 0.0,
         mode: str = "cuma",
+        demographic_scale: float = 1.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.in_features, self.demographic_dim = in_features, demographic_dim
         self.num_experts, self.top_k, self.mode = num_experts, top_k, mode
+        self.demographic_scale = demographic_scale
         self.key = ""  # qualified name, set by patch_model
         widths = [in_features + demographic_dim] + [hidden_dim] * (num_layers - 1) + [num_experts]
         self.layers = nn.ModuleList(
@@ -68,7 +70,8 @@ class DemographicRouter(nn.Module):
         w = first.weight
         h = F.linear(self.dropout(x.to(w.dtype)), w[:, : self.in_features])
         if self.demographic_dim:
-            per_sequence = F.linear(self.dropout(z.to(w.dtype)), w[:, self.in_features :], first.bias)
+            z = z.to(w.dtype) * self.demographic_scale if self.demographic_scale != 1.0 else z.to(w.dtype)
+            per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias)
         else:
             per_sequence = first.bias[None]
         h = h + per_sequence[:, None, :]
@@ -92,7 +95,9 @@ class DemographicRouter(nn.Module):
         return dense_gates(topk_idx, topk_weights, self.num_experts)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode!r}, demographic_dim={self.demographic_dim}"
+        scale = f", demographic_scale={self.demographic_scale}" if self.demographic_scale != 1.0 else ""
+        return (f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode!r}, "
+                f"demographic_dim={self.demographic_dim}{scale}")
 
 
 def load_balancing_loss(gates: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

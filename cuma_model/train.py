@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr-ratio-B", dest="lr_ratio_B", type=float, default=1.0,
+                   help="learning rate of the LoRA B matrices = lr x this (LoRA+: B starts at zero and learns "
+                        "faster with a larger step); 1 = one learning rate for everything")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
     g.add_argument("--warmup-steps", type=int, default=10)
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-A", dest="shared_A", action="store_true",
                    help="cuma: one shared A per layer (HydraLoRA layout); hydralora always, mixlora never")
     g.add_argument("--router-hidden-dim", type=int, default=256)
+    g.add_argument("--demographic-scale", type=float, default=1.0,
+                   help="cuma: z (unit norm) is multiplied by this at the routers' input")
     g.add_argument("--dropout", type=float, default=0.0)
 
     g = p.add_argument_group("checkpoints and evaluation")
@@ -196,6 +201,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("lr_ratio_B", "demographic_scale"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("test_fraction", "val_fraction"):
         if not 0.0 < getattr(args, name) < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
@@ -250,7 +258,7 @@ def apply_method(model, args: argparse.Namespace, demographic_dim: int):
         model, demographic_dim=demographic_dim if args.method == "cuma" else 0, shared_A=shared_a,
         num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=args.lora_alpha,
         target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
-        router_hidden_dim=args.router_hidden_dim, dropout=args.dropout,
+        router_hidden_dim=args.router_hidden_dim, dropout=args.dropout, demographic_scale=args.demographic_scale,
         base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
 
 
@@ -460,6 +468,16 @@ def _make_scheduler(optimizer, args, total_steps: int, num_processes: int):
                          num_training_steps=total_steps * num_processes)
 
 
+def param_groups(model, args: argparse.Namespace) -> list[dict]:
+    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, everything else at lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    b = [p for n, p in named if "lora_B" in n]
+    rest = [p for n, p in named if "lora_B" not in n]
+    if args.lr_ratio_B == 1.0 or not b:
+        return [{"params": b + rest}]
+    return [{"params": rest}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
+
+
 def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"], use_cache=False, **keep_kw)
@@ -548,8 +566,9 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
         dataset = TrainSet(prompt_ids, labels, z_index)
         sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+        groups = param_groups(model, args)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=args.weight_decay)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)

@@ -119,6 +119,22 @@ def test_router_interfaces():
         assert A.shape == (6, 4, layer.in_features) and B.shape == (6, layer.out_features, 4)
 
 
+def test_demographic_scale_multiplies_z_at_the_router_input(tmp_path):
+    scaled, plain = tiny_decoder("llama"), tiny_decoder("llama")
+    cuma_model.patch_model(scaled, demographic_dim=5, demographic_scale=7.5)
+    cuma_model.patch_model(plain, demographic_dim=5)
+    plain.load_state_dict(scaled.state_dict())
+    x, z = torch.randn(2, 7, 32), torch.randn(2, 5)
+    r_scaled, r_plain = cuma_model.routers(scaled)[0], cuma_model.routers(plain)[0]
+    torch.testing.assert_close(r_scaled.logits(x, z), r_plain.logits(x, 7.5 * z))
+    assert not torch.allclose(r_scaled.logits(x, z), r_plain.logits(x, z))
+    # the oracle router (published cat([x, z]) MLP) on the scaled z
+    torch.testing.assert_close(torch.softmax(r_scaled.logits(x, z), -1),
+                               oracle_router_gates(r_plain, x, 7.5 * z, "soft"))
+    scaled.cuma.config.save(tmp_path)
+    assert cuma_model.CuMAConfig.load(tmp_path).demographic_scale == 7.5
+
+
 def test_shared_router_runs_once_per_layer():
     model = tiny_decoder("llama")
     cuma_model.patch_model(model, demographic_dim=4, target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
@@ -158,6 +174,9 @@ def test_config_validation_and_round_trip(tmp_path):
         cuma_model.CuMAConfig(dropout=1.5)
     with pytest.raises(ValueError, match="target_modules"):
         cuma_model.CuMAConfig(target_modules=())
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="demographic_scale"):
+            cuma_model.CuMAConfig(demographic_scale=bad)
     cfg = cuma_model.CuMAConfig(num_experts=4, top_k=1, shared_A=True, target_modules=["q_proj"])
     cfg.save(tmp_path)
     assert cuma_model.CuMAConfig.load(tmp_path) == cfg

@@ -154,6 +154,8 @@ def test_base_and_routing_report(tmp_path):
     (["--survey", "nonsense"], "unknown survey"),
     (["--batch-size", "0"], "batch-size"),
     (["--method", "base", "--resume", "latest"], "base"),
+    (["--lr-ratio-B", "0"], "lr-ratio-B"),
+    (["--demographic-scale", "-2"], "demographic-scale"),
 ])
 def test_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -161,6 +163,24 @@ def test_bad_options(argv, match, capsys):
     assert match in capsys.readouterr().err
     with pytest.raises(ValueError, match=match):
         T.train(argv)
+
+
+@pytest.mark.parametrize("method", ["cuma", "lora"])
+def test_param_groups_give_B_its_own_learning_rate(method):
+    p = parts()
+    args = T._args_from(dict(method=method, lr=1e-3, lr_ratio_B=4.0, num_experts=4, r=4, router_hidden_dim=16))
+    model = T.apply_method(p["model"], args, demographic_dim=PartyEncoder.dim)
+    names = {id(q): n for n, q in model.named_parameters() if q.requires_grad}
+    groups = T.param_groups(model, args)
+    assert len(groups) == 2
+    rest, b = groups
+    assert b["lr"] == 4e-3 and "lr" not in rest  # rest takes the optimizer's lr
+    assert b["params"] and all("lora_B" in names[id(q)] for q in b["params"])
+    assert rest["params"] and not any("lora_B" in names[id(q)] for q in rest["params"])
+    assert {id(q) for g in groups for q in g["params"]} == set(names)
+    # ratio 1: one group holding everything
+    one = T.param_groups(model, T._args_from(dict(method=method)))
+    assert len(one) == 1 and {id(q) for q in one[0]["params"]} == set(names)
 
 
 def test_unknown_option_name():
