@@ -58,7 +58,8 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
     [n_choices_i] arrays (entropy is null without them). `min_group_rows` is the smallest subgroup (sigma-inequity)
     or (group, question) cell (distribution gaps) that counts. Keys: n, n_questions, accuracy, macro_f1,
     emd {mean, median, auc, n_questions, per_question}, sigma_inequity {mean, per_dimension},
-    group_macro_accuracy {mean, per_dimension}, entropy {mean, mean_normalized} | null,
+    group_macro_accuracy {mean, per_dimension}, nll (mean negative log-likelihood of the true choice) | null,
+    entropy {mean, mean_normalized} | null,
     group_gaps {emd, js, js_soft, n_cells, between_group_spread {pred_js, true_js, ratio, pred_js_soft,
     ratio_soft}, per_dimension} (the *_soft entries use the softmax of choice_logits and are null without them).
     """
@@ -85,6 +86,7 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
         "emd": {**M.emd_summary(emd_q), "per_question": {str(k): v for k, v in emd_q.items()}},
         "sigma_inequity": M.sigma_inequity(correct, groups, min_rows=min_group_rows),
         "group_macro_accuracy": M.group_macro_accuracy(correct, groups),
+        "nll": None,
         "entropy": None,
         "group_gaps": None,
     }
@@ -95,6 +97,7 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
         if any(len(z) != k for z, k in zip(choice_logits, n_choices)):
             raise ValueError("a logit row's length differs from its example's number of choices")
         proba = M.softmax_rows(choice_logits)
+        out["nll"] = float(M.choice_nll(choice_logits, true).mean()) if len(ex) else float("nan")
         h = M.choice_entropy(choice_logits)
         out["entropy"] = {"mean": float(h.mean()) if h.size else float("nan"),
                           "mean_normalized": float(np.mean(h / np.log(np.maximum(n_choices, 2))))
@@ -121,6 +124,7 @@ def _scaled(e: SurveyExample, i: int) -> float:
 
 _COLUMNS = [
     ("acc", lambda m: m.get("accuracy")),
+    ("NLL", lambda m: m.get("nll")),
     ("macro-F1", lambda m: m.get("macro_f1")),
     ("EMD", lambda m: (m.get("emd") or {}).get("mean")),
     ("sigma-ineq", lambda m: (m.get("sigma_inequity") or {}).get("mean")),
@@ -131,7 +135,8 @@ _COLUMNS = [
     ("spread-soft", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio_soft")),
     ("entropy", lambda m: (m.get("entropy") or {}).get("mean")),
 ]
-_LEGEND = ("acc/macro-F1/grp-macro-acc: higher is better; EMD (WorldValuesBench, mean over questions), "
+_LEGEND = ("acc/macro-F1/grp-macro-acc: higher is better; NLL (mean -log p of the true answer, nats; the floors use "
+           "their training answer frequencies), EMD (WorldValuesBench, mean over questions), "
            "sigma-ineq (std of group accuracies), grp-EMD/grp-JS (group answer distribution vs true): lower is better; "
            "spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = collapsed; "
            "spread-soft uses mean predicted probabilities instead of hard answers); "

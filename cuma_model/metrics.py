@@ -159,6 +159,16 @@ def choice_entropy(choice_logits: Sequence[np.ndarray]) -> np.ndarray:
                     dtype=np.float64)
 
 
+def choice_nll(choice_logits: Sequence[np.ndarray], true_idx: Sequence[int]) -> np.ndarray:
+    """Per-example negative log-likelihood (nats) of the true choice under the softmax of its choice logits.
+
+    Unlike accuracy it credits a model for learning each question's answer distribution even where its argmax
+    stays on the overall majority answer. float64 [N].
+    """
+    return np.array([float(-np.log(max(p[int(t)], np.finfo(np.float64).tiny)))
+                     for p, t in zip(softmax_rows(choice_logits), true_idx)], dtype=np.float64)
+
+
 def answer_distribution(idx: Sequence[int], n_choices: int) -> np.ndarray:
     """Empirical distribution [n_choices] of the choice indices `idx`."""
     counts = np.bincount(np.asarray(idx, dtype=np.int64), minlength=n_choices).astype(np.float64)

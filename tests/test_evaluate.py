@@ -83,6 +83,7 @@ def test_evaluate_predictions_perfect_and_collapsed():
     assert m["group_gaps"]["js"] == pytest.approx(0.0, abs=1e-12)
     assert m["group_gaps"]["between_group_spread"]["ratio"] == pytest.approx(1.0)
     assert m["entropy"]["mean"] < 1e-3
+    assert 0 < m["nll"] < 1e-3
     json.dumps(m, allow_nan=False)
 
     collapsed = E.evaluate_predictions(test, np.zeros(len(test), dtype=int), [np.zeros(3)] * len(test))
@@ -91,13 +92,14 @@ def test_evaluate_predictions_perfect_and_collapsed():
     assert collapsed["group_gaps"]["between_group_spread"]["ratio_soft"] == pytest.approx(0.0)
     assert m["group_gaps"]["between_group_spread"]["ratio_soft"] == pytest.approx(1.0, abs=1e-3)
     assert collapsed["entropy"]["mean_normalized"] == pytest.approx(1.0)
+    assert collapsed["nll"] == pytest.approx(np.log(3))
     assert collapsed["emd"]["mean"] > 0.1
     assert "party" in collapsed["sigma_inequity"]["per_dimension"]
     json.dumps(collapsed, allow_nan=False)
 
     report = E.format_report({"perfect": m, "collapsed": collapsed})
     lines = report.splitlines()
-    assert lines[0].split()[:3] == ["method", "acc", "macro-F1"]
+    assert lines[0].split()[:4] == ["method", "acc", "NLL", "macro-F1"]
     assert lines[2].startswith("perfect") and "1.0000" in lines[2] and lines[3].startswith("collapsed")
     md = E.write_markdown_table({"perfect": m})
     assert md.startswith("| method | acc |") and "| perfect | 1.0000 |" in md
@@ -134,7 +136,7 @@ def test_cli_baselines_and_run_dir(tmp_path, capsys):
     for name in ("question_majority", "group_majority", "logistic_regression", "run"):
         assert name in out
     m = json.loads((run / "metrics.json").read_text())
-    assert m["accuracy"] == 1.0 and m["entropy"] is None
+    assert m["accuracy"] == 1.0 and m["entropy"] is None and m["nll"] is None
     assert (run / "answer_shares_party.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "routing_party.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "floors" / "logistic_regression" / "metrics.json").exists()

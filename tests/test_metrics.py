@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, wasserstein_distance
 
@@ -85,6 +86,18 @@ def test_choice_entropy_hand_and_scipy():
     for z, hz in zip(logits, M.choice_entropy(logits)):
         p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
         assert hz == pytest.approx(entropy(p), rel=1e-6)
+
+
+def test_choice_nll_hand_and_torch():
+    nll = M.choice_nll([np.zeros(2), np.log([0.7, 0.2, 0.1]), np.array([100.0, 0.0])], [1, 2, 1])
+    np.testing.assert_allclose(nll[:2], [np.log(2), -np.log(0.1)], rtol=1e-12)
+    assert 99.0 < nll[2] < 101.0  # far from the truth: large and finite
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(size=k) * 3 for k in (2, 3, 5, 4)]
+    true = [1, 0, 4, 3]
+    for z, t, got in zip(logits, true, M.choice_nll(logits, true)):
+        want = torch.nn.functional.cross_entropy(torch.tensor(z)[None], torch.tensor([t])).item()
+        assert got == pytest.approx(want, rel=1e-10)
 
 
 def test_js_divergence_hand_and_scipy():
