@@ -409,7 +409,7 @@ def _accepts_logits_to_keep(model) -> bool:
 def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example: Sequence[Sequence[str]],
                   demographic_embeds: torch.Tensor | None = None, batch_size: int = 16,
                   letter_ids: Mapping[str, int] | None = None, add_special_tokens: bool = False,
-                  progress: bool = True) -> list[np.ndarray]:
+                  progress: bool = True, on_batch=None) -> list[np.ndarray]:
     """Logits of each example's answer letters at its last prompt token.
 
     prompts: N fully formatted prompt strings (e.g. `apply_chat_template(..., add_generation_prompt=True,
@@ -421,7 +421,9 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
     Prompts are sorted by length and batched; each batch is LEFT padded, so the last column is every row's last real
     token, and `position_ids` count from each row's first real token, so a padded row sees exactly what it would see
     alone. The head runs on the last position only (`logits_to_keep=1`) when the model's forward accepts it.
-    Letter ids come from `letter_token_ids` (computed once) unless `letter_ids` is given.
+    Letter ids come from `letter_token_ids` (computed once) unless `letter_ids` is given. `on_batch(indices,
+    attention_mask)`, when given, is called after each forward pass with the batch's prompt indices and its [B, S]
+    mask (e.g. to read what `cuma_model.record_routing` recorded for that batch).
     """
     if len(prompts) != len(letters_per_example):
         raise ValueError(f"{len(prompts)} prompts but {len(letters_per_example)} letter lists")
@@ -450,6 +452,8 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
             if demographic_embeds is not None:
                 kwargs["demographic_embeds"] = demographic_embeds[torch.as_tensor(batch)].to(device)
             last = model(**kwargs).logits[:, -1, :].float()
+            if on_batch is not None:
+                on_batch(batch, mask)
             for row, i in enumerate(batch):
                 sel = torch.tensor([ids[l] for l in letters_per_example[i]], device=last.device)
                 out[i] = last[row, sel].cpu().numpy()

@@ -22,10 +22,12 @@ budget of examples this covers the most respondents and profiles; respondents st
 whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
 scored on the same evaluation examples as the model.
 
-Default size: 640 training examples (80 steps of 8, one epoch) and 600 test examples, sized from measured CPU cost
-on a 2-core CPU with SmolLM2-135M (about 15 CPU-seconds per training step of 8 prompts of ~110 tokens, forward and
-backward through all 30 layers; scoring about a third of that per 8 prompts), to stay near 15 minutes including
-model load and profile encoding. Larger runs: `--train-examples 0 --eval-examples 0 --epochs N`.
+Default size: 432 training examples seen 3 times (162 steps of 8) and 600 test examples, to stay within 15
+minutes on a 2-core CPU with SmolLM2-135M (about 4 s per CuMA training step of 8 prompts of ~120 tokens on two
+threads, forward and backward through all 30 layers, and about a minute each for loading and scoring). Chosen on the
+validation split (docs/results.md): at this budget, three passes over fewer examples learn the questions' answer
+distributions where one pass over more examples only learns the overall answer marginal.
+Larger runs: `--train-examples 0 --eval-examples 0 --epochs N`.
 
 Loss: the prompt (chat template with the generation prompt) followed by the answer letter's token; batches are
 LEFT padded with position ids counted from each row's first real token (`evaluate.left_pad`, shared with
@@ -42,6 +44,7 @@ stopped (same remaining batches, same schedule position).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import io
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the TRAIN respondents carved out for validation")
     g.add_argument("--eval-split", choices=("test", "val"), default="test",
                    help="what the end-of-run evaluation scores (choose defaults on val, never on test)")
-    g.add_argument("--train-examples", type=int, default=640,
+    g.add_argument("--train-examples", type=int, default=432,
                    help="seeded random subset of training examples (by example); 0 = all")
     g.add_argument("--eval-examples", type=int, default=600,
                    help="seeded random subset of evaluation examples (by example); 0 = all")
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; > 0 overrides --epochs")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
@@ -687,8 +690,17 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     model.eval()
     ev = splits.eval
     prompts = D.render_prompts(tokenizer, ev, profile_in_prompt=args.profile_in_prompt)
-    logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
-                             batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True)
+    with contextlib.ExitStack() as stack:
+        on_batch = usage = None
+        if args.method in ROUTED and args.routing_examples:
+            import cuma_model
+
+            # the routing report comes from the scoring pass itself: no second forward over the examples
+            usage, trace = E.RoutingUsage(), stack.enter_context(cuma_model.record_routing(model))
+            on_batch = lambda batch, mask: _add_routing(usage, trace, batch, mask, ev, args.routing_examples)
+        logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
+                                 batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
+                                 on_batch=on_batch)
     pred = E.predict_from_logits(logits)
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
@@ -698,9 +710,8 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
 
     routing = None
-    if args.method in ROUTED and args.routing_examples:
-        routing = routing_report(model, tokenizer, ev[: args.routing_examples], args, z_eval, pad_id)
-        routing.to_csv(out_dir / "routing_usage.csv", index=False)
+    if usage is not None:
+        usage.table(args.num_experts).to_csv(out_dir / "routing_usage.csv", index=False)
         routing = {"csv": "routing_usage.csv", "n_examples": min(len(ev), args.routing_examples)}
     if args.plots:
         E.evaluate_run(out_dir)  # answer-share (and routing) PNGs from the files just written
@@ -709,27 +720,14 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
             "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
 
 
-@torch.inference_mode()
-def routing_report(model, tokenizer, examples, args, z_eval, pad_id):
-    """Expert usage per demographic group per router (`evaluate.routing_usage_table`) over `examples`, every real
-    prompt token counted."""
-    import cuma_model
-
-    usage = E.RoutingUsage()
-    ids = tokenize_prompts(tokenizer, examples, args.profile_in_prompt, args.max_length)
-    device = next(model.parameters()).device
-    keep = {"logits_to_keep": 1} if E._accepts_logits_to_keep(model) else {}
-    for start in range(0, len(examples), args.eval_batch_size):
-        rows = list(range(start, min(start + args.eval_batch_size, len(examples))))
-        input_ids, mask, position_ids = E.left_pad([ids[i] for i in rows], pad_id)
-        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids.to(device), use_cache=False, **keep)
-        if z_eval is not None:
-            kwargs["demographic_embeds"] = z_eval[rows].to(device)
-        with cuma_model.record_routing(model) as trace:
-            model(**kwargs)
-        usage.add(trace.records, mask, [examples[i].groups for i in rows])
-    return usage.table(args.num_experts)
+def _add_routing(usage, trace, batch: Sequence[int], mask: torch.Tensor, examples, limit: int) -> None:
+    """Count one scored batch's routing (every real prompt token) for its rows among the first `limit` examples."""
+    rows = [j for j, i in enumerate(batch) if i < limit]
+    if rows:
+        sel = torch.tensor(rows)
+        records = [(r.router_key, r.topk_idx[sel]) for r in trace.records]
+        usage.add(records, mask[sel], [examples[batch[j]].groups for j in rows])
+    trace.records.clear()
 
 
 def plot_loss_curve(history: Sequence[Mapping], path: Path, title: str) -> Path:

@@ -144,6 +144,13 @@ def test_base_and_routing_report(tmp_path):
     assert set(usage["dimension"]) == {"all", "party"}
     shares = usage.groupby(["dimension", "group", "router"])["share"].sum()
     np.testing.assert_allclose(shares.to_numpy(), 1.0, rtol=1e-6)
+    # recorded during scoring, for the first routing_examples (16) evaluated examples only: top_k (2) selections
+    # for every real prompt token of those examples, per router
+    splits = T.make_splits(survey(), T._args_from(options(tmp_path, eval_examples=24)))
+    prompt_ids = T.tokenize_prompts(parts()["tokenizer"], splits.eval[:16], True, 256)
+    per_router = usage[usage["dimension"] == "all"].groupby("router")["count"].sum()
+    assert res["routing"]["n_examples"] == 16
+    np.testing.assert_allclose(per_router.to_numpy(), 2 * sum(len(p) for p in prompt_ids))
     for png in ("loss_curve.png", "routing_party.png", "answer_shares_party.png"):
         assert (run / png).stat().st_size > 0
     assert "question_majority" in res["report"]
