@@ -70,7 +70,9 @@ class DemographicRouter(nn.Module):
         w = first.weight
         h = F.linear(self.dropout(x.to(w.dtype)), w[:, : self.in_features])
         if self.demographic_dim:
-            z = z.to(w.dtype) * self.demographic_scale if self.demographic_scale != 1.0 else z.to(w.dtype)
+            z = z.to(w.dtype)
+            if self.demographic_scale != 1.0:
+                z = z * self.demographic_scale
             per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias)
         else:
             per_sequence = first.bias[None]

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--lr-ratio-B", dest="lr_ratio_B", type=float, default=1.0,
-                   help="learning rate of the LoRA B matrices = lr x this (LoRA+: B starts at zero and learns "
-                        "faster with a larger step); 1 = one learning rate for everything")
+                   help="learning rate of the LoRA B matrices = lr x this (LoRA+ gives B, which starts at zero, a "
+                        "larger step than A); 1 = one learning rate for everything")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
     g.add_argument("--warmup-steps", type=int, default=10)
@@ -665,7 +665,7 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     if args.do_eval and main:
         result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, out_dir,
                                    z_table[index_eval.to(z_table.device)].cpu() if needs_z else None,
-                                   letter_ids, pad_id))
+                                   letter_ids))
     timings["total_s"] = time.perf_counter() - t_start
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -683,7 +683,7 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
 # Evaluation, routing report, figures
 # --------------------------------------------------------------------------------------------------------------------
 
-def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids, pad_id) -> dict:
+def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids) -> dict:
     """Score the evaluation examples, fit and score the floors, write predictions/routing/figures; returns
     {"metrics", "floors", "report", "routing"} (plus eval timings in the caller's dict)."""
     t = time.perf_counter()
