@@ -475,10 +475,10 @@ def param_groups(model, args: argparse.Namespace) -> list[dict]:
     """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, everything else at lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     b = [p for n, p in named if "lora_B" in n]
-    rest = [p for n, p in named if "lora_B" not in n]
     if args.lr_ratio_B == 1.0 or not b:
-        return [{"params": b + rest}]
-    return [{"params": rest}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
+        # model order: optimizer state is matched to parameters by position when a run resumes
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for n, p in named if "lora_B" not in n]}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
 
 
 def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
