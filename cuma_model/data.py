@@ -187,6 +187,21 @@ class QuestionSpec:
             self.scale = (float(self.scale[0]), float(self.scale[1]))
 
 
+def _fields_of(cls, data, where: str) -> dict:
+    """`data` as keyword arguments of the dataclass `cls`: a JSON object with no unknown and no missing key."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} keys {unknown}")
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing {cls.__name__} keys {missing}")
+    return dict(data)
+
+
 _FORMATTER = string.Formatter()
 _ARTICLE_BEFORE_VOWEL_NUMBER = re.compile(r"\b([Aa]) (?=(?:8\d*|11|18)(?!\d))")
 
@@ -280,14 +295,26 @@ class SurveySpec:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> SurveySpec:
-        data = dict(data)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SurveySpec keys {sorted(unknown)}")
-        data["profile_fields"] = tuple(ProfileField(**f) for f in data.get("profile_fields", ()))
-        data["questions"] = tuple(QuestionSpec(**q) for q in data.get("questions", ()))
-        return cls(**data)
+    def from_dict(cls, data: Mapping, source: str = "survey spec") -> SurveySpec:
+        """The spec of a JSON-ready dict; a wrong shape is a ValueError naming `source` and the key."""
+        data = _fields_of(cls, data, source)
+        for key, item_cls in (("profile_fields", ProfileField), ("questions", QuestionSpec)):
+            items = data[key]
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(f"{source}: {key!r} must be a list, got {type(items).__name__}")
+            built = []
+            for i, item in enumerate(items):
+                where = f"{source}: {key}[{i}]"
+                kwargs = _fields_of(item_cls, item, where)
+                try:
+                    built.append(item_cls(**kwargs))
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise ValueError(f"{where}: {e}") from e
+            data[key] = tuple(built)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{source}: {e}") from e
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -297,10 +324,15 @@ class SurveySpec:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> SurveySpec:
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        text, source = str(path_or_text), "survey spec JSON"
+        if not text.lstrip().startswith(("{", "[")):
+            source = str(path_or_text)
             text = Path(path_or_text).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON: {e}") from e
+        return cls.from_dict(data, source=source)
 
     # -- mapping ---------------------------------------------------------------------------------------------------
     def profile_text(self, values: Mapping[str, str]) -> str:

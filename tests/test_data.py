@@ -431,3 +431,20 @@ def test_render_prompt_with_hf_tokenizer():
     assert prompts == [render_prompt(tok, e) for e in examples]
     assert prompts[0] == _ChatMLTokenizer().apply_chat_template(build_messages(examples[0]),
                                                                   add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"name": "x",', "is not valid JSON"),
+    ('[1]', "must be a JSON object, got list"),
+    ('{"name": "x"}', r"missing SurveySpec keys \['respondent_columns'"),
+    ('{"name": "x", "respondent_columns": ["id"], "profile_fields": [{"name": "age"}], "profile_parts": [], '
+     '"questions": []}', r"profile_fields\[0\]: missing ProfileField keys \['column'\]"),
+    ('{"name": "x", "respondent_columns": ["id"], "profile_fields": [], "profile_parts": [], '
+     '"questions": [{"column": "q", "text": "t", "colour": 1}]}', r"questions\[0\]: unknown QuestionSpec keys"),
+])
+def test_a_malformed_survey_spec_names_the_file_and_key(tmp_path, text, match):
+    path = tmp_path / "spec.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        SurveySpec.from_json(path)
+    assert str(path) in str(info.value)
