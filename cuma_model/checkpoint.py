@@ -1,86 +1,126 @@
-"""Adapter checkpoints: adapter_config.json + adapter_model.safetensors, written atomically."""
+"""Adapter checkpoints: adapter_config.json + adapter_model.safetensors, written as one unit."""
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from pathlib import Path
 
 import torch
 
-CONFIG_NAME = "adapter_config.json"
+from .atomic import recover_folder, replace_folder
+from .config import CONFIG_NAME, CuMAConfig
+from .patch import _handle, patch_model, unpatch_model
+
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file in the same folder, fsync it, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 def adapter_state_dict(model) -> dict:
     """Every adapter and router tensor of a patched model, keyed by its qualified parameter name."""
-    from .patch import _handle
-
     handle = _handle(model)
     owned = {id(p) for layer in handle.layers.values() for p in (layer.lora_A, layer.lora_B)}
     owned |= {id(p) for router in handle.routers.values() for p in router.parameters()}
     return {name: p for name, p in model.named_parameters() if id(p) in owned}
 
 
-def save_pretrained(model, directory: str | Path) -> Path:
-    """Write adapter_model.safetensors then adapter_config.json into `directory`, each atomically."""
+def write_adapter(model, directory: str | Path) -> None:
+    """Write the adapter's two files into `directory` as they are (for a folder being assembled, such as a training
+    checkpoint: `save_pretrained` is the atomic, checked way)."""
     from safetensors.torch import save
 
-    from .patch import _handle
-
-    directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt", "peft_type": "CuMA"}))
-    _handle(model).config.save(directory)
-    return directory
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": "CuMA"}))
+    (directory / CONFIG_NAME).write_text(json.dumps(_handle(model).config.to_dict(), indent=2) + "\n")
 
 
-def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
-    """Patch `model` (a base model) with the adapter saved in `directory` and load its weights; returns `model`."""
+def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Path:
+    """Save the adapter into `directory`; the folder is replaced as a unit (other files in it are kept).
+
+    A crash at any point leaves the previous save or this one, complete, under `directory`. A folder that holds
+    another adapter (not CuMA, or CuMA tensors of other names or shapes) is refused unless `overwrite=True`.
+    """
+    directory = Path(directory)
+    if not overwrite:
+        other = _other_adapter(directory, adapter_state_dict(model))
+        if other:
+            raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
+    keep = lambda name: name not in ADAPTER_FILES and not (name.startswith(".") and name.endswith(".tmp"))
+    return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
+
+
+def _other_adapter(directory: Path, params: dict) -> str | None:
+    """What kind of other adapter `directory` holds, or None when it holds none or one of this very layout."""
+    from safetensors import safe_open
+
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config.exists() and not weights.exists():
+        return None
+    try:
+        peft_type = json.loads(config.read_text()).get("peft_type") if config.exists() else None
+        if config.exists() and peft_type != "CuMA":
+            return f"a {peft_type or 'non-CuMA'} adapter"
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # unreadable: not ours to replace silently
+        return f"an adapter that cannot be read ({type(e).__name__}: {e})"
+    ours = {k: tuple(p.shape) for k, p in params.items()}
+    if shapes != ours:
+        differ = sorted(set(shapes) ^ set(ours) | {k for k in set(shapes) & set(ours) if shapes[k] != ours[k]})
+        return f"a CuMA adapter of another layout ({len(differ)} tensors differ, e.g. {differ[0]})"
+    return None
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `directory`'s adapter_model.safetensors; a missing or damaged file is an error naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from .config import CuMAConfig
-    from .patch import patch_model
-
-    directory = Path(directory)
-    config = CuMAConfig.load(directory)
-    weights = directory / WEIGHTS_NAME
+    weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
-        tensors = load(weights.read_bytes())
+        return load(weights.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ValueError(f"{weights} is corrupt or truncated: {e}") from e
-    patch_model(model, config)
+
+
+def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path,
+                         requires_grad: bool | None = None) -> None:
+    """Copy `tensors` into the patched `model`'s adapter after checking that names and shapes fit exactly."""
     params = adapter_state_dict(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ValueError(
-            f"adapter in {directory} does not fit this model: {len(missing)} missing tensors {missing[:3]}, "
-            f"{len(unexpected)} unexpected tensors {unexpected[:3]} (was it saved from another base model?)"
+            f"adapter in {source} does not fit this model: {len(missing)} missing tensors {missing[:3]}, "
+            f"{len(unexpected)} unexpected tensors {unexpected[:3]} (was it saved from another base model, or with "
+            "other options?)"
         )
     for name, p in params.items():
-        t = tensors[name]
-        if t.shape != p.shape:
-            raise ValueError(f"adapter tensor {name} has shape {tuple(t.shape)}, this model needs {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(t)
-        p.requires_grad_(is_trainable)
+        if tensors[name].shape != p.shape:
+            raise ValueError(f"adapter tensor {name} in {source} has shape {tuple(tensors[name].shape)}, this model "
+                             f"needs {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+            if requires_grad is not None:
+                p.requires_grad_(requires_grad)
+
+
+def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
+    """Patch `model` (a base model) with the adapter saved in `directory` and load its weights; returns `model`.
+
+    Both files are read and checked before the model is touched, and a failure after patching unpatches it again:
+    a failed load leaves `model` as it was.
+    """
+    directory = Path(directory)
+    recover_folder(directory)
+    config = CuMAConfig.load(directory)
+    tensors = read_adapter_weights(directory)
+    patch_model(model, config)
+    try:
+        load_adapter_tensors(model, tensors, directory, requires_grad=is_trainable)
+    except BaseException:
+        unpatch_model(model)
+        raise
     return model

@@ -4,14 +4,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cuma_kernels.reference import ROUTING_MODES
 
-from .checkpoint import CONFIG_NAME, atomic_write_bytes
+from .atomic import atomic_write_bytes
 
+CONFIG_NAME = "adapter_config.json"
+# Version of the adapter_config.json format; files without the key were written by the first release, which
+# already wrote every field. A field added later must come with its default for the versions before it.
+CONFIG_VERSION = 1
 _DTYPES = ("float32", "bfloat16", "float16")
+_INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "router_num_layers")
+_FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
+_BOOLS = ("shared_A", "share_router_qkv", "share_router_gate_up")
+_STRS = ("routing_mode", "adapter_dtype")
 
 
 @dataclass
@@ -25,9 +34,11 @@ class CuMAConfig:
     dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the LoRA input and inside the router MLP (one p, as published)."}
     )
-    target_modules: tuple[str, ...] = field(
+    target_modules: tuple[str, ...] | str = field(
         default=("q_proj", "v_proj"),
-        metadata={"help": "A linear layer is adapted when its qualified name contains one of these (substring test)."},
+        metadata={"help": "Linear layers to adapt, as in PEFT: a list matches a module whose qualified name is one of "
+                          "the names or ends with '.' + one of them; a string is a regular expression that must match "
+                          "the whole qualified name."},
     )
     shared_A: bool = field(
         default=False, metadata={"help": "HydraLoRA layout: one shared A per layer, one B per expert."}
@@ -56,17 +67,28 @@ class CuMAConfig:
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded for provenance only."})
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        self._check_types()
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails this too
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {e}") from e
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be a regular expression or a non-empty list of names, "
+                             f"got {self.target_modules!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not (math.isfinite(self.init_A_std) and self.init_A_std > 0):
+            raise ValueError(f"init_A_std must be a finite number > 0 (A and B both zero would never train), "
+                             f"got {self.init_A_std}")
         if self.demographic_dim < 0:
             raise ValueError(f"demographic_dim must be >= 0, got {self.demographic_dim}")
         if not (math.isfinite(self.demographic_scale) and self.demographic_scale > 0):
@@ -77,10 +99,44 @@ class CuMAConfig:
             raise ValueError(f"router_num_layers must be >= 1, got {self.router_num_layers}")
         if self.routing_mode not in ROUTING_MODES:
             raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}")
-        if self.aux_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
         if self.adapter_dtype not in _DTYPES:
             raise ValueError(f"adapter_dtype must be one of {_DTYPES}, got {self.adapter_dtype!r}")
+
+    def _check_types(self) -> None:
+        """Wrong types fail here by field name (a JSON "8", a bool for a number), not as a torch TypeError later."""
+        def fail(name, want):
+            value = getattr(self, name)
+            raise TypeError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
+
+        for name in _INTS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                fail(name, "an int")
+        for name in _FLOATS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                fail(name, "a number")
+            setattr(self, name, float(v))
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
+        for name in _STRS:
+            if not isinstance(getattr(self, name), str):
+                fail(name, "a string")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            fail("base_model_name_or_path", "a string or null")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = tuple(self.target_modules)
+        elif not isinstance(self.target_modules, str):
+            fail("target_modules", "a list of names or a regular expression")
+
+    def matches(self, name: str) -> bool:
+        """Whether the module of this qualified name is a target (PEFT's rule for strings and for lists)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
 
     @property
     def scaling(self) -> float:
@@ -88,21 +144,38 @@ class CuMAConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        if not isinstance(self.target_modules, str):
+            d["target_modules"] = list(self.target_modules)
         d["peft_type"] = "CuMA"
+        d["cuma_config_version"] = CONFIG_VERSION
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CuMAConfig":
+    def from_dict(cls, d: dict, source: str = "adapter config") -> "CuMAConfig":
+        """Strict inverse of `to_dict`: every field present, no unknown key, every value of its type; errors name
+        `source` and the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} must be a JSON object, got a {type(d).__name__}")
         d = dict(d)
-        peft_type = d.pop("peft_type", "CuMA")
+        peft_type = d.pop("peft_type", None)
         if peft_type != "CuMA":
-            raise ValueError(f"adapter config has peft_type {peft_type!r}, not 'CuMA'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+            raise ValueError(f"{source} has peft_type {peft_type!r}, not 'CuMA': it is not a CuMA adapter")
+        version = d.pop("cuma_config_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+            raise ValueError(f"{source} has cuma_config_version {version!r}; this cuma reads version "
+                             f"{CONFIG_VERSION} and older (was it written by a newer cuma?)")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(f"unknown CuMA config keys: {unknown}")
-        return cls(**d)
+            raise ValueError(f"{source} has unknown keys {unknown}")
+        missing = [name for name in fields if name not in d]
+        if missing:
+            raise ValueError(f"{source} lacks the keys {missing} (a saved config names every option, so that the "
+                             "loaded adapter is the saved one)")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{source}: {e}") from e
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
@@ -116,6 +189,6 @@ class CuMAConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON (corrupt or truncated checkpoint): {e}") from e
-        return cls.from_dict(d)
+        return cls.from_dict(d, source=str(path))

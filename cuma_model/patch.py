@@ -8,7 +8,7 @@ import inspect
 import torch
 from torch import nn
 
-from .context import ForwardState, activate, pending_embeds, wrap_checkpoint_function
+from .context import ForwardState, activate, is_disabled, pending_embeds, wrap_checkpoint_function
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .router import DemographicRouter
@@ -28,6 +28,7 @@ class CuMAHandle:
         self.layers: dict[str, CuMALinear] = {}
         self.routers: dict[str, DemographicRouter] = {}
         self.checkpointed: list[nn.Module] = []
+        self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
 
 
 def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
@@ -44,16 +45,18 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(t in name for t in config.target_modules)
+        if isinstance(module, nn.Linear) and config.matches(name)
     ]
     if not targets:
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no linear layer matches target_modules={list(config.target_modules)}; "
-                         f"linear layers here are named {linear_names}")
-    for p in model.parameters():
+        raise ValueError(f"no linear layer matches target_modules={config.target_modules!r} (a list matches the end "
+                         "of a qualified name, 'q_proj' or 'self_attn.q_proj'; a string is a regular expression "
+                         f"matched against the whole name); linear layers here are named {linear_names}")
+    handle = CuMAHandle(config)
+    for name, p in model.named_parameters():
+        handle.base_requires_grad[name] = p.requires_grad
         p.requires_grad_(False)
 
-    handle = CuMAHandle(config)
     dtype = getattr(torch, config.adapter_dtype)
     modules = dict(model.named_modules())
     for name, base in targets:
@@ -114,6 +117,8 @@ def forward_scope(model: nn.Module, demographic_embeds: torch.Tensor | None,
             layer._gradient_checkpointing_func = wrap_checkpoint_function(fn)
     if compute_aux is None:
         compute_aux = model.training
+    if demographic_embeds is not None:
+        _check_finite(demographic_embeds)
     state = ForwardState(handle, demographic_embeds, attention_mask, compute_aux and handle.config.aux_loss_coef > 0)
     with activate(state):
         yield state
@@ -134,7 +139,8 @@ class ConditionedForward:
     def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
         handle = self.model.cuma
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
-        _check_embeds(handle.config, z, args, kwargs)
+        if not is_disabled(handle):  # the frozen base needs no z
+            _check_embeds(handle.config, z, args, kwargs)
         mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
         with forward_scope(self.model, z, mask) as state:
             out = self.base_forward(*args, **kwargs)
@@ -178,8 +184,21 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
         )
 
 
+def _check_finite(z: torch.Tensor) -> None:
+    """NaN or inf in z would turn its row's router logits into NaN: refuse it. On CUDA (and while compiling) the
+    check is an asynchronous device assert, so it costs no host sync per call."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        return  # _check_embeds names the problem
+    if z.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(z).all(), "demographic_embeds contains NaN or inf")
+    elif not bool(torch.isfinite(z).all()):
+        bad = (~torch.isfinite(z)).any(dim=-1).nonzero().flatten().tolist() if z.dim() == 2 else []
+        raise ValueError(f"demographic_embeds contains NaN or inf (rows {bad[:8]}); every z must be finite")
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo patch_model in place: the base layers and the base forward come back, adapters and routers go."""
+    """Undo patch_model in place: the base layers, the base forward and the base's requires_grad flags come back,
+    adapters and routers go."""
     handle = _handle(model)
     modules = dict(model.named_modules())
     for name, layer in handle.layers.items():
@@ -191,6 +210,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if attr in parent._modules:
             delattr(parent, attr)
     del model.forward, model.cuma
+    for name, p in model.named_parameters():
+        if name in handle.base_requires_grad:
+            p.requires_grad_(handle.base_requires_grad[name])
     return model
 
 

@@ -38,11 +38,8 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -559,25 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _atomic_save_dir(model, final: Path) -> Path:
-    """save_pretrained into a sibling temp directory, then rename it over `final` (readers never see half a save)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        save_pretrained(model, tmp)
-        if final.exists():
-            old = final.parent / f".{final.name}.old.{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def _rows_needed(a) -> int | None:
     if a.max_pairs is not None:
         return a.max_pairs
@@ -656,7 +634,7 @@ def run_preference(argv: Sequence[str] | None = None, model=None, tokenizer=None
     t1 = time.perf_counter()
     train_out = trainer.train()
     train_s = time.perf_counter() - t1
-    adapter_dir = _atomic_save_dir(model, out / "final")
+    adapter_dir = save_pretrained(model, out / "final")  # replaced as a unit
     result = {
         "stage": a.stage, "reference": a.reference if a.stage == "dpo" else ("base" if cfg.beta else None),
         "output_dir": str(out), "adapter_dir": str(adapter_dir), "rows": len(ds),

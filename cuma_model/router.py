@@ -1,6 +1,8 @@
 """DemographicRouter: the router MLP on [hidden ; z], with the z part computed once per sequence."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,21 +66,28 @@ class DemographicRouter(nn.Module):
             )
 
     def logits(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        """x [batch, seq, hidden], z [batch, D] -> pre-softmax logits [batch, seq, E] (in the router's dtype)."""
+        """x [batch, seq, hidden], z [batch, D] -> pre-softmax logits [batch, seq, E], float32 (float64 weights: 64).
+
+        The MLP runs in at least float32 whatever the weights' dtype and any autocast: fp16 logits overflow into NaN
+        gates, and the top-k choice is sensitive to rounding. The router is small next to the layer it routes.
+        """
         self._check(x, z)
-        first = self.layers[0]
-        w = first.weight
-        h = F.linear(self.dropout(x.to(w.dtype)), w[:, : self.in_features])
-        if self.demographic_dim:
-            z = z.to(w.dtype)
-            if self.demographic_scale != 1.0:
-                z = z * self.demographic_scale
-            per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias)
-        else:
-            per_sequence = first.bias[None]
-        h = h + per_sequence[:, None, :]
-        for layer in self.layers[1:]:
-            h = layer(self.dropout(F.relu(h)))
+        dtype = torch.promote_types(self.layers[0].weight.dtype, torch.float32)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            first = self.layers[0]
+            w = first.weight.to(dtype)
+            h = F.linear(self.dropout(x.to(dtype)), w[:, : self.in_features])
+            if self.demographic_dim:
+                z = z.to(dtype)
+                if self.demographic_scale != 1.0:
+                    z = z * self.demographic_scale
+                per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias.to(dtype))
+            else:
+                per_sequence = first.bias.to(dtype)[None]
+            h = h + per_sequence[:, None, :]
+            for layer in self.layers[1:]:
+                h = F.linear(self.dropout(F.relu(h)), layer.weight.to(dtype), layer.bias.to(dtype))
         return h
 
     def route(self, x: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

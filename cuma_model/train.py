@@ -47,15 +47,11 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
-import random
-import re
-import shutil
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,15 +61,24 @@ import torch
 
 from cuma_model import data as D
 from cuma_model import evaluate as E
-from cuma_model.checkpoint import atomic_write_bytes
+from cuma_model.atomic import atomic_write_bytes
+from cuma_model.run_checkpoint import (
+    CHECKPOINT_RE,
+    RUN_ARGS_NAME,
+    STATE_NAME,
+    data_fingerprint,
+    find_latest_checkpoint,
+    load_adapter_weights,
+    read_training_state,
+    resume_differences,
+    saved_args,
+    write_checkpoint,
+)
 
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
 ROUTED = ("cuma", "hydralora", "mixlora")
 SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STATE_NAME = "training_state.pt"
-RUN_ARGS_NAME = "train_args.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,8 +199,12 @@ def validate_args(args: argparse.Namespace) -> None:
     non_negative = ("train_examples", "eval_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
                     "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
     for name in non_negative:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in ("lr", "lora_alpha", "lr_ratio_B", "demographic_scale", "aux_loss_coef", "weight_decay",
+                 "max_grad_norm", "dropout"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.method != "base" and args.max_steps == 0 and args.epochs == 0:
         raise ValueError("--epochs 0 with --max-steps 0 trains nothing; use --method base to evaluate only")
     if args.top_k > args.num_experts:
@@ -204,7 +213,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    for name in ("lr_ratio_B", "demographic_scale"):
+    for name in ("lr_ratio_B", "demographic_scale", "lora_alpha"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("test_fraction", "val_fraction"):
@@ -238,7 +247,13 @@ def load_model_and_tokenizer(model: str | None = None, gguf_file: str | None = N
         model, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     local_only = {"local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs, **local_only)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs, **local_only)
+    except Exception as e:
+        if Path(model).is_dir():
+            raise
+        raise FileNotFoundError(f"--model {model!r} is neither a local folder nor a model in the local Hugging Face "
+                                "cache (nothing is downloaded): give the folder that holds the model") from e
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs, **local_only)
     return lm, tokenizer
 
@@ -263,48 +278,6 @@ def apply_method(model, args: argparse.Namespace, demographic_dim: int):
         target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
         router_hidden_dim=args.router_hidden_dim, dropout=args.dropout, demographic_scale=args.demographic_scale,
         base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
-
-
-def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
-    """The trained tensors of the adapter, by name (what a checkpoint stores)."""
-    if method == "lora":
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(model)
-    from cuma_model.checkpoint import adapter_state_dict
-
-    return adapter_state_dict(model)
-
-
-def save_adapter(model, method: str, directory: Path) -> None:
-    if method == "lora":
-        model.save_pretrained(str(directory))
-    elif method in ROUTED:
-        import cuma_model
-
-        cuma_model.save_pretrained(model, directory)
-
-
-def load_adapter_weights(model, method: str, directory: Path) -> None:
-    """Copy the adapter weights saved in `directory` into the (already adapted) `model`."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(directory / "adapter_model.safetensors"))
-    if method == "lora":
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, tensors)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {directory} has unexpected LoRA tensors {result.unexpected_keys[:3]}")
-        return
-    params = adapter_tensors(model, method)
-    if set(params) != set(tensors):
-        raise ValueError(f"checkpoint {directory} does not match this adapter "
-                         f"(missing {sorted(set(params) - set(tensors))[:3]}, "
-                         f"unexpected {sorted(set(tensors) - set(params))[:3]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,76 +361,6 @@ def pad_token_id(tokenizer) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_checkpoint(directory: Path, model, method: str, state: dict, args: argparse.Namespace) -> Path:
-    """Write the adapter + training state into `directory` as one unit.
-
-    Everything is written into a temporary sibling folder (the state file itself through a temp name and
-    os.replace), which is then renamed to `directory`; an existing `directory` is moved aside first and removed
-    last. A crash leaves either the old checkpoint or the new one, never a half-written one under that name.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        save_adapter(model, method, tmp)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
-        atomic_write_bytes(tmp / RUN_ARGS_NAME, (json.dumps({"method": method, "args": vars(args)}, indent=1,
-                                                            default=str) + "\n").encode())
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def read_training_state(directory: Path) -> dict:
-    path = Path(directory) / STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {STATE_NAME} in {directory}: not a training checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def find_latest_checkpoint(output_dir: Path) -> Path:
-    """The checkpoint of `output_dir` with the highest step (final/ counts with its own step)."""
-    output_dir = Path(output_dir)
-    found = []
-    for d in output_dir.iterdir() if output_dir.is_dir() else []:
-        if (d / STATE_NAME).is_file() and (_CHECKPOINT_RE.match(d.name) or d.name == "final"):
-            m = _CHECKPOINT_RE.match(d.name)
-            step = int(m.group(1)) if m else read_training_state(d)["step"]
-            found.append((step, d.name == "final", d))
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_NAME} in {output_dir}")
-    return max(found, key=lambda t: (t[0], t[1]))[2]
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -479,6 +382,63 @@ def param_groups(model, args: argparse.Namespace) -> list[dict]:
         # model order: optimizer state is matched to parameters by position when a run resumes
         return [{"params": [p for _, p in named]}]
     return [{"params": [p for n, p in named if "lora_B" not in n]}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Fail now, not after the run, when the output folder cannot be created or written."""
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--output-dir {out_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"--output-dir {out_dir}: {parent} is not writable")
+            return
+
+
+def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: another method or other options."""
+    if state.get("method") != args.method:
+        raise ValueError(f"cannot resume from {resume_dir}: it is a {state.get('method')} run, this is {args.method}")
+    saved = saved_args(resume_dir, state)
+    if saved is None:
+        raise ValueError(f"cannot resume from {resume_dir}: it records no options ({RUN_ARGS_NAME} is missing)")
+    differences = resume_differences(saved, vars(args))
+    if differences:
+        raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
+                         "(resume with the same options, or start a new run in another --output-dir):\n  "
+                         + "\n  ".join(differences))
+
+
+def batch_seed(seed: int, process: int, epoch: int, batch: int) -> int:
+    """The torch seed of one micro-batch: a function of its place in the run only."""
+    return (((seed * 1_000_003 + process) * 1_000_033 + epoch) * 1_000_037 + batch) % (2 ** 63)
+
+
+class stop_requests(contextlib.AbstractContextManager):
+    """While active, SIGINT and SIGTERM ask the training loop to stop after the current step (`.signum` is set)
+    instead of killing it; a second signal acts as usual. Outside the main thread nothing is installed."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # the next signal interrupts at once
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
@@ -514,12 +474,13 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     main = accelerator.is_main_process
     out_dir = Path(args.output_dir or f"runs/{args.method}")
     log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    check_output_dir(out_dir)  # before anything slow: a bad folder should not cost a whole run
 
-    resume_dir = None
+    resume_dir = resume_state = None
     if args.resume is not None:
         resume_dir = find_latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
-        if not (resume_dir / STATE_NAME).is_file():
-            raise FileNotFoundError(f"--resume {resume_dir}: no {STATE_NAME} there")
+        resume_state = read_training_state(resume_dir)
+        check_resume(resume_dir, resume_state, args)
 
     # ---- data
     t = time.perf_counter()
@@ -561,11 +522,13 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     # ---- training
     history: list[dict] = []
     step = 0
+    interrupted = None
     if args.method != "base":
         t = time.perf_counter()
         prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
         labels = [letter_ids[e.target_letter] for e in splits.train]
         z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
+        fingerprint = data_fingerprint(prompt_ids, labels, z_index, z_table if needs_z else [])
         dataset = TrainSet(prompt_ids, labels, z_index)
         sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
@@ -581,18 +544,17 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
         if needs_z:
             z_table = z_table.to(accelerator.device)
 
-        epoch, batches_done, pending_rng = 0, 0, None
-        if resume_dir is not None:
-            state = read_training_state(resume_dir)
-            if state["method"] != args.method or state["total_steps"] != total_steps:
-                raise ValueError(f"checkpoint {resume_dir} is from a {state['method']} run of {state['total_steps']} "
-                                 f"steps; this run is {args.method} with {total_steps} steps: use the same options")
+        epoch, batches_done = 0, 0
+        if resume_state is not None:
+            state = resume_state
+            if state["total_steps"] != total_steps or state.get("data_fingerprint", fingerprint) != fingerprint:
+                raise ValueError(f"cannot resume from {resume_dir}: its run trained {state['total_steps']} steps on "
+                                 f"other training data; this run has {total_steps} steps (same options, other "
+                                 "examples, model, tokenizer or encoder?)")
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
             history = list(state["history"])
-            # restored just before the next forward: creating the data iterator draws from the global RNG
-            pending_rng = state["rng"]
             log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
 
         def state_dict_now(epoch_, batches_done_):
@@ -600,59 +562,73 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
                 epoch_, batches_done_ = epoch_ + 1, 0
             return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
                     "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
-                    "seed": args.seed}
+                    "scheduler": scheduler.state_dict(), "history": history, "seed": args.seed,
+                    "args": vars(args), "data_fingerprint": fingerprint}
 
         def checkpoint(name, epoch_, batches_done_):
             accelerator.wait_for_everyone()
             if main:
                 write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
                                  state_dict_now(epoch_, batches_done_), args)
+            return out_dir / name
 
         model.train()
         bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
         acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
-        while step < total_steps:
-            if batches_done >= len(loader):
-                epoch, batches_done = epoch + 1, 0
-            sampler.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-            epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
-            for batch in epoch_loader:
-                if pending_rng is not None:
-                    _set_rng_state(pending_rng)
-                    pending_rng = None
-                with accelerator.accumulate(model):
-                    ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z)
-                    loss = ce + aux if aux is not None else ce
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                batches_done += 1
-                acc_ce += float(ce.detach())
-                acc_aux += float(aux.detach()) if aux is not None else 0.0
-                acc_n += 1
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n],
-                                                       device=accelerator.device), "mean").tolist()
-                history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
-                                "lr": scheduler.get_last_lr()[0]})
-                acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
-                bar.update(1)
-                bar.set_postfix(loss=f"{mean[0]:.3f}")
-                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                    checkpoint(f"checkpoint-{step}", epoch, batches_done)
-                if step >= total_steps:
-                    break
-        bar.close()
-        checkpoint("final", epoch, batches_done)
+        with stop_requests() as stop:
+            while step < total_steps and stop.signum is None:
+                if batches_done >= len(loader):
+                    epoch, batches_done = epoch + 1, 0
+                sampler.set_epoch(epoch)
+                epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+                epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
+                for batch in epoch_loader:
+                    # randomness (dropout) is a function of the batch's place in the run, so a resume anywhere,
+                    # an epoch boundary included, draws exactly what the uninterrupted run drew
+                    torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batches_done))
+                    with accelerator.accumulate(model):
+                        ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z)
+                        loss = ce + aux if aux is not None else ce
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    batches_done += 1
+                    acc_ce += float(ce.detach())
+                    acc_aux += float(aux.detach()) if aux is not None else 0.0
+                    acc_n += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    # a stop request reaches every process through the loss reduction, so all stop at one step
+                    mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, stop.signum or 0.0],
+                                                           device=accelerator.device), "mean").tolist()
+                    if mean[2] > 0 and stop.signum is None:
+                        stop.signum = signal.SIGTERM
+                    history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
+                                    "lr": scheduler.get_last_lr()[0]})
+                    acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{mean[0]:.3f}")
+                    if step >= total_steps or stop.signum is not None:
+                        break
+                    if args.save_steps and step % args.save_steps == 0:
+                        checkpoint(f"checkpoint-{step}", epoch, batches_done)
+            bar.close()
+            if step < total_steps:  # stopped by a signal: keep every step done so far
+                interrupted = checkpoint(f"checkpoint-{step}", epoch, batches_done)
+            else:
+                checkpoint("final", epoch, batches_done)
         timings["train_s"] = time.perf_counter() - t
         timings["train_steps"] = step
+        if interrupted is not None:
+            log(f"{signal.Signals(stop.signum).name} at step {step} of {total_steps}: checkpoint written to "
+                f"{interrupted}; continue with --resume latest")
+            return {"method": args.method, "interrupted": signal.Signals(stop.signum).name, "signum": stop.signum,
+                    "checkpoint": str(interrupted), "train": {"steps": step, "history": history},
+                    "output_dir": str(out_dir)}
         log(f"trained {step} steps in {timings['train_s']:.0f}s")
 
     # ---- evaluation (main process)
@@ -668,8 +644,8 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
                                    letter_ids))
     timings["total_s"] = time.perf_counter() - t_start
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(E._json_safe(result), indent=1, default=str) + "\n")
+        atomic_write_bytes(out_dir / "metrics.json",
+                           (json.dumps(E._json_safe(result), indent=1, default=str) + "\n").encode())
         if args.plots and history:
             plot_loss_curve(history, out_dir / "loss_curve.png", args.method)
         if "report" in result:
@@ -767,8 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_args(args)
     except ValueError as e:
         parser.error(str(e))
-    train(args)
-    return 0
+    result = train(args)
+    return 128 + result["signum"] if result.get("interrupted") else 0  # the shell's code for death by that signal
 
 
 if __name__ == "__main__":

@@ -181,6 +181,6 @@ def test_config_validation_and_round_trip(tmp_path):
     cfg.save(tmp_path)
     assert cuma_model.CuMAConfig.load(tmp_path) == cfg
     with pytest.raises(ValueError, match="unknown"):
-        cuma_model.CuMAConfig.from_dict({"num_experts": 2, "bogus": 1})
+        cuma_model.CuMAConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="no linear layer matches"):
         cuma_model.patch_model(tiny_decoder("llama"), target_modules=("nope",))

@@ -118,7 +118,7 @@ def test_checkpoints_complete_and_atomic(tmp_path):
         assert not [f for f in files if f.startswith(".")]
         state = T.read_training_state(run / ck)
         assert state["step"] == int(ck.split("-")[1]) if ck != "final" else state["step"] == 6
-        assert {"optimizer", "scheduler", "rng", "epoch", "batches_done", "history"} <= set(state)
+        assert {"optimizer", "scheduler", "epoch", "batches_done", "history", "args", "data_fingerprint"} <= set(state)
     assert T.find_latest_checkpoint(run).name == "final"
     # a checkpoint rewritten in place is replaced as a whole, leaving nothing behind
     model = parts()["model"]
@@ -163,6 +163,11 @@ def test_base_and_routing_report(tmp_path):
     (["--method", "base", "--resume", "latest"], "base"),
     (["--lr-ratio-B", "0"], "lr-ratio-B"),
     (["--demographic-scale", "-2"], "demographic-scale"),
+    (["--max-grad-norm", "nan"], "max-grad-norm"),  # NaN would switch clipping off
+    (["--aux-loss-coef", "nan"], "aux-loss-coef"),
+    (["--lora-alpha", "0"], "lora-alpha"),
+    (["--lora-alpha", "nan"], "lora-alpha"),
+    (["--lr", "inf"], "lr"),
 ])
 def test_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit):

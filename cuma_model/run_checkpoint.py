@@ -1,0 +1,136 @@
+"""Checkpoints of the training script: the adapter plus the training state, written as one folder.
+
+A checkpoint folder holds the adapter (CuMA's or PEFT's files), `training_state.pt` (step, epoch position,
+optimizer, scheduler, loss history, the run's options and a fingerprint of its training data) and
+`train_args.json` (the options, readable). A resume continues only the same run: `resume_differences` lists every
+option that changes the math and differs, and the training script refuses the resume while the list is not empty.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .atomic import recover_folders, replace_folder
+
+STATE_NAME = "training_state.pt"
+RUN_ARGS_NAME = "train_args.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Options a resume may change: where outputs go and how the run is evaluated, none of which the training math sees.
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "save_steps", "do_eval", "plots", "eval_batch_size",
+                               "routing_examples", "eval_split", "eval_examples"})
+
+
+def save_adapter(model, method: str, directory: Path) -> None:
+    """The method's adapter files into `directory` (a folder being assembled)."""
+    if method == "lora":
+        model.save_pretrained(str(directory))
+    else:
+        from .checkpoint import write_adapter
+
+        write_adapter(model, directory)
+
+
+def load_adapter_weights(model, method: str, directory: Path) -> None:
+    """Copy the adapter weights saved in `directory` into the (already adapted) `model`, names and shapes checked."""
+    from .checkpoint import load_adapter_tensors, read_adapter_weights
+
+    tensors = read_adapter_weights(directory)
+    if method != "lora":
+        load_adapter_tensors(model, tensors, directory)
+        return
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        differ = sorted(set(expected) ^ set(found) | {k for k in set(expected) & set(found) if expected[k] != found[k]})
+        raise ValueError(f"checkpoint {directory} does not match this LoRA adapter ({len(differ)} tensors differ in "
+                         f"name or shape, e.g. {differ[0]})")
+    set_peft_model_state_dict(model, tensors)
+
+
+def write_checkpoint(directory: Path, model, method: str, state: dict, args) -> Path:
+    """Write the adapter + training state into `directory`, replacing any previous one as a unit."""
+    def build(tmp: Path) -> None:
+        save_adapter(model, method, tmp)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        (tmp / STATE_NAME).write_bytes(buf.getvalue())
+        (tmp / RUN_ARGS_NAME).write_text(json.dumps({"method": method, "args": vars(args)}, indent=1, default=str)
+                                         + "\n")
+
+    return replace_folder(directory, build)
+
+
+def read_training_state(directory: Path) -> dict:
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {STATE_NAME} in {directory}: not a training checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read (truncated or corrupt checkpoint: {type(e).__name__}: {e}); "
+                         "resume from another checkpoint") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a training state")
+    return state
+
+
+def find_latest_checkpoint(output_dir: Path) -> Path:
+    """The checkpoint of `output_dir` with the highest step (final/ counts with its own step).
+
+    Folders whose replacement a crash interrupted are repaired first, so the checkpoint that held the name is found.
+    """
+    output_dir = Path(output_dir)
+    recover_folders(output_dir)
+    found = []
+    for d in output_dir.iterdir() if output_dir.is_dir() else []:
+        m = CHECKPOINT_RE.match(d.name)
+        if (d / STATE_NAME).is_file() and (m or d.name == "final"):
+            step = int(m.group(1)) if m else read_training_state(d)["step"]
+            found.append((step, d.name == "final", d))
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_NAME} in {output_dir}")
+    return max(found, key=lambda t: (t[0], t[1]))[2]
+
+
+def saved_args(directory: Path, state: Mapping) -> dict | None:
+    """The options of the run that wrote the checkpoint (from the state, else from train_args.json)."""
+    if "args" in state:
+        return dict(state["args"])
+    path = Path(directory) / RUN_ARGS_NAME
+    if path.is_file():
+        return dict(json.loads(path.read_text())["args"])
+    return None
+
+
+def resume_differences(saved: Mapping, now: Mapping) -> list[str]:
+    """'--name: saved -> now' for every option that changes the training math and differs between the two runs."""
+    out = []
+    for name in sorted((set(saved) | set(now)) - RESUMABLE_CHANGES):
+        a, b = saved.get(name, "(absent)"), now.get(name, "(absent)")
+        if _normal(a) != _normal(b):
+            out.append(f"--{name.replace('_', '-')}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def _normal(value):
+    """Compare as train_args.json stores values (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def data_fingerprint(*parts) -> str:
+    """sha256 over the training rows (token ids, labels, z): a resume on other data is refused."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part).encode())
+    return h.hexdigest()

@@ -1,0 +1,26 @@
+"""Saves one adapter into a folder over and over until killed (tests/test_atomic_save.py kills it mid-save).
+
+Save i writes every lora_B filled with the value i, so a reader can tell whether one save's tensors are mixed
+with another's.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cuma_model  # noqa: E402
+from tiny_models import tiny_decoder  # noqa: E402
+
+model = tiny_decoder("llama")
+cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=5)
+i = 0
+while True:
+    i += 1
+    with torch.no_grad():
+        for layer in cuma_model.cuma_layers(model).values():
+            layer.lora_B.fill_(float(i))
+    cuma_model.save_pretrained(model, sys.argv[1])
+    if i == 1:  # the folder exists from here on
+        print("saving", flush=True)

@@ -1,0 +1,154 @@
+"""Saves replace a folder as a unit: a failure at any step, or a kill, leaves the old or the new adapter."""
+import errno
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+import cuma_model
+from cuma_model import atomic
+from tiny_models import randomize_experts, tiny_decoder
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def adapter(seed: int, **kw):
+    model = tiny_decoder("llama")
+    cuma_model.patch_model(model, **{"num_experts": 4, "top_k": 2, "r": 4, "demographic_dim": 5, **kw})
+    randomize_experts(model, seed=seed)
+    return model
+
+
+def outputs(model):
+    ids, z = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0)), torch.ones(2, 5)
+    return model(ids, demographic_embeds=z).logits
+
+
+def hidden_entries(folder):
+    return [p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith(".")]
+
+
+class Faults:
+    """Raise OSError at the n-th call of any primitive a folder replacement uses."""
+
+    PRIMITIVES = [(tempfile, "mkdtemp"), (pathlib.Path, "write_bytes"), (pathlib.Path, "write_text"),
+                  (os, "fsync"), (os, "rename"), (os, "link"), (shutil, "rmtree"), (atomic, "_exchange")]
+
+    def __init__(self, monkeypatch, n: int):
+        self.n, self.calls = n, 0
+        for owner, name in self.PRIMITIVES:
+            monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
+
+    def wrap(self, fn, name):
+        def faulty(*a, **k):
+            self.calls += 1
+            if self.calls == self.n:
+                raise OSError(errno.EIO, f"injected failure in {name}")
+            return fn(*a, **k)
+        return faulty
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_failure_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, exchange):
+    if not exchange:  # a file system without an atomic exchange
+        def no_exchange(a, b):
+            raise OSError(errno.ENOSYS, "no renameat2")
+        monkeypatch.setattr(atomic, "_exchange", no_exchange)
+    old, new = adapter(seed=1, lora_alpha=16), adapter(seed=2, lora_alpha=64)  # same shapes, other alpha
+    folder = tmp_path / "adapter"
+    expected = {"old": outputs(old), "new": outputs(new)}
+    seen, n = set(), 1
+    while True:
+        cuma_model.save_pretrained(old, folder)
+        (folder / "tokenizer.json").write_text("{}")  # a file of the user's that shares the folder
+        with monkeypatch.context() as m:
+            faults = Faults(m, n)
+            try:
+                cuma_model.save_pretrained(new, folder)
+                failed = False
+            except OSError as e:
+                assert "injected" in str(e)
+                failed = True
+        loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)  # repairs an interrupted swap
+        got = [k for k, v in expected.items() if torch.equal(outputs(loaded), v)]
+        assert len(got) == 1, f"failure at call {n}: the folder holds neither the old nor the new adapter"
+        assert loaded.cuma.config.lora_alpha == (16 if got[0] == "old" else 64)  # weights and config together
+        assert (folder / "tokenizer.json").read_text() == "{}"
+        seen.add(got[0])
+        if faults.calls < n:  # every step has had its failure
+            assert not failed
+            break
+        n += 1
+    assert seen == {"old", "new"} and n > 8  # failures before and after the swap were both exercised
+    cuma_model.save_pretrained(new, folder)
+    assert hidden_entries(tmp_path) == [] and hidden_entries(folder) == []  # leftovers cleaned by the next save
+
+
+def test_the_empty_name_of_an_interrupted_swap_is_repaired(tmp_path):
+    """The gap of the two-rename fallback: the old folder moved aside, the new one not yet in place."""
+    old = adapter(seed=1)
+    folder = tmp_path / "final"
+    cuma_model.save_pretrained(old, folder)
+    os.rename(folder, tmp_path / ".final.old-abc123")
+    os.mkdir(tmp_path / ".final.tmp-def456")
+    loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
+    torch.testing.assert_close(outputs(loaded), outputs(old), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_save_is_durable(tmp_path, monkeypatch):
+    synced = []
+    real = atomic.fsync_path
+    monkeypatch.setattr(atomic, "fsync_path", lambda p: (synced.append(os.path.abspath(p)), real(p))[1])
+    cuma_model.save_pretrained(adapter(seed=1), tmp_path / "a")
+    cuma_model.save_pretrained(adapter(seed=2), tmp_path / "a")
+    assert str(tmp_path) in synced  # the parent, after the rename
+    assert any(p.endswith("adapter_model.safetensors") for p in synced)
+
+
+def test_killed_mid_save_leaves_a_complete_adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    for delay in (0.1, 0.6):
+        child = subprocess.Popen([sys.executable, os.path.join(HERE, "save_worker.py"), str(folder)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "saving"
+            time.sleep(delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
+        B = cuma_model.cuma_layers(loaded)["model.layers.0.self_attn.q_proj"].lora_B
+        value = float(B.detach().flatten()[0])
+        assert value >= 1 and torch.equal(B, torch.full_like(B, value)), "a save mixed two versions"
+        for layer in cuma_model.cuma_layers(loaded).values():
+            assert torch.equal(layer.lora_B, torch.full_like(layer.lora_B, value))
+    assert not hidden_entries(folder)
+    cuma_model.save_pretrained(adapter(seed=3, lora_alpha=2.0), folder)
+    assert hidden_entries(tmp_path) == []
+
+
+def test_saving_over_another_adapter_needs_overwrite(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_dir = tmp_path / "peft"
+    get_peft_model(tiny_decoder("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(peft_dir))
+    with pytest.raises(FileExistsError, match="LORA adapter.*overwrite=True"):
+        cuma_model.save_pretrained(adapter(seed=1), peft_dir)
+    cuma_dir = tmp_path / "cuma"
+    cuma_model.save_pretrained(adapter(seed=1, r=2), cuma_dir)
+    with pytest.raises(FileExistsError, match="another layout"):
+        cuma_model.save_pretrained(adapter(seed=1), cuma_dir)
+    model = adapter(seed=2)
+    cuma_model.save_pretrained(model, cuma_dir, overwrite=True)
+    cuma_model.save_pretrained(model, cuma_dir)  # the same layout again: an update, no question asked
+    cuma_model.save_pretrained(model, peft_dir, overwrite=True)
+    torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), peft_dir)), outputs(model))
+    assert (peft_dir / "README.md").is_file()  # PEFT's model card is not the adapter's: it stays
