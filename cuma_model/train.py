@@ -36,10 +36,12 @@ there (`logits_to_keep=2`): full-vocabulary cross entropy on the letter, plus `o
 load-balancing loss) for routed methods.
 
 Outputs in `--output-dir` (default `runs/<method>`): `checkpoint-<step>/` every `--save-steps` and `final/` (the
-adapter plus `training_state.pt`; each checkpoint folder is assembled under a temporary name and renamed into
-place), `metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
-`routing_usage.csv` + `routing_<dim>.png`. `--resume PATH|latest` continues a run exactly where its checkpoint
-stopped (same remaining batches, same schedule position).
+adapter plus `training_state.pt` and `train_args.json`; each replaced as a unit, see `cuma_model.atomic`),
+`metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
+`routing_usage.csv` + `routing_<dim>.png`. SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
+flight and stops (exit code 128 + the signal). `--resume PATH|latest` continues a run exactly where its checkpoint
+stopped (same remaining batches, same schedule position, same random draws); a resume with other options or other
+training data is refused (`cuma_model.run_checkpoint`).
 """
 from __future__ import annotations
 
