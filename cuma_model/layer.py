@@ -1,6 +1,7 @@
 """CuMALinear: a frozen base nn.Linear plus E routed LoRA experts."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -55,19 +56,25 @@ class CuMALinear(nn.Module):
         if is_disabled(self.owner):
             return out
         route = self._route(x)
-        x2 = self.lora_dropout(x).reshape(-1, self.in_features)
+        # The experts compute in the dtype the base produced: under autocast that is the autocast dtype, whatever
+        # x and the (fp32 master) adapter weights are. Autocast is off inside, so the ops' own fp32 accumulation
+        # is not cast down again.
+        dtype = out.dtype
+        x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)
         if route.dispatch is None and cuma_kernels.backend_for(x2) == "triton":
             route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
-        y = cuma_kernels.lora_experts(
-            x2,
-            self.lora_A.to(x.dtype),
-            self.lora_B.to(x.dtype),
-            route.topk_idx,
-            route.topk_weights,
-            self.scaling,
-            base_out=out.reshape(-1, self.out_features),
-            dispatch=route.dispatch,
-        )
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            y = cuma_kernels.lora_experts(
+                x2,
+                self.lora_A.to(dtype),
+                self.lora_B.to(dtype),
+                route.topk_idx,
+                route.topk_weights,
+                self.scaling,
+                base_out=out.reshape(-1, self.out_features),
+                dispatch=route.dispatch,
+            )
         return y.view(out.shape)
 
     def _route(self, x: torch.Tensor) -> Route:
