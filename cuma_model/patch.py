@@ -71,6 +71,8 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     # checkpoint function): their replay must see the conditioning of the call that ran them.
     handle.checkpointed = [m for m in model.modules() if _checkpointable(m)]
     model.forward = ConditionedForward(model, model.forward)
+    if hasattr(model, "generate"):
+        model.generate = ConditionedGenerate(model, model.generate)
     model.cuma = handle
     return model
 
@@ -152,6 +154,23 @@ class ConditionedForward:
         return out
 
 
+class ConditionedGenerate:
+    """The patched model's generate: a z set by `conditioning(model, z)` is passed on as the keyword, so that
+    generate expands it with its rows (beams, `num_return_sequences`) as it does the input ids."""
+
+    def __init__(self, model: nn.Module, base_generate):
+        self.model, self.base_generate = model, base_generate
+        self.__signature__ = inspect.signature(base_generate)
+        self.__doc__ = getattr(base_generate, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("demographic_embeds") is None:
+            z = pending_embeds(self.model.cuma)
+            if z is not None:
+                kwargs["demographic_embeds"] = z
+        return self.base_generate(*args, **kwargs)
+
+
 def _signature_with_embeds(fn) -> inspect.Signature:
     """The base forward's signature plus `demographic_embeds` (generate() validates kwargs against it)."""
     sig = inspect.signature(fn)
@@ -210,6 +229,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if attr in parent._modules:
             delattr(parent, attr)
     del model.forward, model.cuma
+    if isinstance(model.__dict__.get("generate"), ConditionedGenerate):
+        del model.generate
     for name, p in model.named_parameters():
         if name in handle.base_requires_grad:
             p.requires_grad_(handle.base_requires_grad[name])

@@ -39,16 +39,28 @@ def test_cached_greedy_decoding_equals_uncached(arch):
     assert torch.equal(cached, uncached)
 
 
-def test_beam_search_and_num_return_sequences_follow_their_rows():
+@pytest.mark.parametrize("mode", [dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=5)],
+                         ids=["beams", "sampling"])
+def test_beams_and_num_return_sequences_follow_their_rows(mode):
     model = patched()
     ids = torch.randint(3, 97, (2, 5))
     z = torch.randn(2, D) * 3
-    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
-    both = model.generate(ids, attention_mask=torch.ones_like(ids), demographic_embeds=z, **kw)
+    kw = dict(max_new_tokens=4, num_return_sequences=2, pad_token_id=0, **mode)
+
+    def run(rows, conditioned):
+        torch.manual_seed(0)
+        mask = torch.ones_like(ids[rows])
+        if not conditioned:
+            return model.generate(ids[rows], attention_mask=mask, demographic_embeds=z[rows], **kw)
+        with cuma_model.conditioning(model, z[rows]):  # generate expands the pending z with its rows too
+            return model.generate(ids[rows], attention_mask=mask, **kw)
+
+    both = run(slice(0, 2), False)
+    assert torch.equal(run(slice(0, 2), True), both)
+    if mode.get("do_sample"):
+        return  # sampled rows draw from one generator: alone they draw other numbers
     for i in range(2):
-        alone = model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]),
-                               demographic_embeds=z[i:i + 1], **kw)
-        assert torch.equal(both[2 * i:2 * i + 2], alone)
+        assert torch.equal(both[2 * i:2 * i + 2], run(slice(i, i + 1), False))
 
 
 def test_conditioning_context_manager_for_forward_and_generate():
