@@ -29,6 +29,27 @@ class CuMAHandle:
         self.routers: dict[str, DemographicRouter] = {}
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
+        self.aux_meter = AuxMeter()
+
+
+class AuxMeter:
+    """Running mean of the aux losses of training forwards, for a trainer's logs (kept on the device: no sync)."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def add(self, aux: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training forwards only, not evaluation or generation
+            value = aux.detach().float()
+            self.total = value if self.total is None else self.total + value.to(self.total.device)
+            self.count += 1
+
+    def pop_mean(self) -> float | None:
+        if not self.count:
+            return None
+        mean = float(self.total) / self.count
+        self.total, self.count = None, 0
+        return mean
 
 
 def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
@@ -149,9 +170,27 @@ class ConditionedForward:
         aux = state.aux_loss()
         if aux is not None and hasattr(out, "keys"):
             out["aux_loss"] = aux
+            handle.aux_meter.add(aux)
             if out.get("loss") is not None:
-                out["loss"] = out["loss"] + aux.to(out["loss"].dtype)
+                out["loss"] = out["loss"] + (aux * _batch_share(kwargs)).to(out["loss"].dtype)
         return out
+
+
+def _batch_share(kwargs) -> torch.Tensor | float:
+    """This micro-batch's share of the batch whose loss `num_items_in_batch` normalises (Trainer's gradient
+    accumulation): the language-model loss is already divided by the whole batch's label count, so the aux loss is
+    weighted by the share of those labels this call holds, and a batch's aux weight sums to 1, not to the number
+    of micro-batches. Causal LM labels are counted shifted, as the loss (and Trainer) count them."""
+    total = kwargs.get("num_items_in_batch")
+    if total is None:
+        return 1.0
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        labels = labels[..., 1:] if labels is not None else None
+    if labels is None:
+        return 1.0
+    return labels.ne(-100).sum() / total
 
 
 class ConditionedGenerate:

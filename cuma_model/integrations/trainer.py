@@ -1,0 +1,53 @@
+"""transformers.Trainer without glue: z as a dataset column, the aux loss in the logs.
+
+A patched model takes `demographic_embeds` in its forward signature, so Trainer keeps a `demographic_embeds`
+column and the stock collators stack it into a [batch, D] tensor. The aux loss is already in `outputs.loss` and
+weighted correctly under gradient accumulation (see `patch._batch_share`); `CuMACallback` adds it to the logs.
+"""
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from ..patch import is_patched
+
+
+def _patched_model(model):
+    """The CuMA-patched module inside whatever wraps it (DDP, accelerate, a PEFT model)."""
+    for _ in range(8):  # a few layers of wrapping at most
+        if model is None or is_patched(model):
+            return model
+        inner = getattr(model, "module", None)
+        model = inner if inner is not None else getattr(getattr(model, "base_model", None), "model", None)
+    return None
+
+
+class CuMACallback(TrainerCallback):
+    """Logs `aux_loss`, the mean load-balancing loss (weighted, as in `outputs.aux_loss`) of the training forwards
+    since the previous log, next to Trainer's `loss`: `Trainer(..., callbacks=[CuMACallback()])`.
+
+    Trainer calls its reporting integrations (TensorBoard, W&B) before the callbacks it is given; for them to
+    record `aux_loss` too, put the callback first: `trainer.callback_handler.callbacks.insert(0, CuMACallback())`.
+    """
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        patched = _patched_model(model)
+        if patched is None or logs is None or "loss" not in logs:
+            return
+        mean = patched.cuma.aux_meter.pop_mean()
+        if mean is not None:
+            logs["aux_loss"] = mean
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["aux_loss"] = mean
+
+
+def add_demographic_embeds(dataset, encoder, text_column: str = "profile", batch_size: int = 256):
+    """`dataset` (a `datasets.Dataset`) with a `demographic_embeds` column: `encoder` applied to `text_column`.
+
+    `encoder` is a `cuma_model.encoder.DemographicEncoder` or anything with `encode_unique(texts) -> (table, index)`;
+    each distinct profile is encoded once.
+    """
+    def encode(batch):
+        table, index = encoder.encode_unique(list(batch[text_column]))
+        return {"demographic_embeds": table.float()[index].tolist()}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, desc="encoding profiles")

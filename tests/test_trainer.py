@@ -1,0 +1,101 @@
+"""Stock transformers.Trainer on a patched model: z as a dataset column, bf16, the aux loss logged and weighted
+once per batch under gradient accumulation."""
+import datasets
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+import cuma_model
+from cuma_model.integrations import CuMACallback, add_demographic_embeds
+from tiny_models import tiny_decoder
+
+D = 4
+
+
+def patched(aux_loss_coef=0.01):
+    model = tiny_decoder("llama")
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8,
+                           aux_loss_coef=aux_loss_coef)
+    return model
+
+
+def rows(n=8, seq=6, seed=0, z_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, seq), generator=g)
+    return datasets.Dataset.from_dict({
+        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist(),
+        "demographic_embeds": (torch.randn(n, D, generator=g) * z_scale).tolist()})
+
+
+def arguments(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2,
+                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                train_sampling_strategy="sequential")
+    return TrainingArguments(**{**base, **kw})
+
+
+def adapter_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_stock_trainer_trains_on_a_z_column(tmp_path, bf16):
+    runs = []
+    for z_scale in (1.0, 3.0):
+        model = patched()
+        trainer = Trainer(model=model, args=arguments(tmp_path, bf16=bf16), train_dataset=rows(z_scale=z_scale),
+                          data_collator=default_data_collator, callbacks=[CuMACallback()])
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 4 and all(h["aux_loss"] > 0 for h in logged)  # logged next to the loss, every step
+        runs.append(adapter_weights(model))
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # z reached the routers
+    assert all(p.abs().sum() > 0 for n, p in runs[0].items() if "lora_B" in n)
+
+
+class GradsBeforeStep(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_aux_loss_counts_once_per_batch_under_gradient_accumulation(tmp_path):
+    model = patched(aux_loss_coef=0.5)
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append({k: kw[k] for k in ("input_ids", "labels", "demographic_embeds")}),
+        with_kwargs=True)
+    capture = GradsBeforeStep()
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, per_device_train_batch_size=2,
+                                                  gradient_accumulation_steps=2, learning_rate=0.0),
+                      train_dataset=rows(n=4), data_collator=default_data_collator, callbacks=[capture])
+    trainer.train()
+    hook.remove()
+    assert len(seen) == 2
+    # expected: the whole batch's token-mean LM loss, plus each micro-batch's aux weighted by its share of the
+    # batch's labels (shares sum to 1; the old behaviour summed them to 2)
+    model.zero_grad()
+    total = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in seen)
+    for b in seen:
+        out = model(input_ids=b["input_ids"], labels=b["labels"], demographic_embeds=b["demographic_embeds"])
+        share = b["labels"][:, 1:].ne(-100).sum() / total
+        lm = out.loss - out.aux_loss  # the loss of one micro-batch alone: token mean plus its aux at weight 1
+        (lm * share + out.aux_loss * share).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(capture.grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert any(capture.grads[n].abs().sum() > 0 for n in capture.grads if "router" in n)  # the aux term is in
+
+
+def test_profile_texts_become_a_z_column():
+    class LengthEncoder:
+        dim = D
+
+        def encode_unique(self, texts):
+            unique = sorted(set(texts))
+            table = torch.tensor([[len(t), t.count("a"), 1.0, 0.0] for t in unique])
+            return table, torch.tensor([unique.index(t) for t in texts])
+
+    data = datasets.Dataset.from_dict({"profile": ["a democrat", "a republican", "a democrat"]})
+    out = add_demographic_embeds(data, LengthEncoder())
+    assert out["demographic_embeds"][0] == out["demographic_embeds"][2] == [10.0, 2.0, 1.0, 0.0]
+    assert out["demographic_embeds"][1] == [12.0, 2.0, 1.0, 0.0]
