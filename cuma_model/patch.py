@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import warnings
 
 import torch
 from torch import nn
 
-from .context import ForwardState, activate, is_disabled, pending_embeds, wrap_checkpoint_function
+from .context import ForwardState, activate, active_state, is_disabled, pending_embeds, wrap_checkpoint_function
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .router import DemographicRouter
@@ -30,6 +31,7 @@ class CuMAHandle:
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
         self.aux_meter = AuxMeter()
+        self.warned_backbone_aux = False
 
 
 class AuxMeter:
@@ -92,10 +94,19 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     # checkpoint function): their replay must see the conditioning of the call that ran them.
     handle.checkpointed = [m for m in model.modules() if _checkpointable(m)]
     model.forward = ConditionedForward(model, model.forward)
+    backbone = _backbone(model)
+    if backbone is not None:
+        backbone.forward = ConditionedForward(model, backbone.forward, backbone=True)
     if hasattr(model, "generate"):
         model.generate = ConditionedGenerate(model, model.generate)
     model.cuma = handle
     return model
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """The decoder inside a *ForCausalLM (transformers' `base_model`), or None when the model is its own."""
+    inner = getattr(model, "base_model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
 
 
 def _checkpointable(module: nn.Module) -> bool:
@@ -150,17 +161,21 @@ def forward_scope(model: nn.Module, demographic_embeds: torch.Tensor | None,
 class ConditionedForward:
     """The patched model's forward: the base forward plus the `demographic_embeds` keyword.
 
+    The backbone (`model.base_model`, e.g. LlamaModel) gets one too (`backbone=True`), for callers that run it
+    without the model's forward (TRL's fused LM head); called from inside the model's forward it passes through.
     A callable object rather than a closure, so `copy.deepcopy(model)` gives a copy whose forward is its own.
     """
 
-    def __init__(self, model: nn.Module, base_forward):
-        self.model, self.base_forward = model, base_forward
+    def __init__(self, model: nn.Module, base_forward, backbone: bool = False):
+        self.model, self.base_forward, self.backbone = model, base_forward, backbone
         self.__signature__ = _signature_with_embeds(base_forward)  # generate() validates kwargs against it
         self.__doc__ = getattr(base_forward, "__doc__", None)
         self.takes_attention_mask = "attention_mask" in inspect.signature(base_forward).parameters
 
     def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
         handle = self.model.cuma
+        if self.backbone and demographic_embeds is None and active_state(handle) is not None:
+            return self.base_forward(*args, **kwargs)  # inside the model's own forward: already conditioned
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
         if not is_disabled(handle):  # the frozen base needs no z
             _check_embeds(handle.config, z, args, kwargs)
@@ -173,6 +188,11 @@ class ConditionedForward:
             handle.aux_meter.add(aux)
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + (aux * _batch_share(kwargs)).to(out["loss"].dtype)
+            elif self.backbone and torch.is_grad_enabled() and not handle.warned_backbone_aux:
+                handle.warned_backbone_aux = True
+                warnings.warn("the backbone of a CuMA model was called directly (as TRL's fused LM head does): its "
+                              "load-balancing loss is in outputs.aux_loss (and logged by CuMACallback) but not in "
+                              "the caller's loss", stacklevel=2)
         return out
 
 
@@ -203,11 +223,19 @@ class ConditionedGenerate:
         self.__doc__ = getattr(base_generate, "__doc__", None)
 
     def __call__(self, *args, **kwargs):
-        if kwargs.get("demographic_embeds") is None:
+        if kwargs.get("demographic_embeds") is None and _takes_embeds(self.model.forward):
             z = pending_embeds(self.model.cuma)
             if z is not None:
                 kwargs["demographic_embeds"] = z
         return self.base_generate(*args, **kwargs)
+
+
+def _takes_embeds(forward) -> bool:
+    """Whether generate would accept the keyword: false once a trainer has put its own forward over ours."""
+    try:
+        return "demographic_embeds" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _signature_with_embeds(fn) -> inspect.Signature:
@@ -267,6 +295,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         parent = modules[parent_name] if parent_name else model
         if attr in parent._modules:
             delattr(parent, attr)
+    backbone = _backbone(model)
+    if backbone is not None and isinstance(backbone.__dict__.get("forward"), ConditionedForward):
+        del backbone.forward
     del model.forward, model.cuma
     if isinstance(model.__dict__.get("generate"), ConditionedGenerate):
         del model.generate

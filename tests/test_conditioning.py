@@ -210,3 +210,22 @@ def test_forward_scope_conditions_direct_backbone_calls():
         hidden = model.model(ids).last_hidden_state  # the backbone, not the patched top-level forward
     torch.testing.assert_close(model.lm_head(hidden), full.logits)
     torch.testing.assert_close(state.aux_loss(), full.aux_loss)
+
+
+def test_the_backbone_takes_z_directly():
+    """Callers that run the decoder without the model's forward (TRL's fused LM head) pass z to the backbone."""
+    model = patched()
+    ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D) * 3
+    expected = model(ids, demographic_embeds=z).logits
+    hidden = model.model(ids, demographic_embeds=z).last_hidden_state
+    torch.testing.assert_close(model.lm_head(hidden), expected)
+    with cuma_model.conditioning(model, z):
+        torch.testing.assert_close(model.lm_head(model.model(ids).last_hidden_state), expected)
+    with pytest.raises(ValueError, match="missing conditioning"):
+        model.model(ids)
+    model.train()
+    with pytest.warns(UserWarning, match="not in the caller's loss"):
+        out = model.model(ids, demographic_embeds=z)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    cuma_model.unpatch_model(model)
+    assert "forward" not in model.model.__dict__
