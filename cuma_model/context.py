@@ -39,6 +39,7 @@ class ForwardState:
     attention_mask: torch.Tensor | None = None
     compute_aux: bool = False
     routes: dict = field(default_factory=dict)  # router key -> (weakref to x, Route)
+    token_shape: tuple | None = None  # (batch, seq) of the call, from the first [batch, seq, hidden] input seen
     aux_terms: list = field(default_factory=list)
 
     def cached_route(self, key: str, x: torch.Tensor) -> Route | None:

@@ -10,6 +10,7 @@ import cuma_kernels
 
 from .context import Route, active_state, is_disabled, pending_embeds, recorder, RoutingRecord
 from .router import DemographicRouter, load_balancing_loss
+from .targets import execution_device, features
 
 
 class CuMALinear(nn.Module):
@@ -24,9 +25,9 @@ class CuMALinear(nn.Module):
                  lora_alpha: float, shared_A: bool, dropout: float, init_A_std: float, dtype: torch.dtype):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = features(base_layer)
         num_experts = router.num_experts
-        device = base_layer.weight.device
+        device = execution_device(base_layer)
         self.r, self.scaling = r, lora_alpha / r
         self.lora_A = nn.Parameter(
             torch.randn(1 if shared_A else num_experts, r, self.in_features, dtype=dtype, device=device) * init_A_std
@@ -88,7 +89,7 @@ class CuMALinear(nn.Module):
             z = state.demographic_embeds
         else:
             z = pending_embeds(self.owner)
-        x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = self._token_view(x, state, z)
         logits = self.router.logits(x3, z)
         topk_weights, topk_idx = self.router.route_flat(logits)
         route = Route(topk_weights, topk_idx)
@@ -105,6 +106,23 @@ class CuMALinear(nn.Module):
                 RoutingRecord(key, topk_idx.detach().long().view(shape).cpu(), topk_weights.detach().view(shape).cpu())
             )
         return route
+
+    def _token_view(self, x: torch.Tensor, state, z) -> torch.Tensor:
+        """x as [batch, seq, in]: a layer that sees the call's tokens flattened to [batch * seq, in] (a MoE shared
+        expert) routes each token with its own row's z. Other shapes cannot be matched to rows of z."""
+        if x.dim() == 3:
+            if state is not None and state.token_shape is None:
+                state.token_shape = tuple(x.shape[:2])
+            return x
+        if x.dim() == 2 and state is not None and state.token_shape is not None \
+                and x.shape[0] == state.token_shape[0] * state.token_shape[1]:
+            return x.view(*state.token_shape, x.shape[-1])
+        if z is None:  # routed on hidden states alone: any token layout will do
+            return x.reshape(1, -1, x.shape[-1])
+        raise ValueError(f"the layer routed by {self.router.key} received input of shape {tuple(x.shape)}, neither "
+                         "[batch, seq, hidden] nor the call's tokens flattened: its rows cannot be matched to rows "
+                         "of demographic_embeds (a routed MoE expert sees a subset of the tokens); leave it out of "
+                         "target_modules")
 
     def extra_repr(self) -> str:
         shared = ", shared_A" if self.lora_A.shape[0] == 1 else ""

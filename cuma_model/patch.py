@@ -13,6 +13,7 @@ from .context import ForwardState, activate, active_state, is_disabled, pending_
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .router import DemographicRouter
+from .targets import execution_device, features, find_targets
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -65,16 +66,9 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     if getattr(model, "cuma", None) is not None:
         raise ValueError("model is already patched with CuMA")
     config = dataclasses.replace(config, **config_kwargs) if config is not None else CuMAConfig(**config_kwargs)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and config.matches(name)
-    ]
-    if not targets:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no linear layer matches target_modules={config.target_modules!r} (a list matches the end "
-                         "of a qualified name, 'q_proj' or 'self_attn.q_proj'; a string is a regular expression "
-                         f"matched against the whole name); linear layers here are named {linear_names}")
+    targets = find_targets(model, config)
+    for _, base in targets:
+        execution_device(base)  # an offloaded layer with nowhere to put its adapter fails before anything changes
     handle = CuMAHandle(config)
     for name, p in model.named_parameters():
         handle.base_requires_grad[name] = p.requires_grad
@@ -124,10 +118,10 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
     key = f"{parent_name}.{attr}" if shared else f"{name}.router"
     if key in handle.routers:
         return handle.routers[key], shared
-    router = DemographicRouter(base.in_features, cfg.demographic_dim, cfg.num_experts, cfg.top_k,
+    router = DemographicRouter(features(base)[0], cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
                                dropout=cfg.dropout, mode=cfg.routing_mode,
-                               demographic_scale=cfg.demographic_scale, dtype=dtype, device=base.weight.device)
+                               demographic_scale=cfg.demographic_scale, dtype=dtype, device=execution_device(base))
     router.key = key
     if shared:
         setattr(parent, attr, router)
