@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from copy import deepcopy
 
 import pytest
 import torch
@@ -120,6 +121,11 @@ def test_disable_adapter_runs_the_base_model():
     assert torch.equal(logits(model), adapted)
     g = model.generate(IDS, demographic_embeds=Z, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert g.shape == (2, 9)
+    copy = deepcopy(model)  # e.g. a trainer's reference model: its own forward and switch
+    with copy.disable_adapter():
+        assert torch.equal(logits(copy), base_logits) and torch.equal(logits(model), adapted)
+    with torch.no_grad(), cuma_model.conditioning(model, Z):  # cuma_model's helpers take the PeftModel
+        assert torch.equal(model(IDS).logits, adapted)
 
 
 def test_one_adapter_per_model_and_load_adapter_replaces_the_active_one(tmp_path):

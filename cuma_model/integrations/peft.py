@@ -98,7 +98,9 @@ class _PeftForward:
                 return self.inner(*args, **kwargs)
         return self.inner(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not set in __init__; never while copying or unpickling
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -116,6 +118,11 @@ class CuMAModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
+            import peft
+
+            raise RuntimeError(f"CuMA as a PEFT method needs peft >= 0.21 (its tuner state-dict hooks); this is peft "
+                               f"{peft.__version__}. cuma_model.patch_model works without them")
         config = self.peft_config[adapter_name]
         weights_dir = config.__dict__.pop("_weights_dir", None)  # set by CuMAConfig.from_pretrained
         if is_patched(model):
