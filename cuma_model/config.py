@@ -177,6 +177,12 @@ class CuMAConfig(PeftConfig):
         return any(name == t or name.endswith("." + t) for t in self.target_modules)
 
     @property
+    def trainable_token_indices(self):
+        # PEFT reads this with getattr(..., None); TRL writes it when chat_template_path adds tokens to the vocabulary
+        raise AttributeError("a CuMA adapter trains no token embeddings (trainable_token_indices): set the chat "
+                             "template on the tokenizer instead of passing a chat_template_path that adds tokens")
+
+    @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 

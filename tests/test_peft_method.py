@@ -252,6 +252,8 @@ def test_trl_sft_trainer_wraps_the_model_with_cuma(tmp_path):
     assert isinstance(trainer.model, PeftModel) and trainer.model.peft_type == "CUMA"
     layers = cuma_model.cuma_layers(trainer.model.get_base_model())
     assert len(layers) == 4 and all(isinstance(m, CuMAPeftLinear) for m in layers.values())
+    with pytest.raises(AttributeError, match="trains no token embeddings"):  # TRL's chat_template_path route
+        trainer.model.peft_config["default"].trainable_token_indices
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable == {"base_model.model." + n
                          for n in cuma_model.checkpoint.adapter_state_dict(trainer.model.get_base_model())}
