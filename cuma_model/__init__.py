@@ -5,6 +5,9 @@ from .config import CuMAConfig
 from .layer import CuMALinear
 from .patch import cuma_layers, forward_scope, is_patched, patch_model, routers, unpatch_model
 from .router import DemographicRouter, load_balancing_loss
+from .integrations.peft import register as _register_peft_method
+
+_register_peft_method()  # PEFT finds CuMA by its peft_type: get_peft_model, PeftModel.from_pretrained, TRL
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",

@@ -1,17 +1,24 @@
-"""Adapter checkpoints: adapter_config.json + adapter_model.safetensors, written as one unit."""
+"""Adapter checkpoints: adapter_config.json + adapter_model.safetensors, written as one unit.
+
+The files are PEFT's: `PeftModel.from_pretrained` loads a folder written here, and `from_pretrained` loads one
+written by `PeftModel.save_pretrained` (its tensor names carry PEFT's "base_model.model." prefix, dropped on read).
+"""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from .atomic import recover_folder, replace_folder
-from .config import CONFIG_NAME, CuMAConfig
+from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, CuMAConfig
 from .patch import _handle, patch_model, unpatch_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
+MODEL_CARD_NAME = "README.md"
 
 
 def adapter_state_dict(model) -> dict:
@@ -30,7 +37,7 @@ def write_adapter(model, directory: str | Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": "CuMA"}))
+    (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
     (directory / CONFIG_NAME).write_text(json.dumps(_handle(model).config.to_dict(), indent=2) + "\n")
 
 
@@ -39,14 +46,41 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
 
     A crash at any point leaves the previous save or this one, complete, under `directory`. A folder that holds
     another adapter (not CuMA, or CuMA tensors of other names or shapes) is refused unless `overwrite=True`.
+    `model` is a patched model, or a PeftModel holding CuMA: then the folder is the one `model.save_pretrained`
+    writes (PEFT's names and metadata, its model card), built and swapped in as a unit.
     """
     directory = Path(directory)
+    peft_model = model if _is_peft_model(model) else None
+    patched = peft_model.get_base_model() if peft_model is not None else model
     if not overwrite:
-        other = _other_adapter(directory, adapter_state_dict(model))
+        other = _other_adapter(directory, adapter_state_dict(patched))
         if other:
             raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
     keep = lambda name: name not in ADAPTER_FILES and not (name.startswith(".") and name.endswith(".tmp"))
-    return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
+    if peft_model is None:
+        return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
+
+    def build(tmp: Path) -> None:
+        if (directory / MODEL_CARD_NAME).is_file():  # PEFT updates an existing card rather than replacing it
+            shutil.copy2(directory / MODEL_CARD_NAME, tmp / MODEL_CARD_NAME)
+        peft_model.save_pretrained(str(tmp))
+
+    return replace_folder(directory, build, keep=keep)
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def strip_peft_prefix(tensors: dict) -> dict:
+    """Tensor names as `adapter_state_dict` has them: PEFT's files prefix each with "base_model.model."."""
+    if tensors and all(k.startswith(PEFT_KEY_PREFIX) for k in tensors):
+        return {k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items()}
+    return dict(tensors)
 
 
 def _other_adapter(directory: Path, params: dict) -> str | None:
@@ -58,10 +92,10 @@ def _other_adapter(directory: Path, params: dict) -> str | None:
         return None
     try:
         peft_type = json.loads(config.read_text()).get("peft_type") if config.exists() else None
-        if config.exists() and peft_type != "CuMA":
+        if config.exists() and peft_type not in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
             return f"a {peft_type or 'non-CuMA'} adapter"
         with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = strip_peft_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except Exception as e:  # unreadable: not ours to replace silently
         return f"an adapter that cannot be read ({type(e).__name__}: {e})"
     ours = {k: tuple(p.shape) for k, p in params.items()}
@@ -85,9 +119,8 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{weights} is corrupt or truncated: {e}") from e
 
 
-def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path,
-                         requires_grad: bool | None = None) -> None:
-    """Copy `tensors` into the patched `model`'s adapter after checking that names and shapes fit exactly."""
+def check_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise ValueError unless `tensors` has exactly the names and shapes of the patched `model`'s adapter."""
     params = adapter_state_dict(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -100,6 +133,16 @@ def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | 
         if tensors[name].shape != p.shape:
             raise ValueError(f"adapter tensor {name} in {source} has shape {tuple(tensors[name].shape)}, this model "
                              f"needs {tuple(p.shape)}")
+
+
+def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path,
+                         requires_grad: bool | None = None) -> None:
+    """Copy `tensors` into the patched `model`'s adapter after checking that names and shapes fit exactly.
+
+    Names may carry PEFT's "base_model.model." prefix (a folder written by `PeftModel.save_pretrained`)."""
+    tensors = strip_peft_prefix(tensors)
+    check_adapter_tensors(model, tensors, source)
+    params = adapter_state_dict(model)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
@@ -111,7 +154,8 @@ def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
     """Patch `model` (a base model) with the adapter saved in `directory` and load its weights; returns `model`.
 
     Both files are read and checked before the model is touched, and a failure after patching unpatches it again:
-    a failed load leaves `model` as it was.
+    a failed load leaves `model` as it was. Reads what `save_pretrained` and `PeftModel.save_pretrained` write, and
+    the files of earlier cuma releases (cuma_config_version 1).
     """
     directory = Path(directory)
     recover_folder(directory)

@@ -1,4 +1,8 @@
-"""CuMAConfig: every option of the published method, validated, and its adapter_config.json form."""
+"""CuMAConfig: every option of the published method, validated, and its adapter_config.json form.
+
+CuMAConfig is a `peft.PeftConfig`, so PEFT and TRL accept it where they accept a LoraConfig (`get_peft_model`,
+`SFTTrainer(peft_config=...)`); `cuma_model.integrations.peft` registers the method with PEFT.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import PeftConfig, TaskType
+
 from cuma_kernels.reference import ROUTING_MODES
 
 from .atomic import atomic_write_bytes
@@ -15,7 +21,13 @@ from .atomic import atomic_write_bytes
 CONFIG_NAME = "adapter_config.json"
 # Version of the adapter_config.json format; files without the key were written by the first release, which
 # already wrote every field. A field added later must come with its default for the versions before it.
-CONFIG_VERSION = 1
+#   1: the CuMA options, "peft_type": "CuMA".
+#   2: version 1 plus PEFT's own keys (_PEFT_KEYS), "peft_type": "CUMA" (PEFT's PeftType.CUMA).
+CONFIG_VERSION = 2
+PEFT_TYPE_NAME = "CUMA"
+LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
+# Keys every PeftConfig carries (PEFT's bookkeeping, no effect on the adapter's math): absent from version 1 files.
+_PEFT_KEYS = ("task_type", "auto_mapping", "peft_version", "revision", "inference_mode")
 _DTYPES = ("float32", "bfloat16", "float16")
 _INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "router_num_layers")
 _FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
@@ -24,8 +36,12 @@ _STRS = ("routing_mode", "adapter_dtype")
 
 
 @dataclass
-class CuMAConfig:
-    """Options of a CuMA adapter. Defaults follow the published WorldValuesBench runs, except `shared_A`."""
+class CuMAConfig(PeftConfig):
+    """Options of a CuMA adapter. Defaults follow the published WorldValuesBench runs, except `shared_A`.
+
+    The PEFT fields it inherits (`task_type`, `inference_mode`, `revision`, ...) are PEFT's bookkeeping and do not
+    change the adapter.
+    """
 
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted linear layer (E)."})
     top_k: int = field(default=2, metadata={"help": "Experts each token is routed to (k)."})
@@ -65,9 +81,26 @@ class CuMAConfig:
         default="float32", metadata={"help": "Storage dtype of adapter and router weights (compute follows x)."}
     )
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded for provenance only."})
+    cuma_config_version: int = field(
+        default=CONFIG_VERSION, repr=False, compare=False,
+        metadata={"help": "Format version of the file this config was read from (a file is always written in the "
+                          "current version). A field so that PEFT's generic `PeftConfig.from_pretrained`, which passes "
+                          "every saved key to the constructor, accepts a saved config."},
+    )
 
     def __post_init__(self) -> None:
+        from .integrations.peft import cuma_peft_type
+
+        if self.peft_type is None or self.peft_type in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
+            self.peft_type = cuma_peft_type()
+        else:
+            raise ValueError(f"peft_type of a CuMAConfig must be {PEFT_TYPE_NAME!r}, got {self.peft_type!r}")
+        super().__post_init__()  # PEFT's: checks task_type, records peft_version
         self._check_types()
+        v = self.cuma_config_version
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= CONFIG_VERSION:
+            raise ValueError(f"cuma_config_version {v!r}: this cuma reads version {CONFIG_VERSION} and older (was it "
+                             "written by a newer cuma?)")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -125,8 +158,13 @@ class CuMAConfig:
         for name in _STRS:
             if not isinstance(getattr(self, name), str):
                 fail(name, "a string")
-        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
-            fail("base_model_name_or_path", "a string or null")
+        for name in ("base_model_name_or_path", "revision", "peft_version", "task_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, "a string or null")
+        if not isinstance(self.inference_mode, bool):
+            fail("inference_mode", "true or false")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            fail("auto_mapping", "an object or null")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = tuple(self.target_modules)
         elif not isinstance(self.target_modules, str):
@@ -139,14 +177,23 @@ class CuMAConfig:
         return any(name == t or name.endswith("." + t) for t in self.target_modules)
 
     @property
+    def trainable_token_indices(self):
+        # PEFT reads this with getattr(..., None); TRL writes it when chat_template_path adds tokens to the vocabulary
+        raise AttributeError("a CuMA adapter trains no token embeddings (trainable_token_indices): set the chat "
+                             "template on the tokenizer instead of passing a chat_template_path that adds tokens")
+
+    @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
     def to_dict(self) -> dict:
+        """The adapter_config.json form (current version): every CuMA option and PEFT's keys, plain JSON values."""
         d = dataclasses.asdict(self)
         if not isinstance(self.target_modules, str):
             d["target_modules"] = list(self.target_modules)
-        d["peft_type"] = "CuMA"
+        d["peft_type"] = PEFT_TYPE_NAME
+        if isinstance(self.task_type, TaskType):
+            d["task_type"] = self.task_type.value
         d["cuma_config_version"] = CONFIG_VERSION
         return d
 
@@ -158,17 +205,18 @@ class CuMAConfig:
             raise ValueError(f"{source} must be a JSON object, got a {type(d).__name__}")
         d = dict(d)
         peft_type = d.pop("peft_type", None)
-        if peft_type != "CuMA":
-            raise ValueError(f"{source} has peft_type {peft_type!r}, not 'CuMA': it is not a CuMA adapter")
+        if peft_type not in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
+            raise ValueError(f"{source} has peft_type {peft_type!r}, not {PEFT_TYPE_NAME!r}: it is not a CuMA adapter")
         version = d.pop("cuma_config_version", 1)
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
             raise ValueError(f"{source} has cuma_config_version {version!r}; this cuma reads version "
                              f"{CONFIG_VERSION} and older (was it written by a newer cuma?)")
-        fields = [f.name for f in dataclasses.fields(cls)]
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("peft_type", "cuma_config_version")]
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"{source} has unknown keys {unknown}")
-        missing = [name for name in fields if name not in d]
+        required = [name for name in fields if version >= 2 or name not in _PEFT_KEYS]
+        missing = [name for name in required if name not in d]
         if missing:
             raise ValueError(f"{source} lacks the keys {missing} (a saved config names every option, so that the "
                              "loaded adapter is the saved one)")
@@ -181,6 +229,33 @@ class CuMAConfig:
         path = Path(directory) / CONFIG_NAME
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         return path
+
+    # PEFT's entry points (PeftModel.save_pretrained / from_pretrained call these), kept strict and atomic.
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config writer: `to_dict()` (plus PEFT's `auto_mapping_dict`), replaced atomically."""
+        if Path(save_directory).is_file():
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        d = self.to_dict()
+        if kwargs.get("auto_mapping_dict") is not None:
+            d["auto_mapping"] = kwargs["auto_mapping_dict"]
+        atomic_write_bytes(Path(save_directory) / CONFIG_NAME, (json.dumps(d, indent=2) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's config reader, strict: a local folder is read with `load` (errors name the file and the key)."""
+        path = Path(pretrained_model_name_or_path, subfolder or "")
+        if not (path / CONFIG_NAME).is_file():  # not a local folder: PEFT's hub lookup, then from_peft_type below
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = cls.load(path)
+        # PeftModel.from_pretrained wraps the model before it loads the weights; with this, the CuMA tuner checks
+        # that these weights fit the model before wrapping it, so a load that does not fit leaves the model as it was.
+        config.__dict__["_weights_dir"] = str(path)
+        return config
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        return cls.from_dict(kwargs)
 
     @classmethod
     def load(cls, directory: str | Path) -> "CuMAConfig":

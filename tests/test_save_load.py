@@ -25,7 +25,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, kw):
     model = trained_model(**kw)
     cuma_model.save_pretrained(model, tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "CuMA"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "CUMA"
     loaded = cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "adapter")
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, 5)
     assert torch.equal(loaded(ids, demographic_embeds=z).logits, model(ids, demographic_embeds=z).logits)

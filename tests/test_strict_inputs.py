@@ -33,6 +33,10 @@ def test_a_saved_config_missing_a_key_is_refused(tmp_path, key):
     ("routing_mode", None, "routing_mode must be a string"),
     ("cuma_config_version", 99, "cuma_config_version 99"),
     ("surprise", 1, "unknown keys"),
+    ("inference_mode", "yes", "inference_mode must be true or false"),
+    ("task_type", "CHAT", "Invalid task type"),
+    ("auto_mapping", [1], "auto_mapping must be an object or null"),
+    ("peft_type", "LORA", "peft_type 'LORA'"),
 ])
 def test_a_saved_config_with_a_wrong_value_names_file_and_key(tmp_path, key, value, match):
     d = saved_config(tmp_path)
@@ -41,6 +45,21 @@ def test_a_saved_config_with_a_wrong_value_names_file_and_key(tmp_path, key, val
     with pytest.raises((TypeError, ValueError), match=match) as info:
         cuma_model.CuMAConfig.load(tmp_path)
     assert "adapter_config.json" in str(info.value)
+
+
+def test_peft_keys_are_part_of_a_saved_config_and_version_1_files_still_load(tmp_path):
+    d = saved_config(tmp_path, routing_mode="sum")
+    peft_keys = ["auto_mapping", "inference_mode", "peft_version", "revision", "task_type"]
+    assert set(peft_keys) <= set(d) and d["peft_type"] == "CUMA" and d["cuma_config_version"] == 2
+    # version 1 (before CuMA was a PEFT method) had neither PEFT's keys nor its spelling of the type
+    v1 = {k: v for k, v in d.items() if k not in peft_keys} | {"peft_type": "CuMA", "cuma_config_version": 1}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(v1))
+    assert cuma_model.CuMAConfig.load(tmp_path).routing_mode == "sum"
+    # a version 2 file names them all
+    del d["revision"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"adapter_config.json lacks the keys \['revision'\]"):
+        cuma_model.CuMAConfig.load(tmp_path)
 
 
 def test_a_config_that_is_not_an_object_or_not_cuma(tmp_path):
