@@ -143,7 +143,8 @@ def adapters_disabled(model):
 
 
 def is_disabled(owner) -> bool:
-    return bool(_find(_DISABLED.get(), owner))
+    """Inside `adapters_disabled(model)`, or while the owner is switched off (PEFT's `disable_adapter()`)."""
+    return getattr(owner, "disabled", False) or bool(_find(_DISABLED.get(), owner))
 
 
 def wrap_checkpoint_function(checkpoint_fn):

@@ -32,6 +32,7 @@ class CuMAHandle:
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
         self.aux_meter = AuxMeter()
+        self.disabled = False  # the whole adapter switched off (PEFT's disable_adapter); adapters_disabled is per call
         self.warned_backbone_aux = False
 
 

@@ -117,6 +117,8 @@ def test_disable_adapter_runs_the_base_model():
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, base_logits)  # the frozen base needs no z
             assert torch.equal(model(IDS, demographic_embeds=Z).logits, base_logits)
+            inner = model.get_base_model()  # the backbone called directly (TRL's fused head) is the base too
+            assert torch.equal(inner.lm_head(inner.model(IDS).last_hidden_state), base_logits)
         assert model.get_model_status().enabled is False
     assert torch.equal(logits(model), adapted)
     g = model.generate(IDS, demographic_embeds=Z, max_new_tokens=3, do_sample=False, pad_token_id=0)

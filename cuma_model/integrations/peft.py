@@ -17,7 +17,6 @@ from peft.utils import PeftType, register_peft_method
 from torch import nn
 
 from ..config import LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
-from ..context import adapters_disabled
 from ..layer import CuMALinear
 from ..patch import CuMAHandle, _handle, is_patched, patch_model, unpatch_model
 
@@ -67,45 +66,16 @@ def register() -> None:
 
 
 class CuMAPeftLinear(CuMALinear, BaseTunerLayer):
-    """A CuMALinear as PEFT sees it: a tuner layer with PEFT's enabled/disabled flag and adapter name.
+    """A CuMALinear as PEFT sees it: a tuner layer with PEFT's adapter name and status flags (the switch itself is
+    the handle's `disabled`, which every entry point reads).
 
     `CuMAModel` switches the class of each layer `patch_model` made to this one; it adds no state of its own.
     """
 
     adapter_layer_names = ()  # CuMA's tensors are not per-adapter-name dicts: CuMAModel selects them for PEFT
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters:
-            return self.base_layer(x)
-        return super().forward(x)
-
     def _get_available_adapters(self) -> set[str]:
         return {self._active_adapter}
-
-
-class _PeftForward:
-    """The patched forward as PEFT drives it: while PEFT has the adapter disabled (`PeftModel.disable_adapter()`),
-    a call runs inside `cuma_model.adapters_disabled`, so it is the frozen base's and needs no z."""
-
-    def __init__(self, model: nn.Module, inner):
-        self.model, self.inner = model, inner
-        self.__signature__ = inner.__signature__  # generate() validates its kwargs (demographic_embeds) against it
-        self.__doc__ = inner.__doc__
-
-    def __call__(self, *args, **kwargs):
-        if not _enabled(self.model):
-            with adapters_disabled(self.model):
-                return self.inner(*args, **kwargs)
-        return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name):  # only for names not set in __init__; never while copying or unpickling
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def _enabled(model: nn.Module) -> bool:
-    return not any(layer.disable_adapters for layer in _handle(model).layers.values())
 
 
 class CuMAModel(BaseTuner):
@@ -151,7 +121,6 @@ class CuMAModel(BaseTuner):
         for layer in handle.layers.values():
             layer.__class__ = CuMAPeftLinear
             layer._active_adapter = adapter_name
-        model.forward = _PeftForward(model, model.forward)
         if config.inference_mode:
             for p in _adapter_parameters(model):
                 p.requires_grad_(False)
@@ -164,8 +133,10 @@ class CuMAModel(BaseTuner):
         """No cast: `CuMAConfig.adapter_dtype` decides the adapter's storage dtype, on both paths alike."""
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        for layer in _handle(self.model).layers.values():
-            layer._disable_adapters = not enabled
+        handle = _handle(self.model)
+        handle.disabled = not enabled  # every entry point (forward, backbone, generate) then runs the frozen base
+        for layer in handle.layers.values():
+            layer._disable_adapters = not enabled  # what PEFT's status functions read
 
     def _held_adapter(self) -> str | None:
         if not is_patched(self.model):
