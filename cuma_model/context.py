@@ -85,8 +85,16 @@ def activate(state: ForwardState):
         _ACTIVE.reset(token)
 
 
-def pending_embeds(owner) -> torch.Tensor | None:
-    return _find(_PENDING.get(), owner)
+def pending_embeds(owner, batch: int | None = None) -> torch.Tensor | None:
+    """The z of the innermost `conditioning` of `owner`; inside generate, repeated to the `batch` rows it made."""
+    item = _find(_PENDING.get(), owner)
+    if item is None:
+        return None
+    z, per_row_copies = item
+    if per_row_copies and batch is not None and batch != z.shape[0] and batch % z.shape[0] == 0:
+        # generate repeats each input row consecutively (repeat_interleave) for beams and returned sequences
+        return z.repeat_interleave(batch // z.shape[0], dim=0)
+    return z
 
 
 @contextlib.contextmanager
@@ -95,12 +103,24 @@ def conditioning(model, demographic_embeds: torch.Tensor):
 
     For code paths that cannot pass `demographic_embeds=` themselves. An explicit keyword still wins.
     """
-    owner = _owner_of(model)
-    token = _PENDING.set(_PENDING.get() + ((owner, demographic_embeds),))
-    try:
+    with _pending(_owner_of(model), demographic_embeds, per_row_copies=False):
         yield model
+
+
+@contextlib.contextmanager
+def _pending(owner, demographic_embeds: torch.Tensor, per_row_copies: bool):
+    token = _PENDING.set(_PENDING.get() + ((owner, (demographic_embeds, per_row_copies)),))
+    try:
+        yield
     finally:
         _PENDING.reset(token)
+
+
+@contextlib.contextmanager
+def generation_conditioning(owner, demographic_embeds: torch.Tensor):
+    """z for the forwards of one generate call, which may hold each row several times (beams, samples)."""
+    with _pending(owner, demographic_embeds, per_row_copies=True):
+        yield
 
 
 @dataclass

@@ -9,7 +9,15 @@ import warnings
 import torch
 from torch import nn
 
-from .context import ForwardState, activate, active_state, is_disabled, pending_embeds, wrap_checkpoint_function
+from .context import (
+    ForwardState,
+    activate,
+    active_state,
+    generation_conditioning,
+    is_disabled,
+    pending_embeds,
+    wrap_checkpoint_function,
+)
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .router import DemographicRouter
@@ -171,7 +179,7 @@ class ConditionedForward:
         handle = self.model.cuma
         if self.backbone and demographic_embeds is None and active_state(handle) is not None:
             return self.base_forward(*args, **kwargs)  # inside the model's own forward: already conditioned
-        z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
+        z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle, _batch_of(args, kwargs))
         if not is_disabled(handle):  # the frozen base needs no z
             _check_embeds(handle.config, z, args, kwargs)
         mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
@@ -209,28 +217,30 @@ def _batch_share(kwargs) -> torch.Tensor | float:
 
 
 class ConditionedGenerate:
-    """The patched model's generate: a z set by `conditioning(model, z)` is passed on as the keyword, so that
-    generate expands it with its rows (beams, `num_return_sequences`) as it does the input ids."""
+    """The patched model's generate: z (the keyword, or a pending `conditioning`) is handed to the forwards of the
+    call as conditioning that follows generate's rows: generate repeats each row for beams and
+    `num_return_sequences`, and z is repeated with it. The keyword never reaches generate's own argument check, so
+    this holds whatever forward a trainer has put over ours."""
 
     def __init__(self, model: nn.Module, base_generate):
         self.model, self.base_generate = model, base_generate
         self.__signature__ = inspect.signature(base_generate)
         self.__doc__ = getattr(base_generate, "__doc__", None)
 
-    def __call__(self, *args, **kwargs):
-        if kwargs.get("demographic_embeds") is None and _takes_embeds(self.model.forward):
-            z = pending_embeds(self.model.cuma)
-            if z is not None:
-                kwargs["demographic_embeds"] = z
-        return self.base_generate(*args, **kwargs)
+    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+        handle = self.model.cuma
+        z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
+        if z is None:
+            return self.base_generate(*args, **kwargs)
+        if not is_disabled(handle):
+            _check_embeds(handle.config, z, args, kwargs)  # one row of z per prompt, before generate repeats them
+        with generation_conditioning(handle, z):
+            return self.base_generate(*args, **kwargs)
 
 
-def _takes_embeds(forward) -> bool:
-    """Whether generate would accept the keyword: false once a trainer has put its own forward over ours."""
-    try:
-        return "demographic_embeds" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
+def _batch_of(args, kwargs) -> int | None:
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
 
 
 def _signature_with_embeds(fn) -> inspect.Signature:
@@ -256,10 +266,10 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
         raise ValueError(f"demographic_embeds must be a tensor of shape [batch, {config.demographic_dim}], got {shape}")
     if not z.is_floating_point():
         raise ValueError(f"demographic_embeds must be floating point, got {z.dtype}")
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != z.shape[0]:
+    batch = _batch_of(args, kwargs)
+    if batch is not None and batch != z.shape[0]:
         raise ValueError(
-            f"demographic_embeds has batch {z.shape[0]} but the input has batch {inputs.shape[0]}; expand it "
+            f"demographic_embeds has batch {z.shape[0]} but the input has batch {batch}; expand it "
             "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
             "for n samples per prompt)"
         )

@@ -229,3 +229,42 @@ def test_the_backbone_takes_z_directly():
     assert out.aux_loss is not None and out.aux_loss > 0
     cuma_model.unpatch_model(model)
     assert "forward" not in model.model.__dict__
+
+
+def test_generate_after_a_trainer_replaced_the_forward():
+    """TRL's fused LM head puts its own forward (without demographic_embeds) over ours: generate still takes z."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = patched()
+    ids, z = torch.randint(3, 97, (2, 5)), torch.randn(2, D) * 3
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=2, num_return_sequences=2,
+              do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, demographic_embeds=z, **kw)
+    add_fused_lm_head(model)
+    assert torch.equal(model.generate(ids, demographic_embeds=z, **kw), expected)
+    with cuma_model.conditioning(model, z):
+        assert torch.equal(model.generate(ids, **kw), expected)
+    with pytest.raises(ValueError, match="batch 1 but the input has batch 2"):
+        model.generate(ids, demographic_embeds=z[:1], **kw)
+
+
+def test_text_generation_pipeline():
+    from transformers import pipeline
+
+    from tiny_models import word_tokenizer
+
+    tok = word_tokenizer(["hello", "world", "yes", "no"])
+    model = tiny_decoder("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D)
+    randomize_experts(model, std=0.5)
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    z = torch.randn(1, D) * 3
+    kw = dict(max_new_tokens=4, do_sample=False, return_full_text=False)
+    text = pipe("hello world", demographic_embeds=z, **kw)[0]["generated_text"]
+    with cuma_model.conditioning(model, z):
+        assert pipe("hello world", **kw)[0]["generated_text"] == text
+        two = pipe("hello world", num_beams=2, num_return_sequences=2, **kw)
+    assert len(two) == 2
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    direct = model.generate(ids, demographic_embeds=z, max_new_tokens=4, do_sample=False)
+    assert tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True) == text
