@@ -102,6 +102,8 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
         backbone.forward = ConditionedForward(model, backbone.forward, backbone=True)
     if hasattr(model, "generate"):
         model.generate = ConditionedGenerate(model, model.generate)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = AdapterSave(model)
     model.cuma = handle
     return model
 
@@ -238,6 +240,20 @@ class ConditionedGenerate:
             return self.base_generate(*args, **kwargs)
 
 
+class AdapterSave:
+    """The patched model's save_pretrained (what Trainer.save_model and its checkpoints call): the adapter, as
+    `cuma_model.save_pretrained` writes it, as PEFT's models save theirs. The whole model with its renamed keys would
+    load into a plain model with q/v silently re-initialised."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self.model, save_directory)
+
+
 def _batch_of(args, kwargs) -> int | None:
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
@@ -304,8 +320,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if backbone is not None and isinstance(backbone.__dict__.get("forward"), ConditionedForward):
         del backbone.forward
     del model.forward, model.cuma
-    if isinstance(model.__dict__.get("generate"), ConditionedGenerate):
-        del model.generate
+    for name, kind in (("generate", ConditionedGenerate), ("save_pretrained", AdapterSave)):
+        if isinstance(model.__dict__.get(name), kind):
+            delattr(model, name)
     for name, p in model.named_parameters():
         if name in handle.base_requires_grad:
             p.requires_grad_(handle.base_requires_grad[name])

@@ -99,3 +99,54 @@ def test_profile_texts_become_a_z_column():
     out = add_demographic_embeds(data, LengthEncoder())
     assert out["demographic_embeds"][0] == out["demographic_embeds"][2] == [10.0, 2.0, 1.0, 0.0]
     assert out["demographic_embeds"][1] == [12.0, 2.0, 1.0, 0.0]
+
+
+def test_trainer_checkpoints_are_adapters(tmp_path):
+    """The plain patched model: Trainer's checkpoints and save_model write the adapter, never the renamed model."""
+    model = patched()
+    args = arguments(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=rows(), data_collator=default_data_collator)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "final"):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+        assert not (folder / "model.safetensors").exists()
+        loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
+        batch = default_data_collator([rows()[i] for i in range(2)])
+        with torch.no_grad():
+            model.eval()
+            torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_peft_model_trains_saves_and_resumes_with_trainer(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    def peft_model():
+        return get_peft_model(tiny_decoder("llama"), cuma_model.CuMAConfig(
+            num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8, task_type="CAUSAL_LM"))
+
+    class StopAfterTwoSteps(TrainerCallback):  # an interrupted run: same schedule, stopped after checkpoint-2
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def run(out, callbacks=(), resume=None):
+        model = peft_model()
+        trainer = Trainer(model=model, args=arguments(out, max_steps=4, save_strategy="steps", save_steps=2,
+                                                      per_device_train_batch_size=2),
+                          train_dataset=rows(), data_collator=default_data_collator, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", callbacks=[StopAfterTwoSteps()])
+    assert not (tmp_path / "split" / "checkpoint-4").exists()
+    resumed = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-2"))
+    ours = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    theirs = dict(resumed.named_parameters())
+    for n, p in ours.items():
+        torch.testing.assert_close(theirs[n], p, rtol=0, atol=0, msg=n)
+    loaded = PeftModel.from_pretrained(tiny_decoder("llama"), str(tmp_path / "straight" / "checkpoint-4"))
+    batch = default_data_collator([rows()[i] for i in range(2)])
+    with torch.no_grad():
+        straight.eval()
+        torch.testing.assert_close(loaded(**batch).logits, straight(**batch).logits)
