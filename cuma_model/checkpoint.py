@@ -52,6 +52,7 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
     directory = Path(directory)
     peft_model = model if _is_peft_model(model) else None
     patched = peft_model.get_base_model() if peft_model is not None else model
+    recover_folder(directory, clean=True)  # an interrupted save's old folder is what the overwrite check must see
     if not overwrite:
         other = _other_adapter(directory, adapter_state_dict(patched))
         if other:

@@ -21,8 +21,9 @@ from .atomic import atomic_write_bytes
 CONFIG_NAME = "adapter_config.json"
 # Version of the adapter_config.json format; files without the key were written by the first release, which
 # already wrote every field. A field added later must come with its default for the versions before it.
-#   1: the CuMA options, "peft_type": "CuMA".
-#   2: version 1 plus PEFT's own keys (_PEFT_KEYS), "peft_type": "CUMA" (PEFT's PeftType.CUMA).
+#   1: the CuMA options, "peft_type": "CuMA"; a target_modules list was a substring test on qualified names.
+#   2: version 1 plus PEFT's own keys (_PEFT_KEYS), "peft_type": "CUMA" (PEFT's PeftType.CUMA); target_modules
+#      follows PEFT (a list matches name suffixes, a string is a regular expression over the whole name).
 CONFIG_VERSION = 2
 PEFT_TYPE_NAME = "CUMA"
 LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
@@ -33,6 +34,13 @@ _INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "r
 _FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
 _BOOLS = ("shared_A", "share_router_qkv", "share_router_gate_up")
 _STRS = ("routing_mode", "adapter_dtype")
+
+
+def substring_pattern(names) -> str:
+    """The regular expression that selects what version 1's substring test on `names` selected."""
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"target_modules must be a list of names, got {names!r}")
+    return "(?s).*(?:" + "|".join(re.escape(n) for n in names) + ").*"
 
 
 @dataclass
@@ -220,6 +228,8 @@ class CuMAConfig(PeftConfig):
         if missing:
             raise ValueError(f"{source} lacks the keys {missing} (a saved config names every option, so that the "
                              "loaded adapter is the saved one)")
+        if version == 1 and isinstance(d["target_modules"], list):
+            d["target_modules"] = substring_pattern(d["target_modules"])
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:

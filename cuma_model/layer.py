@@ -109,7 +109,9 @@ class CuMALinear(nn.Module):
 
     def _token_view(self, x: torch.Tensor, state, z) -> torch.Tensor:
         """x as [batch, seq, in]: a layer that sees the call's tokens flattened to [batch * seq, in] (a MoE shared
-        expert) routes each token with its own row's z. Other shapes cannot be matched to rows of z."""
+        expert) routes each token with its own row's z. The match is by count: a layer fed some other batch * seq
+        rows (a routed expert that happened to get every token) would be mistaken for one; such layers are not
+        `nn.Linear` targets in transformers' MoE models. Other shapes cannot be matched to rows of z."""
         if x.dim() == 3:
             if state is not None and state.token_shape is None:
                 state.token_shape = tuple(x.shape[:2])
@@ -117,6 +119,8 @@ class CuMALinear(nn.Module):
         if x.dim() == 2 and state is not None and state.token_shape is not None \
                 and x.shape[0] == state.token_shape[0] * state.token_shape[1]:
             return x.view(*state.token_shape, x.shape[-1])
+        if x.dim() == 2 and z is not None and x.shape[0] == z.shape[0]:  # one token per row
+            return x[:, None, :]
         if z is None:  # routed on hidden states alone: any token layout will do
             return x.reshape(1, -1, x.shape[-1])
         raise ValueError(f"the layer routed by {self.router.key} received input of shape {tuple(x.shape)}, neither "

@@ -41,6 +41,7 @@ class CuMAHandle:
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
         self.aux_meter = AuxMeter()
         self.disabled = False  # the whole adapter switched off (PEFT's disable_adapter); adapters_disabled is per call
+        self.overrides: list[tuple] = []  # (object, attribute, had it, its value) for every attribute patched
         self.warned_backbone_aux = False
 
 
@@ -79,10 +80,20 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     for _, base in targets:
         execution_device(base)  # an offloaded layer with nowhere to put its adapter fails before anything changes
     handle = CuMAHandle(config)
+    try:
+        _inject(model, handle, targets)
+    except BaseException:  # e.g. out of memory half-way: the model goes back to what it was
+        _restore(model, handle)
+        raise
+    model.cuma = handle
+    return model
+
+
+def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
+    config = handle.config
     for name, p in model.named_parameters():
         handle.base_requires_grad[name] = p.requires_grad
         p.requires_grad_(False)
-
     dtype = getattr(torch, config.adapter_dtype)
     modules = dict(model.named_modules())
     for name, base in targets:
@@ -96,16 +107,41 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     # Layers that transformers may checkpoint (GradientCheckpointingLayer subclasses, or any module that already has a
     # checkpoint function): their replay must see the conditioning of the call that ran them.
     handle.checkpointed = [m for m in model.modules() if _checkpointable(m)]
-    model.forward = ConditionedForward(model, model.forward)
+    _override(handle, model, "forward", ConditionedForward(model, model.forward))
     backbone = _backbone(model)
     if backbone is not None:
-        backbone.forward = ConditionedForward(model, backbone.forward, backbone=True)
+        _override(handle, backbone, "forward", ConditionedForward(model, backbone.forward, backbone=True))
     if hasattr(model, "generate"):
-        model.generate = ConditionedGenerate(model, model.generate)
+        _override(handle, model, "generate", ConditionedGenerate(model, model.generate))
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained = AdapterSave(model)
-    model.cuma = handle
-    return model
+        _override(handle, model, "save_pretrained", AdapterSave(model))
+
+
+def _override(handle: CuMAHandle, obj, name: str, value) -> None:
+    """Set an instance attribute, remembering what the instance had (an accelerate hook's forward, say)."""
+    handle.overrides.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
+    setattr(obj, name, value)
+
+
+def _restore(model: nn.Module, handle: CuMAHandle) -> None:
+    """Put back everything `_inject` changed, as far as it got."""
+    modules = dict(model.named_modules())
+    for name, layer in handle.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer.base_layer)
+    for key in handle.routers:
+        parent_name, _, attr = key.rpartition(".")
+        parent = modules.get(parent_name, model) if parent_name else model
+        if attr in parent._modules:
+            delattr(parent, attr)
+    for obj, name, had, previous in reversed(handle.overrides):
+        if had:
+            setattr(obj, name, previous)
+        else:
+            obj.__dict__.pop(name, None)
+    for name, p in model.named_parameters():
+        if name in handle.base_requires_grad:
+            p.requires_grad_(handle.base_requires_grad[name])
 
 
 def _backbone(model: nn.Module) -> nn.Module | None:
@@ -304,28 +340,11 @@ def _check_finite(z: torch.Tensor) -> None:
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo patch_model in place: the base layers, the base forward and the base's requires_grad flags come back,
-    adapters and routers go."""
+    """Undo patch_model in place: the base layers, the base forward (and any forward the instance had before) and the
+    base's requires_grad flags come back, adapters and routers go."""
     handle = _handle(model)
-    modules = dict(model.named_modules())
-    for name, layer in handle.layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer.base_layer)
-    for key in handle.routers:
-        parent_name, _, attr = key.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        if attr in parent._modules:
-            delattr(parent, attr)
-    backbone = _backbone(model)
-    if backbone is not None and isinstance(backbone.__dict__.get("forward"), ConditionedForward):
-        del backbone.forward
-    del model.forward, model.cuma
-    for name, kind in (("generate", ConditionedGenerate), ("save_pretrained", AdapterSave)):
-        if isinstance(model.__dict__.get(name), kind):
-            delattr(model, name)
-    for name, p in model.named_parameters():
-        if name in handle.base_requires_grad:
-            p.requires_grad_(handle.base_requires_grad[name])
+    _restore(model, handle)
+    del model.cuma
     return model
 
 

@@ -634,7 +634,7 @@ def run_preference(argv: Sequence[str] | None = None, model=None, tokenizer=None
     t1 = time.perf_counter()
     train_out = trainer.train()
     train_s = time.perf_counter() - t1
-    adapter_dir = save_pretrained(model, out / "final")  # replaced as a unit
+    adapter_dir = save_pretrained(model, out / "final", overwrite=True)  # this run's own output, replaced as a unit
     result = {
         "stage": a.stage, "reference": a.reference if a.stage == "dpo" else ("base" if cfg.beta else None),
         "output_dir": str(out), "adapter_dir": str(adapter_dir), "rows": len(ds),

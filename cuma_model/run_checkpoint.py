@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -62,8 +63,8 @@ def write_checkpoint(directory: Path, model, method: str, state: dict, args) -> 
         buf = io.BytesIO()
         torch.save(state, buf)
         (tmp / STATE_NAME).write_bytes(buf.getvalue())
-        (tmp / RUN_ARGS_NAME).write_text(json.dumps({"method": method, "args": vars(args)}, indent=1, default=str)
-                                         + "\n")
+        (tmp / RUN_ARGS_NAME).write_text(json.dumps({"method": method, "step": state.get("step"), "args": vars(args)},
+                                                    indent=1, default=str) + "\n")
 
     return replace_folder(directory, build)
 
@@ -93,11 +94,22 @@ def find_latest_checkpoint(output_dir: Path) -> Path:
     for d in output_dir.iterdir() if output_dir.is_dir() else []:
         m = CHECKPOINT_RE.match(d.name)
         if (d / STATE_NAME).is_file() and (m or d.name == "final"):
-            step = int(m.group(1)) if m else read_training_state(d)["step"]
-            found.append((step, d.name == "final", d))
+            step = int(m.group(1)) if m else _final_step(d)
+            if step is not None:
+                found.append((step, d.name == "final", d))
     if not found:
         raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_NAME} in {output_dir}")
     return max(found, key=lambda t: (t[0], t[1]))[2]
+
+
+def _final_step(directory: Path) -> int | None:
+    """final/'s step, from train_args.json (cheap) or the state; None, with a warning, when neither can be read."""
+    try:
+        step = json.loads((directory / RUN_ARGS_NAME).read_text()).get("step")
+        return int(step) if step is not None else int(read_training_state(directory)["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"skipping {directory}: {e}", stacklevel=3)
+        return None
 
 
 def saved_args(directory: Path, state: Mapping) -> dict | None:

@@ -63,7 +63,7 @@ import torch
 
 from cuma_model import data as D
 from cuma_model import evaluate as E
-from cuma_model.atomic import atomic_write_bytes
+from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.run_checkpoint import (
     CHECKPOINT_RE,
     RUN_ARGS_NAME,
@@ -416,6 +416,14 @@ def batch_seed(seed: int, process: int, epoch: int, batch: int) -> int:
     return (((seed * 1_000_003 + process) * 1_000_033 + epoch) * 1_000_037 + batch) % (2 ** 63)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step; `checkpoint` holds everything done (`--resume latest`)."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+
+
 class stop_requests(contextlib.AbstractContextManager):
     """While active, SIGINT and SIGTERM ask the training loop to stop after the current step (`.signum` is set)
     instead of killing it; a second signal acts as usual. Outside the main thread nothing is installed."""
@@ -459,6 +467,8 @@ def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
 def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, examples=None) -> dict:
     """Train and evaluate as the command line does; returns the metrics dict also written to metrics.json.
 
+    SIGINT or SIGTERM during training writes a checkpoint and raises `TrainingInterrupted` (a KeyboardInterrupt).
+
     args_or_config: an argparse.Namespace, a dict of options (the parser's dest names, e.g. {"method": "lora",
     "max_steps": 50}) or an argv list; missing options take the parser's defaults. The keywords inject parts
     instead of loading them (tests, notebooks): `model` + `tokenizer` (a causal LM and its tokenizer with a chat
@@ -481,6 +491,7 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     resume_dir = resume_state = None
     if args.resume is not None:
         resume_dir = find_latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
+        recover_folder(resume_dir)  # a crash between two renames may have left the name empty
         resume_state = read_training_state(resume_dir)
         check_resume(resume_dir, resume_state, args)
 
@@ -524,13 +535,13 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     # ---- training
     history: list[dict] = []
     step = 0
-    interrupted = None
     if args.method != "base":
         t = time.perf_counter()
         prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
         labels = [letter_ids[e.target_letter] for e in splits.train]
         z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
-        fingerprint = data_fingerprint(prompt_ids, labels, z_index, z_table if needs_z else [])
+        # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
+        fingerprint = data_fingerprint(prompt_ids, labels, z_table[index_train] if needs_z else [])
         dataset = TrainSet(prompt_ids, labels, z_index)
         sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
@@ -577,8 +588,9 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
         model.train()
         bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
         acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+        stop_now = False  # agreed by every process at the same step
         with stop_requests() as stop:
-            while step < total_steps and stop.signum is None:
+            while step < total_steps and not stop_now:
                 if batches_done >= len(loader):
                     epoch, batches_done = epoch + 1, 0
                 sampler.set_epoch(epoch)
@@ -605,32 +617,30 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
                         continue
                     step += 1
                     # a stop request reaches every process through the loss reduction, so all stop at one step
-                    mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, stop.signum or 0.0],
+                    asked = 1.0 if stop.signum is not None else 0.0
+                    mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, asked],
                                                            device=accelerator.device), "mean").tolist()
-                    if mean[2] > 0 and stop.signum is None:
-                        stop.signum = signal.SIGTERM
+                    stop_now = mean[2] > 0
                     history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
                                     "lr": scheduler.get_last_lr()[0]})
                     acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
                     bar.update(1)
                     bar.set_postfix(loss=f"{mean[0]:.3f}")
-                    if step >= total_steps or stop.signum is not None:
+                    if step >= total_steps or stop_now:
                         break
                     if args.save_steps and step % args.save_steps == 0:
                         checkpoint(f"checkpoint-{step}", epoch, batches_done)
             bar.close()
-            if step < total_steps:  # stopped by a signal: keep every step done so far
-                interrupted = checkpoint(f"checkpoint-{step}", epoch, batches_done)
-            else:
-                checkpoint("final", epoch, batches_done)
+            # stopped early by a signal: keep every step done so far
+            saved = checkpoint("final" if step >= total_steps else f"checkpoint-{step}", epoch, batches_done)
         timings["train_s"] = time.perf_counter() - t
         timings["train_steps"] = step
-        if interrupted is not None:
-            log(f"{signal.Signals(stop.signum).name} at step {step} of {total_steps}: checkpoint written to "
-                f"{interrupted}; continue with --resume latest")
-            return {"method": args.method, "interrupted": signal.Signals(stop.signum).name, "signum": stop.signum,
-                    "checkpoint": str(interrupted), "train": {"steps": step, "history": history},
-                    "output_dir": str(out_dir)}
+        # a signal during the last step or the final write counts too (alone: other processes would not know)
+        if stop_now or (stop.signum is not None and accelerator.num_processes == 1):
+            signum = stop.signum or signal.SIGTERM  # another process's signal
+            log(f"{signal.Signals(signum).name} at step {step} of {total_steps}: checkpoint written to {saved}; "
+                "continue with --resume latest")
+            raise TrainingInterrupted(signum, saved, step)
         log(f"trained {step} steps in {timings['train_s']:.0f}s")
 
     # ---- evaluation (main process)
@@ -745,8 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_args(args)
     except ValueError as e:
         parser.error(str(e))
-    result = train(args)
-    return 128 + result["signum"] if result.get("interrupted") else 0  # the shell's code for death by that signal
+    try:
+        train(args)
+    except TrainingInterrupted as stopped:
+        return 128 + stopped.signum  # the shell's code for death by that signal
+    return 0
 
 
 if __name__ == "__main__":

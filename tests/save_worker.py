@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the tree under test, not an installed copy
 
 import cuma_model  # noqa: E402
 from tiny_models import tiny_decoder  # noqa: E402

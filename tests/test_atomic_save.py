@@ -50,6 +50,8 @@ class Faults:
         def faulty(*a, **k):
             self.calls += 1
             if self.calls == self.n:
+                if k.get("ignore_errors"):
+                    return None  # rmtree(ignore_errors=True) swallows its failures
                 raise OSError(errno.EIO, f"injected failure in {name}")
             return fn(*a, **k)
         return faulty
@@ -96,10 +98,13 @@ def test_the_empty_name_of_an_interrupted_swap_is_repaired(tmp_path):
     old = adapter(seed=1)
     folder = tmp_path / "final"
     cuma_model.save_pretrained(old, folder)
-    os.rename(folder, tmp_path / ".final.old-abc123")
-    os.mkdir(tmp_path / ".final.tmp-def456")
+    os.rename(folder, tmp_path / ".final.cuma-old-abc123")
+    os.mkdir(tmp_path / ".final.cuma-tmp-def456")
     loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
     torch.testing.assert_close(outputs(loaded), outputs(old), rtol=0, atol=0)
+    # a load never deletes a hidden folder: it may be another process's save in progress; the next save does
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".final.cuma-tmp-def456", "final"]
+    cuma_model.save_pretrained(old, folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
@@ -152,3 +157,20 @@ def test_saving_over_another_adapter_needs_overwrite(tmp_path):
     cuma_model.save_pretrained(model, peft_dir, overwrite=True)
     torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), peft_dir)), outputs(model))
     assert (peft_dir / "README.md").is_file()  # PEFT's model card is not the adapter's: it stays
+
+
+def test_odd_names_symlinks_and_permissions(tmp_path):
+    old, new = adapter(seed=1), adapter(seed=2)
+    folder = tmp_path / "run[1]"  # glob characters in the name
+    cuma_model.save_pretrained(old, folder)
+    os.rename(folder, tmp_path / ".run[1].cuma-old-abc123")
+    torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), folder)), outputs(old))
+    real, link = tmp_path / "real", tmp_path / "link"
+    cuma_model.save_pretrained(old, real)
+    os.chmod(real, 0o755)
+    link.symlink_to(real)
+    cuma_model.save_pretrained(new, link)  # the folder the link names is replaced; the link stays a link
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), real)), outputs(new))
+    assert oct(real.stat().st_mode & 0o777) == "0o755"  # the folder keeps its permissions
+    assert hidden_entries(tmp_path) == []

@@ -1,4 +1,5 @@
 """The training script loses nothing: exact resume everywhere, refused resumes of another run, signals, bad paths."""
+import dataclasses
 import json
 import os
 import shutil
@@ -87,8 +88,10 @@ def test_a_signal_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path, monk
     handler = signal.getsignal(sig)
     with monkeypatch.context() as m:
         m.setattr(T, "_forward_loss", signalled)
-        stopped = T.train(options(tmp_path, **common), **parts())  # --save-steps 0: only the signal saves
-    assert stopped["interrupted"] == signal.Signals(sig).name and stopped["train"]["steps"] == 5
+        with pytest.raises(T.TrainingInterrupted) as stopped:  # --save-steps 0: only the signal saves
+            T.train(options(tmp_path, **common), **parts())
+    assert stopped.value.signum == sig and stopped.value.step == 5
+    assert stopped.value.checkpoint == run / "checkpoint-5"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-5"]
     assert signal.getsignal(sig) is handler  # put back after training
     resumed = T.train(options(tmp_path, resume="latest", **common), **parts())
@@ -126,10 +129,11 @@ def test_latest_finds_a_checkpoint_whose_replacement_was_interrupted(tmp_path):
     T.train(options(tmp_path, method="lora", max_steps=4, save_steps=2, do_eval=False), **parts())
     run = tmp_path / "run"
     shutil.rmtree(run / "final")
-    os.rename(run / "checkpoint-2", run / ".checkpoint-2.old-x1y2z3")  # the gap between two renames
-    os.mkdir(run / ".checkpoint-2.tmp-a1b2c3")
+    os.rename(run / "checkpoint-2", run / ".checkpoint-2.cuma-old-x1y2z3")  # the gap between two renames
+    os.mkdir(run / ".checkpoint-2.cuma-tmp-a1b2c3")
     assert T.find_latest_checkpoint(run).name == "checkpoint-2"
-    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [".checkpoint-2.cuma-tmp-a1b2c3",
+                                                                                 "checkpoint-2"]
 
 
 def test_a_missing_model_folder_is_named(tmp_path):
@@ -141,3 +145,23 @@ def test_train_args_record_what_the_run_used(tmp_path):
     T.train(options(tmp_path, method="lora", max_steps=2, do_eval=False), **parts())
     saved = json.loads((tmp_path / "run" / "final" / T.RUN_ARGS_NAME).read_text())
     assert saved["method"] == "lora" and saved["args"]["max_steps"] == 2
+
+
+def test_main_exits_with_the_signal_code(monkeypatch):
+    def interrupted(args):
+        raise T.TrainingInterrupted(signal.SIGTERM, Path("runs/x/checkpoint-3"), 3)
+
+    monkeypatch.setattr(T, "train", interrupted)
+    assert T.main(["--method", "lora"]) == 128 + signal.SIGTERM
+
+
+def test_a_resume_may_change_what_is_evaluated_with_per_respondent_profiles(tmp_path):
+    """z of the evaluation profiles is not part of the training data: another eval split resumes fine."""
+    examples = [dataclasses.replace(e, profile=f"{e.profile} {e.respondent_id}") for e in survey()]
+    common = dict(method="cuma", max_steps=4, save_steps=2, do_eval=False)
+    T.train(options(tmp_path, **common), **{**parts(), "examples": examples})
+    run = tmp_path / "run"
+    shutil.rmtree(run / "final")
+    T.train(options(tmp_path, resume="latest", eval_split="val", eval_examples=10, **common),
+            **{**parts(), "examples": examples})
+    assert T.read_training_state(run / "final")["step"] == 4

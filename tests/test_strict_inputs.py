@@ -170,3 +170,48 @@ def test_unpatch_restores_requires_grad_and_disabled_adapters_need_no_z():
         model(ids)
     cuma_model.unpatch_model(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_failed_patch_leaves_the_model_as_it_was(monkeypatch):
+    import cuma_model.patch as P
+
+    model = tiny_decoder("llama")
+    own_forward = model.forward
+    model.forward = own_forward  # an instance-level forward (as an accelerate hook installs): must come back
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    real = P.CuMALinear
+
+    def fails_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(P, "CuMALinear", fails_on_third)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            cuma_model.patch_model(model, demographic_dim=3)
+    assert not cuma_model.is_patched(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any("lora_" in n or "cuma_router" in n for n, _ in model.named_parameters())
+    cuma_model.patch_model(model, demographic_dim=3)  # and patching works afterwards
+    cuma_model.unpatch_model(model)
+    assert model.__dict__["forward"] == own_forward
+
+
+def test_version_1_target_lists_keep_their_substring_meaning(tmp_path):
+    """Adapters saved by the first release matched target names as substrings: they load as they were saved."""
+    saved = tiny_decoder("llama")
+    cuma_model.patch_model(saved, demographic_dim=3, target_modules=r".*self_attn\..*")  # what ["self_attn"] meant
+    randomize_experts(saved)
+    cuma_model.save_pretrained(saved, tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    version_1 = {k: v for k, v in d.items() if k not in ("task_type", "auto_mapping", "peft_version", "revision",
+                                                           "inference_mode")}
+    version_1.update(peft_type="CuMA", cuma_config_version=1, target_modules=["self_attn"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(version_1))
+    loaded = cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path)
+    assert sorted(cuma_model.cuma_layers(loaded)) == sorted(cuma_model.cuma_layers(saved))
+    ids, z = torch.randint(3, 97, (2, 5)), torch.randn(2, 3)
+    torch.testing.assert_close(loaded(ids, demographic_embeds=z).logits, saved(ids, demographic_embeds=z).logits)

@@ -19,11 +19,15 @@ def patched(aux_loss_coef=0.01):
     return model
 
 
-def rows(n=8, seq=6, seed=0, z_scale=1.0):
+def rows(n=8, seq=6, seed=0, z_scale=1.0, masked=None):
+    """`masked[i]` label positions of row i are -100 (prompt tokens), so micro-batches hold unequal label counts."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 97, (n, seq), generator=g)
+    labels = ids.clone()
+    for i, m in enumerate(masked or []):
+        labels[i, :m] = -100
     return datasets.Dataset.from_dict({
-        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist(),
+        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist(),
         "demographic_embeds": (torch.randn(n, D, generator=g) * z_scale).tolist()})
 
 
@@ -67,10 +71,13 @@ def test_aux_loss_counts_once_per_batch_under_gradient_accumulation(tmp_path):
     capture = GradsBeforeStep()
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, per_device_train_batch_size=2,
                                                   gradient_accumulation_steps=2, learning_rate=0.0),
-                      train_dataset=rows(n=4), data_collator=default_data_collator, callbacks=[capture])
+                      train_dataset=rows(n=4, masked=[4, 4, 0, 1]), data_collator=default_data_collator,
+                      callbacks=[capture])
     trainer.train()
     hook.remove()
     assert len(seen) == 2
+    counts = [int(b["labels"][:, 1:].ne(-100).sum()) for b in seen]
+    assert counts[0] != counts[1]  # unequal shares: a plain 1 / accumulation-steps weight would not pass
     # expected: the whole batch's token-mean LM loss, plus each micro-batch's aux weighted by its share of the
     # batch's labels (shares sum to 1; the old behaviour summed them to 2)
     model.zero_grad()
