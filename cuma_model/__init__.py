@@ -1,9 +1,10 @@
 """cuma_model: the thin model layer of CuMA (config, router, adapted linear, patching, conditioning, save/load)."""
-from .checkpoint import from_pretrained, save_pretrained
+from .checkpoint import save_pretrained
 from .context import adapters_disabled, conditioning, record_routing
 from .config import CuMAConfig
 from .layer import CuMALinear
-from .patch import cuma_layers, forward_scope, is_patched, patch_model, routers, unpatch_model
+from .handle import is_patched
+from .patch import cuma_layers, forward_scope, from_pretrained, patch_model, routers, unpatch_model
 from .router import DemographicRouter, load_balancing_loss
 from .integrations.peft import register as _register_peft_method
 

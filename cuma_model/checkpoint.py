@@ -13,7 +13,7 @@ import torch
 
 from .atomic import recover_folder, replace_folder
 from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, CuMAConfig
-from .patch import _handle, patch_model, unpatch_model
+from .handle import handle_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -23,7 +23,7 @@ MODEL_CARD_NAME = "README.md"
 
 def adapter_state_dict(model) -> dict:
     """Every adapter and router tensor of a patched model, keyed by its qualified parameter name."""
-    handle = _handle(model)
+    handle = handle_of(model)
     owned = {id(p) for layer in handle.layers.values() for p in (layer.lora_A, layer.lora_B)}
     owned |= {id(p) for router in handle.routers.values() for p in router.parameters()}
     return {name: p for name, p in model.named_parameters() if id(p) in owned}
@@ -38,7 +38,7 @@ def write_adapter(model, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
-    (directory / CONFIG_NAME).write_text(json.dumps(_handle(model).config.to_dict(), indent=2) + "\n")
+    (directory / CONFIG_NAME).write_text(json.dumps(handle_of(model).config.to_dict(), indent=2) + "\n")
 
 
 def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Path:
@@ -149,23 +149,3 @@ def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | 
             p.copy_(tensors[name])
             if requires_grad is not None:
                 p.requires_grad_(requires_grad)
-
-
-def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
-    """Patch `model` (a base model) with the adapter saved in `directory` and load its weights; returns `model`.
-
-    Both files are read and checked before the model is touched, and a failure after patching unpatches it again:
-    a failed load leaves `model` as it was. Reads what `save_pretrained` and `PeftModel.save_pretrained` write, and
-    the files of earlier cuma releases (cuma_config_version 1).
-    """
-    directory = Path(directory)
-    recover_folder(directory)
-    config = CuMAConfig.load(directory)
-    tensors = read_adapter_weights(directory)
-    patch_model(model, config)
-    try:
-        load_adapter_tensors(model, tensors, directory, requires_grad=is_trainable)
-    except BaseException:
-        unpatch_model(model)
-        raise
-    return model

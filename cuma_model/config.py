@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftConfig, TaskType
+from peft.utils import PeftType
 
 from cuma_kernels.reference import ROUTING_MODES
 
@@ -34,6 +35,31 @@ _INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "r
 _FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
 _BOOLS = ("shared_A", "share_router_qkv", "share_router_gate_up")
 _STRS = ("routing_mode", "adapter_dtype")
+
+
+def cuma_peft_type() -> PeftType:
+    """`PeftType.CUMA`, added to PEFT's enum on first use; idempotent.
+
+    PEFT keeps its methods in a closed enum (`register_peft_method` refuses a name that is not a member), and Python
+    has no public way to add a member to an existing enum. Replacing the class would break every reference PEFT
+    already holds, so the member is added in place, exactly as `Enum` itself stores one: an instance of the str-mixin
+    enum with `_name_`/`_value_`, entered in `_member_map_`, `_member_names_` (iteration, `in list(PeftType)`) and
+    `_value2member_map_` (`PeftType("CUMA")`). It then hashes, compares, pickles and serialises to JSON as the
+    string "CUMA", like PEFT's own members. If PEFT ever ships the member itself, that one is used. Version 1
+    adapter files say "CuMA": that value is an alias of the same member.
+    """
+    member = PeftType.__members__.get(PEFT_TYPE_NAME)
+    if member is None:
+        member = str.__new__(PeftType, PEFT_TYPE_NAME)
+        member._name_ = member._value_ = PEFT_TYPE_NAME
+        member.__objclass__ = PeftType
+        member._sort_order_ = len(PeftType._member_names_)
+        type.__setattr__(PeftType, PEFT_TYPE_NAME, member)  # EnumType.__setattr__ guards existing members only
+        PeftType._member_map_[PEFT_TYPE_NAME] = member
+        PeftType._member_names_.append(PEFT_TYPE_NAME)
+        PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_.setdefault(LEGACY_PEFT_TYPE_NAME, member)
+    return member
 
 
 def substring_pattern(names) -> str:
@@ -97,7 +123,6 @@ class CuMAConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        from .integrations.peft import cuma_peft_type
 
         if self.peft_type is None or self.peft_type in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
             self.peft_type = cuma_peft_type()

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import inspect
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,51 +19,16 @@ from .context import (
     pending_embeds,
     wrap_checkpoint_function,
 )
+from .atomic import recover_folder
+from .checkpoint import load_adapter_tensors, read_adapter_weights, save_pretrained
 from .config import CuMAConfig
+from .handle import CuMAHandle, handle_of, is_patched
 from .layer import CuMALinear
 from .router import DemographicRouter
 from .targets import execution_device, features, find_targets
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
-
-
-class CuMAHandle:
-    """What a patched model knows about its adapter: the config, its routers and adapted layers.
-
-    Every CuMALinear points at its handle: that is how two patched models alive at once keep their conditioning apart.
-    """
-
-    def __init__(self, config: CuMAConfig):
-        self.config = config
-        self.layers: dict[str, CuMALinear] = {}
-        self.routers: dict[str, DemographicRouter] = {}
-        self.checkpointed: list[nn.Module] = []
-        self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
-        self.aux_meter = AuxMeter()
-        self.disabled = False  # the whole adapter switched off (PEFT's disable_adapter); adapters_disabled is per call
-        self.overrides: list[tuple] = []  # (object, attribute, had it, its value) for every attribute patched
-        self.warned_backbone_aux = False
-
-
-class AuxMeter:
-    """Running mean of the aux losses of training forwards, for a trainer's logs (kept on the device: no sync)."""
-
-    def __init__(self):
-        self.total, self.count = None, 0
-
-    def add(self, aux: torch.Tensor) -> None:
-        if torch.is_grad_enabled():  # training forwards only, not evaluation or generation
-            value = aux.detach().float()
-            self.total = value if self.total is None else self.total + value.to(self.total.device)
-            self.count += 1
-
-    def pop_mean(self) -> float | None:
-        if not self.count:
-            return None
-        mean = float(self.total) / self.count
-        self.total, self.count = None, 0
-        return mean
 
 
 def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
@@ -185,7 +151,7 @@ def forward_scope(model: nn.Module, demographic_embeds: torch.Tensor | None,
     head). Yields the `ForwardState`; `state.aux_loss()` is the weighted load-balancing loss of the block's calls.
     `compute_aux` defaults to the model's training mode.
     """
-    handle = _handle(model)
+    handle = handle_of(model)
     for layer in handle.checkpointed:  # a checkpointed layer's backward replay must see this state again
         fn = getattr(layer, "_gradient_checkpointing_func", None)
         if fn is not None:
@@ -285,8 +251,6 @@ class AdapterSave:
         self.model = model
 
     def __call__(self, save_directory, *args, **kwargs):
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self.model, save_directory)
 
 
@@ -342,7 +306,7 @@ def _check_finite(z: torch.Tensor) -> None:
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo patch_model in place: the base layers, the base forward (and any forward the instance had before) and the
     base's requires_grad flags come back, adapters and routers go."""
-    handle = _handle(model)
+    handle = handle_of(model)
     _restore(model, handle)
     del model.cuma
     return model
@@ -350,20 +314,29 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 def routers(model: nn.Module) -> list[DemographicRouter]:
     """The model's routers, in layer order; each has `.key` (its qualified name), `.logits(x, z)`, `.route(x, z)`."""
-    return list(_handle(model).routers.values())
+    return list(handle_of(model).routers.values())
 
 
 def cuma_layers(model: nn.Module) -> dict[str, CuMALinear]:
     """Qualified name -> CuMALinear of every adapted layer."""
-    return dict(_handle(model).layers)
+    return dict(handle_of(model).layers)
 
 
-def is_patched(model: nn.Module) -> bool:
-    return getattr(model, "cuma", None) is not None
+def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
+    """Patch `model` (a base model) with the adapter saved in `directory` and load its weights; returns `model`.
 
-
-def _handle(model: nn.Module) -> CuMAHandle:
-    handle = getattr(model, "cuma", None)
-    if handle is None:
-        raise ValueError("this model is not patched with CuMA: call cuma_model.patch_model(model, ...) first")
-    return handle
+    Both files are read and checked before the model is touched, and a failure after patching unpatches it again:
+    a failed load leaves `model` as it was. Reads what `save_pretrained` and `PeftModel.save_pretrained` write, and
+    the files of earlier cuma releases (cuma_config_version 1).
+    """
+    directory = Path(directory)
+    recover_folder(directory)
+    config = CuMAConfig.load(directory)
+    tensors = read_adapter_weights(directory)
+    patch_model(model, config)
+    try:
+        load_adapter_tensors(model, tensors, directory, requires_grad=is_trainable)
+    except BaseException:
+        unpatch_model(model)
+        raise
+    return model

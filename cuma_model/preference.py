@@ -199,7 +199,7 @@ def survey_answer_reward(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _handle(model):
+def handle_of(model):
     handle = getattr(model, "cuma", None)
     if handle is None:
         raise ValueError("the model is not patched with CuMA: load it with cuma_model.from_pretrained(base, sft_dir) "
@@ -235,7 +235,7 @@ class BaseReference(nn.Module):
 
     def __init__(self, policy: nn.Module):
         super().__init__()
-        _handle(policy)
+        handle_of(policy)
         self.__dict__["policy"] = policy
         self.config = policy.config
         self.generation_config = getattr(policy, "generation_config", None)
@@ -335,7 +335,7 @@ def _dpo_class():
                      eval_dataset=None, **kwargs):
             if reference not in REFERENCES:
                 raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-            handle = _handle(model)
+            handle = handle_of(model)
             _drop_gguf_quantizer(model)
             self.cuma_policy, self.cuma_reference = model, reference
             ref_model = None
@@ -426,7 +426,7 @@ def _grpo_class():
         reference is the base model (adapters disabled), without a second copy."""
 
         def __init__(self, model, reward_funcs, args, train_dataset, processing_class, encoder, **kwargs):
-            handle = _handle(model)
+            handle = handle_of(model)
             _drop_gguf_quantizer(model)
             self.cuma_policy, self.cuma_encoder = model, encoder
             self._cuma_dim = handle.config.demographic_dim

@@ -432,7 +432,7 @@ class stop_requests(contextlib.AbstractContextManager):
         self.signum = None
         self._previous = {}
 
-    def _handle(self, signum, frame):
+    def _on_signal(self, signum, frame):
         self.signum = signum
         for sig, handler in self._previous.items():  # the next signal interrupts at once
             signal.signal(sig, handler)
@@ -442,7 +442,7 @@ class stop_requests(contextlib.AbstractContextManager):
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc):

@@ -13,39 +13,15 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import PeftType, register_peft_method
+from peft.utils import register_peft_method
 from torch import nn
 
-from ..config import LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
+from ..config import LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, cuma_peft_type
 from ..layer import CuMALinear
-from ..patch import CuMAHandle, _handle, is_patched, patch_model, unpatch_model
+from ..handle import CuMAHandle, handle_of, is_patched
+from ..patch import patch_model, unpatch_model
 
 PREFIX = "cuma_"
-
-
-def cuma_peft_type() -> PeftType:
-    """`PeftType.CUMA`, added to PEFT's enum on first use; idempotent.
-
-    PEFT keeps its methods in a closed enum (`register_peft_method` refuses a name that is not a member), and Python
-    has no public way to add a member to an existing enum. Replacing the class would break every reference PEFT
-    already holds, so the member is added in place, exactly as `Enum` itself stores one: an instance of the str-mixin
-    enum with `_name_`/`_value_`, entered in `_member_map_`, `_member_names_` (iteration, `in list(PeftType)`) and
-    `_value2member_map_` (`PeftType("CUMA")`). It then hashes, compares, pickles and serialises to JSON as the
-    string "CUMA", like PEFT's own members. If PEFT ever ships the member itself, that one is used. Version 1
-    adapter files say "CuMA": that value is an alias of the same member.
-    """
-    member = PeftType.__members__.get(PEFT_TYPE_NAME)
-    if member is None:
-        member = str.__new__(PeftType, PEFT_TYPE_NAME)
-        member._name_ = member._value_ = PEFT_TYPE_NAME
-        member.__objclass__ = PeftType
-        member._sort_order_ = len(PeftType._member_names_)
-        type.__setattr__(PeftType, PEFT_TYPE_NAME, member)  # EnumType.__setattr__ guards existing members only
-        PeftType._member_map_[PEFT_TYPE_NAME] = member
-        PeftType._member_names_.append(PEFT_TYPE_NAME)
-        PeftType._value2member_map_[PEFT_TYPE_NAME] = member
-    PeftType._value2member_map_.setdefault(LEGACY_PEFT_TYPE_NAME, member)
-    return member
 
 
 def register() -> None:
@@ -117,7 +93,7 @@ class CuMAModel(BaseTuner):
         except BaseException:
             unpatch_model(model)
             raise
-        handle = _handle(model)
+        handle = handle_of(model)
         for layer in handle.layers.values():
             layer.__class__ = CuMAPeftLinear
             layer._active_adapter = adapter_name
@@ -133,7 +109,7 @@ class CuMAModel(BaseTuner):
         """No cast: `CuMAConfig.adapter_dtype` decides the adapter's storage dtype, on both paths alike."""
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        handle = _handle(self.model)
+        handle = handle_of(self.model)
         handle.disabled = not enabled  # every entry point (forward, backbone, generate) then runs the frozen base
         for layer in handle.layers.values():
             layer._disable_adapters = not enabled  # what PEFT's status functions read
@@ -141,7 +117,7 @@ class CuMAModel(BaseTuner):
     def _held_adapter(self) -> str | None:
         if not is_patched(self.model):
             return None
-        return next(iter(_handle(self.model).layers.values()))._active_adapter
+        return next(iter(handle_of(self.model).layers.values()))._active_adapter
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)

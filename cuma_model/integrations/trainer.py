@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..patch import is_patched
+from ..handle import is_patched
 
 
 def _patched_model(model):

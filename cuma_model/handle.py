@@ -1,0 +1,55 @@
+"""CuMAHandle: what a patched model knows about its adapter, and how to find it on a model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CuMAHandle:
+    """What a patched model knows about its adapter: the config, its routers and adapted layers.
+
+    Every CuMALinear points at its handle: that is how two patched models alive at once keep their conditioning apart.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.layers: dict = {}  # qualified name -> CuMALinear
+        self.routers: dict = {}  # router key -> DemographicRouter
+        self.checkpointed: list[nn.Module] = []
+        self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
+        self.aux_meter = AuxMeter()
+        self.disabled = False  # the whole adapter switched off (PEFT's disable_adapter); adapters_disabled is per call
+        self.overrides: list[tuple] = []  # (object, attribute, had it, its value) for every attribute patched
+        self.warned_backbone_aux = False
+
+
+class AuxMeter:
+    """Running mean of the aux losses of training forwards, for a trainer's logs (kept on the device: no sync)."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def add(self, aux: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training forwards only, not evaluation or generation
+            value = aux.detach().float()
+            self.total = value if self.total is None else self.total + value.to(self.total.device)
+            self.count += 1
+
+    def pop_mean(self) -> float | None:
+        if not self.count:
+            return None
+        mean = float(self.total) / self.count
+        self.total, self.count = None, 0
+        return mean
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "cuma", None) is not None
+
+
+def handle_of(model: nn.Module) -> CuMAHandle:
+    """The handle of a patched model (a PeftModel forwards `.cuma` to the model it wraps)."""
+    handle = getattr(model, "cuma", None)
+    if handle is None:
+        raise ValueError("this model is not patched with CuMA: call cuma_model.patch_model(model, ...) first")
+    return handle
