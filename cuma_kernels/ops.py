@@ -207,8 +207,10 @@ def _(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order,
 
 
 class _LoraExperts(torch.autograd.Function):
+    # base_out comes first: when it is a view modified in place, autograd (CopySlices) takes the first
+    # gradient returned as the modified tensor's
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, topk_weights, base_out, topk_idx, scaling, sort_order, offsets, token_order,
+    def forward(ctx, base_out, x, lora_A, lora_B, topk_weights, topk_idx, scaling, sort_order, offsets, token_order,
                 backend, inplace):
         if inplace:
             out = base_out
@@ -229,7 +231,7 @@ class _LoraExperts(torch.autograd.Function):
         dx, d_a, d_b, d_w = _lora_experts_bwd(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, ctx.scaling,
                                               sort_order, offsets, token_order, ctx.backend)
         d_base = grad_y if ctx.has_base else None
-        return dx, d_a, d_b, d_w, d_base, None, None, None, None, None, None, None
+        return d_base, dx, d_a, d_b, d_w, None, None, None, None, None, None, None
 
 
 def _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out) -> None:
@@ -316,5 +318,5 @@ def lora_experts(
             sort_order, offsets = pair_order(topk_idx, lora_B.shape[0])
         else:
             sort_order, offsets = dispatch.sort_order, dispatch.offsets
-    return _LoraExperts.apply(x, lora_A, lora_B, topk_weights, base_out, topk_idx, float(scaling), sort_order,
+    return _LoraExperts.apply(base_out, x, lora_A, lora_B, topk_weights, topk_idx, float(scaling), sort_order,
                               offsets, token_order, backend, inplace)

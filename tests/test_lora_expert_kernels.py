@@ -313,7 +313,7 @@ def test_inplace_add_into_the_base_output(backend):
     for inplace in (False, True):
         leaves = [t.to(DEVICE).requires_grad_() for t in (x, W, A, B, w)]
         xd, Wd, Ad, Bd, wd = leaves
-        base = xd @ Wd.t()  # an intermediate, as in the model
+        base = (xd.view(3, 11, K) @ Wd.t()).reshape(T, N)  # an intermediate and a view, as in the model
         y = lora_experts(xd, Ad, Bd, idx.to(DEVICE), wd, 0.5, base, inplace=inplace)
         assert (y.data_ptr() == base.data_ptr()) == inplace
         y.backward(grad.to(DEVICE))

@@ -14,8 +14,10 @@ DEVICE = os.environ.get("CUMA_TEST_DEVICE", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _layer(x, logits, A, B, base, mode):
+def _layer(x, logits, A, B, base, mode, inplace=False):
     w, idx = route_topk(logits, 2, mode)
+    if inplace:  # into an intermediate, as the model layer does
+        return lora_experts(x, A, B, idx, w, 0.5, base * 1.0, inplace=True)
     return lora_experts(x, A, B, idx, w, 0.5, base)
 
 
@@ -28,16 +30,16 @@ def _inputs(shared, seed=0):
     return [t.to(DEVICE).requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("mode", ["cuma", "soft"])
-def test_compile_fullgraph_matches_eager(shared, mode):
+@pytest.mark.parametrize("shared,mode,inplace", [(False, "cuma", False), (True, "cuma", False),
+                                                 (False, "soft", False), (True, "soft", True), (False, "cuma", True)])
+def test_compile_fullgraph_matches_eager(shared, mode, inplace):
     torch._dynamo.reset()
     eager_in = _inputs(shared)
     compiled_in = [t.detach().clone().requires_grad_() for t in eager_in]
-    y = _layer(*eager_in, mode)
+    y = _layer(*eager_in, mode, inplace)
     y.square().sum().backward()
     compiled = torch.compile(_layer, backend="aot_eager", fullgraph=True)
-    yc = compiled(*compiled_in, mode)
+    yc = compiled(*compiled_in, mode, inplace)
     yc.square().sum().backward()
     torch.testing.assert_close(yc, y)
     for a, b in zip(compiled_in, eager_in):
