@@ -84,7 +84,7 @@ def test_shrink(benchmark, problem, budget, provider, mode):
         idx = p.topk_idx.to(torch.int32)
 
         def forward(x, a):
-            return lora_shrink(x, a, idx, d.token_order)
+            return lora_shrink(x, a, idx, d.token_order, d.sort_order)
     elif provider == "loop":
         def forward(x, a):
             parts = []
@@ -132,7 +132,7 @@ def test_expand(benchmark, problem, budget, provider, mode):
         lora_shrink, lora_expand = _triton_ops(p, mode == "fwd+bwd")
         d = cuma_kernels.dispatch_metadata(p.topk_idx, s.E)
         idx = p.topk_idx.to(torch.int32)
-        h = lora_shrink(p.x, p.lora_A, idx, d.token_order)
+        h = lora_shrink(p.x, p.lora_A, idx, d.token_order, d.sort_order)
 
         def forward(b, w):
             out = torch.empty_like(base_out)

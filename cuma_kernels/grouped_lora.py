@@ -16,9 +16,13 @@ Token-major kernels walk the tokens in `DispatchMetadata.token_order` (tokens gr
 handle the k experts of a token by rank: the q-th smallest expert of each token. Inside a tile of tokens with
 one expert set, rank q is one expert, so a tile costs exactly k rank-r GEMM slices; a tile that straddles sets
 runs one masked slice per distinct expert at that rank, so the wasted work grows with how fast the sets change
-(rank 0 changes slowest in that order; see docs/benchmarks.md for the count at the benchmark shapes).
+(rank 0 changes slowest in that order; `benchmarks/roofline.py` counts it). The shrink and the dy pass, whose
+outputs are per pair, switch to the expert-sorted pairs when there are too few tokens per expert set
+(`pair_major`); the expand and dx sum a token's k experts in registers, so they stay token-major.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -30,6 +34,16 @@ from .utils import interpreting, rank_block, sm_count, tune_configs
 # that pieces x column tiles fill the GPU about PIECE_WAVES times over, whatever the routing skew.
 MIN_PIECE_PAIRS = 64
 PIECE_WAVES = 4
+
+# The shrink and the dy pass walk tokens (token-major) while there are at least this many tokens per possible set of
+# k experts, i.e. while most tiles hold one set; past that they walk the expert-sorted pairs (pair-major), whose
+# tiles hold one or two experts at the price of reading each x / dy row once per pair.
+TOKENS_PER_EXPERT_SET = 64
+
+
+def pair_major(T: int, num_experts: int, top_k: int) -> bool:
+    """True when the shrink and the dy pass walk the expert-sorted pairs instead of the tokens."""
+    return math.comb(num_experts, top_k) * TOKENS_PER_EXPERT_SET > T
 
 # Autotune candidates per kernel (GPU configs, interpreter default); tests run each GPU config's tile sizes.
 SHRINK_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_K": 64}, {"BLOCK_T": 128, "BLOCK_K": 64}, {"BLOCK_T": 64, "BLOCK_K": 128}],
@@ -82,34 +96,50 @@ def _ranked_slot(idx_ptr, rows, t_mask, q, TOP_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_pairs(pid, idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    # (token, slot, expert, valid) of the tile's rows. Token-major: tile pid // k of token_order at rank pid % k.
+    # Pair-major: tile pid of the expert-sorted pairs (one or two experts per tile, whatever the routing).
+    if PAIR_MAJOR:
+        offs = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs < T * TOP_K
+        pair = tl.load(sort_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+        rows = pair // TOP_K
+        slot = (pair % TOP_K).to(tl.int32)
+        expert = tl.load(idx_ptr + pair, mask=t_mask, other=0)
+    else:
+        offs = (pid // TOP_K) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs < T
+        rows = tl.load(token_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+        expert, slot = _ranked_slot(idx_ptr, rows, t_mask, pid % TOP_K, TOP_K)
+    return rows, slot, expert, t_mask
+
+
+@triton.jit
 def _expert_range(expert, t_mask, E):
     return tl.min(tl.where(t_mask, expert, E), axis=0), tl.max(tl.where(t_mask, expert, -1), axis=0)
 
 
-# Program (token tile, rank q, rank-column tile). The k rank programs of a tile are launched next to each other,
+# Program (tile, rank-column tile). Token-major, the k rank programs of a tile are launched next to each other,
 # so the x rows the first one reads are still in L2 for the others: x comes from HBM about once.
 @triton.autotune(
     configs=tune_configs(*SHRINK_CONFIGS),
-    key=["R", "KD", "TOP_K"],
+    key=["R", "KD", "TOP_K", "PAIR_MAJOR"],
 )
 @triton.jit
 def _shrink_kernel(
     x_ptr, stride_xt, stride_xk,
     a_ptr, stride_ae, stride_ar, stride_ak,
     h_ptr,
-    idx_ptr, token_order_ptr,
+    idx_ptr, token_order_ptr, sort_order_ptr,
     T, R, KD, E,
-    TOP_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    q = pid % TOP_K
-    offs = (pid // TOP_K) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs < T
-    rows = tl.load(token_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+    rows, slot, expert, t_mask = _tile_pairs(tl.program_id(0), idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K,
+                                             PAIR_MAJOR, BLOCK_T)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    expert, slot = _ranked_slot(idx_ptr, rows, t_mask, q, TOP_K)
     e_lo, e_hi = _expert_range(expert, t_mask, E)
     for ex in range(e_lo, e_hi + 1):
         sel = t_mask & (expert == ex)
@@ -197,32 +227,28 @@ def _expand_kernel(
              mask=mask)
 
 
-# Program (token tile, rank q): walks all of N so dh_tj is complete in registers, then derives the gate gradient
-# (an r-length dot with h) and the gated dh for dx and dA in its epilogue. dy is read once per tile (the rank
-# siblings, launched together, find it in L2). No [T, k, N] tensor and no glue ops.
+# Program (tile of pairs, as in the shrink): walks all of N so dh_tj is complete in registers, then derives the
+# gate gradient (an r-length dot with h) and the gated dh for dx and dA in its epilogue. Token-major, dy is read
+# once per tile (the rank siblings, launched together, find it in L2). No [T, k, N] tensor and no glue ops.
 @triton.autotune(
     configs=tune_configs(*DY_PASS_CONFIGS),
-    key=["N", "R", "TOP_K"],
+    key=["N", "R", "TOP_K", "PAIR_MAJOR"],
 )
 @triton.jit
 def _dy_pass_kernel(
     dy_ptr, stride_dt, stride_dn,
     b_ptr, stride_be, stride_bn, stride_br,
     h_ptr, stride_ht, stride_hj,
-    idx_ptr, gate_ptr, token_order_ptr,
+    idx_ptr, gate_ptr, token_order_ptr, sort_order_ptr,
     dgate_ptr, dhg_ptr,
     T, N, R, E, scaling,
-    TOP_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    q = pid % TOP_K
-    offs = (pid // TOP_K) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs < T
-    rows = tl.load(token_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+    rows, slot, expert, t_mask = _tile_pairs(tl.program_id(0), idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K,
+                                             PAIR_MAJOR, BLOCK_T)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    expert, slot = _ranked_slot(idx_ptr, rows, t_mask, q, TOP_K)
     e_lo, e_hi = _expert_range(expert, t_mask, E)
     pair = rows * TOP_K + slot
     for ex in range(e_lo, e_hi + 1):
@@ -316,11 +342,16 @@ def _h_strides(shared_h: bool, top_k: int, rank: int) -> tuple[int, int]:
     return (rank, 0) if shared_h else (top_k * rank, rank)
 
 
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor,
-                token_order: torch.Tensor) -> torch.Tensor:
+def _pair_grid(T: int, top_k: int, block: int, by_pairs: bool) -> int:
+    return triton.cdiv(T * top_k, block) if by_pairs else triton.cdiv(T, block) * top_k
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor, token_order: torch.Tensor,
+                sort_order: torch.Tensor) -> torch.Tensor:
     """h in x's dtype: [T*k, r] with row t*k+j = A_{e_tj} x_t (per-expert A), or x @ A0^T [T, r] (shared A).
 
-    x [T, K] and lora_A [E|1, r, K] in one dtype; topk_idx [T, k] int32; token_order [T] int64 (a permutation).
+    x [T, K] and lora_A [E|1, r, K] in one dtype; topk_idx [T, k] int32; token_order [T] and sort_order [T*k]
+    int64 from DispatchMetadata.
     """
     T, top_k = topk_idx.shape
     num_a, rank, kd = lora_A.shape
@@ -333,13 +364,14 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor,
         return h.zero_()
     block_r = min(rank_block(rank), 128)
     upcast, ieee = _flags(x.dtype)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * top_k, triton.cdiv(rank, block_r))  # noqa: E731
+    by_pairs = pair_major(T, num_a, top_k)
+    grid = lambda meta: (_pair_grid(T, top_k, meta["BLOCK_T"], by_pairs), triton.cdiv(rank, block_r))  # noqa: E731
     _shrink_kernel[grid](
         x, x.stride(0), x.stride(1),
         lora_A, lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
-        h, topk_idx, token_order,
+        h, topk_idx, token_order, sort_order,
         T, rank, kd, num_a,
-        TOP_K=top_k, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r,
+        TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r,
     )
     return h
 
@@ -396,13 +428,14 @@ def lora_experts_triton_forward(
     base_out: torch.Tensor | None,
     accumulate: bool,
     token_order: torch.Tensor,
+    sort_order: torch.Tensor,
 ) -> torch.Tensor:
     """Fill out [T, N] with the expert output (plus base_out, or added into out when accumulate) and return h
     (x's dtype) for the backward. Inputs as in `lora_experts`."""
     x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     topk_idx = topk_idx.to(torch.int32).contiguous()
     gates = topk_weights.to(torch.float32).contiguous()
-    h = lora_shrink(x, lora_A, topk_idx, token_order)
+    h = lora_shrink(x, lora_A, topk_idx, token_order, sort_order)
     lora_expand(h, lora_B, topk_idx, gates, scaling, out, token_order, base_out, accumulate)
     return h
 
@@ -510,15 +543,16 @@ def lora_experts_triton_backward(
     else:
         upcast, ieee = _flags(x.dtype)
         sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * top_k,)  # noqa: E731
+        by_pairs = pair_major(T, num_experts, top_k)
+        grid = lambda meta: (_pair_grid(T, top_k, meta["BLOCK_T"], by_pairs),)  # noqa: E731
         _dy_pass_kernel[grid](
             grad_y, grad_y.stride(0), grad_y.stride(1),
             lora_B, lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
             h, sht, shj,
-            topk_idx, gates, token_order,
+            topk_idx, gates, token_order, sort_order,
             d_gates, dhg,
             T, n, rank, num_experts, scaling,
-            TOP_K=top_k, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
+            TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
         )
     pieces = segment_pieces(offsets, T * top_k, max(n, kd))
     segment_outer(grad_y, h, gates, sort_order, pieces, d_b, scaling, top_k)

@@ -159,7 +159,7 @@ def _lora_experts_fwd(
 ) -> torch.Tensor:
     if backend == "triton":
         return lora_experts_triton_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, out, base_out,
-                                           accumulate, token_order)
+                                           accumulate, token_order, sort_order)
     base = out if accumulate else base_out
     if backend == "torch_routed":
         y, h = lora_experts_routed_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base, sort_order,

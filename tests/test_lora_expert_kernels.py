@@ -29,6 +29,14 @@ def backend(request, monkeypatch):
     return name
 
 
+@pytest.fixture
+def tile_order(request, monkeypatch):
+    """Force the shrink and dy pass to walk tokens ("token") or expert-sorted pairs ("pair")."""
+    monkeypatch.setattr(grouped_lora, "TOKENS_PER_EXPERT_SET", 0 if request.param == "token" else 10 ** 9)
+    assert grouped_lora.pair_major(64, 8, 2) == (request.param == "pair")
+    return request.param
+
+
 def reference(x, A, B, idx, w, scaling, base):
     """fp64: gather each (token, slot)'s own A and B, then one einsum. Differentiable."""
     idx = idx.long()
@@ -137,10 +145,21 @@ SHAPES = [
 ]
 
 
+def shape_id(s):
+    return "T{}_K{}_N{}_r{}_E{}_k{}_".format(*s[:6]) + ("A", "sharedA")[s[6]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_K{}_N{}_r{}_E{}_k{}_".format(*s[:6]) + ("A", "sharedA")[s[6]])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_fp32_matches_reference(backend, shape):
     check_fp32(run_case(*shape, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("tile_order", ["token", "pair"], indirect=True)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=shape_id)
+def test_both_tile_orders(backend, tile_order, shape):
+    check_fp32(run_case(*shape, torch.float32, seed=43))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -257,13 +276,15 @@ def test_unrouted_experts_are_never_read(backend, shared):
 # Multi-tile, multi-piece sizes (T*k = 2000 pairs, tiles straddling expert sets, r = 64 and 128).
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("shape,dtype,pattern", [
-    ((1000, 72, 136, 64, 8, 2, False), torch.float32, "random"),
+    ((1000, 72, 136, 64, 8, 2, False), torch.float32, "random"),  # token-major by the rule (forced, T < 28 * 64)
     ((1000, 72, 136, 64, 8, 2, True), torch.bfloat16, "random"),
     ((600, 40, 200, 128, 4, 2, False), torch.bfloat16, "skewed"),
     ((300, 40, 72, 64, 5, 1, False), torch.float32, "one"),
     ((300, 40, 72, 16, 5, 3, False), torch.float16, "one"),
 ], ids=["fp32", "bf16-sharedA", "bf16-r128-skewed", "k1-one-expert", "fp16-k3-one"])
-def test_large_shapes(backend, shape, dtype, pattern):
+def test_large_shapes(backend, shape, dtype, pattern, monkeypatch):
+    if dtype == torch.float32 and shape[4] == 8:
+        monkeypatch.setattr(grouped_lora, "TOKENS_PER_EXPERT_SET", 32)
     res = run_case(*shape, dtype, pattern=pattern, seed=23, dispatch=True)
     check_fp32(res) if dtype == torch.float32 else check_low_precision(res)
 
@@ -275,9 +296,10 @@ def _gpu_config(configs, i):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("tile_order", ["token", "pair"], indirect=True)
 @pytest.mark.parametrize("i", [0, 1, 2])
 @pytest.mark.parametrize("shared", [False, True])
-def test_every_autotune_config(backend, i, shared, monkeypatch):
+def test_every_autotune_config(backend, tile_order, i, shared, monkeypatch):
     """Each GPU autotune config's tile sizes (the interpreter otherwise runs only its small default)."""
     for kernel, configs in ((grouped_lora._shrink_kernel, grouped_lora.SHRINK_CONFIGS),
                             (grouped_lora._expand_kernel, grouped_lora.EXPAND_CONFIGS),
@@ -295,7 +317,8 @@ def test_saved_h_is_routed_and_in_the_compute_dtype(backend):
     idx, w = (t.to(DEVICE) for t in make_routing(T, E, k, "random", gen))
     md = dispatch_metadata(idx, E)
     out = torch.empty(T, N, dtype=torch.bfloat16, device=DEVICE)
-    h = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, out, None, False, md.token_order)
+    h = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, out, None, False, md.token_order,
+                                                 md.sort_order)
     assert h.dtype == torch.bfloat16 and h.shape == (T * k, r)
     ref = torch.einsum("tjrk,tk->tjr", A.double()[idx.long()], x.double()).reshape(T * k, r)
     assert (h.double() - ref).abs().max() <= 1e-2 * ref.abs().max()

@@ -103,9 +103,10 @@ def _lora_kernel_specs(dt):
 
     flags = dict(UPCAST=False, IEEE=dt == "fp32")
     specs = []
-    for block_r in (16, 64, 128):
+    orders = {"token_order_ptr": "*i64", "sort_order_ptr": "*i64"}
+    for block_r, by_pairs in ((64, False), (16, True), (128, False)):
         specs.append((g._shrink_kernel, {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "h_ptr": "*" + dt, "idx_ptr": "*i32",
-                                         "token_order_ptr": "*i64"}, (), dict(TOP_K=2, BLOCK_R=block_r, **flags)))
+                                         **orders}, (), dict(TOP_K=2, PAIR_MAJOR=by_pairs, BLOCK_R=block_r, **flags)))
     expand_ptrs = {"h_ptr": "*" + dt, "w_ptr": "*" + dt, "idx_ptr": "*i32", "gate_ptr": "*fp32",
                    "token_order_ptr": "*i64", "base_ptr": "*" + dt, "out_ptr": "*" + dt, "hsum_ptr": "*" + dt}
     for gated, shared, base, hsum, block_r in [(True, False, True, False, 64), (True, False, False, False, 16),
@@ -113,10 +114,10 @@ def _lora_kernel_specs(dt):
         specs.append((g._expand_kernel, expand_ptrs, ("scaling",),
                       dict(TOP_K=2, GATED=gated, SHARED_W=shared, HAS_BASE=base, STORE_HSUM=hsum, BLOCK_R=block_r,
                            **flags)))
-    for block_r in (16, 64, 128):
+    for block_r, by_pairs in ((64, False), (16, True), (128, True)):
         specs.append((g._dy_pass_kernel, {"dy_ptr": "*" + dt, "b_ptr": "*" + dt, "h_ptr": "*" + dt, "idx_ptr": "*i32",
-                                          "gate_ptr": "*fp32", "token_order_ptr": "*i64", "dgate_ptr": "*fp32",
-                                          "dhg_ptr": "*" + dt}, ("scaling",), dict(TOP_K=2, BLOCK_R=block_r, **flags)))
+                                          "gate_ptr": "*fp32", **orders, "dgate_ptr": "*fp32", "dhg_ptr": "*" + dt},
+                      ("scaling",), dict(TOP_K=2, PAIR_MAJOR=by_pairs, BLOCK_R=block_r, **flags)))
     for gated, block_r in ((True, 64), (False, 128), (True, 16)):
         specs.append((g._segment_partial_kernel, {"x_ptr": "*" + dt, "h_ptr": "*" + dt, "gate_ptr": "*fp32",
                                                   "order_ptr": "*i64", "piece_start_ptr": "*i64",
