@@ -288,7 +288,7 @@ def _segment_partial_kernel(
     TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    piece = tl.program_id(0)
+    piece = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     offs_r = tl.arange(0, BLOCK_R)
