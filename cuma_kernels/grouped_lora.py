@@ -45,6 +45,7 @@ def pair_major(T: int, num_experts: int, top_k: int) -> bool:
     """True when the shrink and the dy pass walk the expert-sorted pairs instead of the tokens."""
     return math.comb(num_experts, top_k) * TOKENS_PER_EXPERT_SET > T
 
+
 # Autotune candidates per kernel (GPU configs, interpreter default); tests run each GPU config's tile sizes.
 SHRINK_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_K": 64}, {"BLOCK_T": 128, "BLOCK_K": 64}, {"BLOCK_T": 64, "BLOCK_K": 128}],
                   {"BLOCK_T": 32, "BLOCK_K": 32})
