@@ -84,7 +84,7 @@ def test_shrink(benchmark, problem, budget, provider, mode):
         idx = p.topk_idx.to(torch.int32)
 
         def forward(x, a):
-            return lora_shrink(x, a, idx, d.sort_order, s.E)[0]
+            return lora_shrink(x, a, idx, d.token_order, d.sort_order)
     elif provider == "loop":
         def forward(x, a):
             parts = []
@@ -132,10 +132,11 @@ def test_expand(benchmark, problem, budget, provider, mode):
         lora_shrink, lora_expand = _triton_ops(p, mode == "fwd+bwd")
         d = cuma_kernels.dispatch_metadata(p.topk_idx, s.E)
         idx = p.topk_idx.to(torch.int32)
-        h, layout = lora_shrink(p.x, p.lora_A, idx, d.sort_order, s.E)
+        h = lora_shrink(p.x, p.lora_A, idx, d.token_order, d.sort_order)
 
         def forward(b, w):
-            return lora_expand(h, layout, b, idx, w, p.scaling, base_out, p.x.dtype)
+            out = torch.empty_like(base_out)
+            return lora_expand(h, b, idx, w.float(), p.scaling, out, d.token_order, base_out)
     elif provider == "loop":
         h = h_dense.to(p.x.dtype)
         inputs["h"] = (h, True)

@@ -1,39 +1,62 @@
-"""Grouped LoRA experts in Triton: shrink, token-major expand, and the backward kernels.
+"""Routed LoRA experts in Triton: every GEMM of the forward and the backward touches only the routed pairs.
 
 Shapes: x [T, K], lora_A [E, r, K] (or [1, r, K] shared "Hydra" A), lora_B [E, N, r], topk_idx / topk_weights
 [T, k]. Forward: y = base_out + scaling * sum_j w_tj * B_{e_tj} (A_{e_tj} x_t). Semantics: `reference.py`.
 
-The shrink output h (always fp32) comes in one of three layouts, chosen from the shapes alone so that the
-fake (meta) implementation can predict it:
-- "shared": [T, r], one dense GEMM x @ A^T (shared A).
-- "dense":  [T, E*r], one dense GEMM x @ A_cat^T, while E*r <= DENSE_SHRINK_MAX (cheap next to the base GEMM).
-- "pairs":  [T*k, r], row t*k+j = A_{e_tj} x_t, a grouped GEMM over the tokens sorted by expert.
+Launches (P = T * k routed (token, slot) pairs):
+- shrink     per-expert A: h [P, r] (row t*k+j = A_{e_tj} x_t), token-major; shared A: h = x @ A0^T [T, r].
+- expand     y[t] (+)= scaling * sum_j g_tj B_{e_tj} h_tj, token-major, added into base_out in place if asked.
+- dy pass    dh_tj = scaling * B_{e_tj}^T dy_t, then dg_tj = dh_tj . h_tj and g_tj * dh_tj, token-major.
+- dx         the expand kernel again, through A^T (shared A: the slots summed first, one GEMM).
+- dB, dA     per expert segment of the expert-sorted pairs, split over tokens into pieces whose fp32 partial
+             sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+h is saved in x's dtype (the compute dtype), never in fp32.
+
+Token-major kernels walk the tokens in `DispatchMetadata.token_order` (tokens grouped by their set of experts) and
+handle the k experts of a token by rank: the q-th smallest expert of each token. Inside a tile of tokens with
+one expert set, rank q is one expert, so a tile costs exactly k rank-r GEMM slices; a tile that straddles sets
+runs one masked slice per distinct expert at that rank, so the wasted work grows with how fast the sets change
+(rank 0 changes slowest in that order; `benchmarks/roofline.py` counts it). The shrink and the dy pass, whose
+outputs are per pair, switch to the expert-sorted pairs when there are too few tokens per expert set
+(`pair_major`); the expand and dx sum a token's k experts in registers, so they stay token-major.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, rank_block, tune_configs
+from .utils import interpreting, rank_block, sm_count, tune_configs
 
-DENSE_SHRINK_MAX = 1024
+# Split of the dB / dA segments: a piece holds at most this many pairs and at least MIN_PIECE_PAIRS, sized so
+# that pieces x column tiles fill the GPU about PIECE_WAVES times over, whatever the routing skew.
+MIN_PIECE_PAIRS = 64
+PIECE_WAVES = 4
+
+# The shrink and the dy pass walk tokens (token-major) while there are at least this many tokens per possible set of
+# k experts, i.e. while most tiles hold one set; past that they walk the expert-sorted pairs (pair-major), whose
+# tiles hold one or two experts at the price of reading each x / dy row once per pair.
+TOKENS_PER_EXPERT_SET = 64
 
 
-def h_layout(num_a: int, num_experts: int, rank: int) -> str:
-    """Layout of the saved shrink output for an A of shape [num_a, rank, K] (see the module docstring)."""
-    if num_a == 1:
-        return "shared"
-    return "dense" if num_experts * rank <= DENSE_SHRINK_MAX else "pairs"
+def pair_major(T: int, num_experts: int, top_k: int) -> bool:
+    """True when the shrink and the dy pass walk the expert-sorted pairs instead of the tokens."""
+    return math.comb(num_experts, top_k) * TOKENS_PER_EXPERT_SET > T
 
 
-def h_strides(layout: str, num_experts: int, top_k: int, rank: int) -> tuple[int, int, int]:
-    """(per token, per slot, per expert) element strides that locate h_tj inside each layout."""
-    if layout == "shared":
-        return rank, 0, 0
-    if layout == "dense":
-        return num_experts * rank, 0, rank
-    return top_k * rank, rank, 0
+# Autotune candidates per kernel (GPU configs, interpreter default); tests run each GPU config's tile sizes.
+SHRINK_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_K": 64}, {"BLOCK_T": 128, "BLOCK_K": 64}, {"BLOCK_T": 64, "BLOCK_K": 128}],
+                  {"BLOCK_T": 32, "BLOCK_K": 32})
+EXPAND_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_N": 64}, {"BLOCK_T": 64, "BLOCK_N": 128},
+                   {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8}],
+                  {"BLOCK_T": 32, "BLOCK_N": 32})
+DY_PASS_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_N": 64}, {"BLOCK_T": 64, "BLOCK_N": 128},
+                    {"BLOCK_T": 128, "BLOCK_N": 64, "num_warps": 8}],
+                   {"BLOCK_T": 32, "BLOCK_N": 32})
+SEGMENT_CONFIGS = ([{"BLOCK_M": 64, "BLOCK_C": 64}, {"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 128, "BLOCK_C": 64}],
+                   {"BLOCK_M": 32, "BLOCK_C": 32})
 
 
 @triton.jit
@@ -52,128 +75,150 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return acc
 
 
-# out[row, c] = scale * sum_kk X[src, kk] * W[e, c, kk]. Dense mode: row = src = m, e = 0.
-# Grouped mode: positions m walk the expert-sorted (token, slot) pairs, so a tile touches one or two experts;
-# the tile loops over the experts it holds (a dynamic range), masking the other rows. Used for the grouped
-# shrink (W = A) and, in the backward, for dh = scale * dy @ B_e (W = B_e^T through strides).
+@triton.jit
+def _ranked_slot(idx_ptr, rows, t_mask, q, TOP_K: tl.constexpr):
+    # (expert, slot) of each row's q-th smallest (expert, slot) pair: rank of slot j = number of slots with a
+    # smaller expert, or the same expert at a lower slot. O(k^2) vector ops on values already in cache.
+    expert = tl.zeros(rows.shape, dtype=tl.int32)
+    slot = tl.zeros(rows.shape, dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        ej = tl.load(idx_ptr + rows * TOP_K + j, mask=t_mask, other=0)
+        rank = tl.zeros(rows.shape, dtype=tl.int32)
+        for i in tl.static_range(TOP_K):
+            if i != j:
+                ei = tl.load(idx_ptr + rows * TOP_K + i, mask=t_mask, other=0)
+                if i < j:
+                    rank += (ei <= ej).to(tl.int32)
+                else:
+                    rank += (ei < ej).to(tl.int32)
+        expert = tl.where(rank == q, ej, expert)
+        slot = tl.where(rank == q, j, slot)
+    return expert, slot
+
+
+@triton.jit
+def _tile_pairs(pid, idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    # (token, slot, expert, valid) of the tile's rows. Token-major: tile pid // k of token_order at rank pid % k.
+    # Pair-major: tile pid of the expert-sorted pairs (one or two experts per tile, whatever the routing).
+    if PAIR_MAJOR:
+        offs = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs < T * TOP_K
+        pair = tl.load(sort_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+        rows = pair // TOP_K
+        slot = (pair % TOP_K).to(tl.int32)
+        expert = tl.load(idx_ptr + pair, mask=t_mask, other=0)
+    else:
+        offs = (pid // TOP_K) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs < T
+        rows = tl.load(token_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+        expert, slot = _ranked_slot(idx_ptr, rows, t_mask, pid % TOP_K, TOP_K)
+    return rows, slot, expert, t_mask
+
+
+@triton.jit
+def _expert_range(expert, t_mask, E):
+    return tl.min(tl.where(t_mask, expert, E), axis=0), tl.max(tl.where(t_mask, expert, -1), axis=0)
+
+
+# Program (tile, rank-column tile). Token-major, the k rank programs of a tile are launched next to each other,
+# so the x rows the first one reads are still in L2 for the others: x comes from HBM about once.
 @triton.autotune(
-    configs=tune_configs(
-        [{"BLOCK_M": 64, "BLOCK_K": 64}, {"BLOCK_M": 128, "BLOCK_K": 64}, {"BLOCK_M": 64, "BLOCK_K": 128}],
-        {"BLOCK_M": 64, "BLOCK_K": 64},
-    ),
-    key=["R", "KD", "GROUPED"],
+    configs=tune_configs(*SHRINK_CONFIGS),
+    key=["R", "KD", "TOP_K", "PAIR_MAJOR"],
 )
 @triton.jit
-def _gather_matmul_kernel(
-    x_ptr, stride_xm, stride_xk,
-    w_ptr, stride_we, stride_wr, stride_wk,
-    out_ptr, stride_om, stride_or,
-    order_ptr, expert_ptr,
-    M, R, KD, scale,
-    TOP_K: tl.constexpr, GROUPED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def _shrink_kernel(
+    x_ptr, stride_xt, stride_xk,
+    a_ptr, stride_ae, stride_ar, stride_ak,
+    h_ptr,
+    idx_ptr, token_order_ptr, sort_order_ptr,
+    T, R, KD, E,
+    TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows, slot, expert, t_mask = _tile_pairs(tl.program_id(0), idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K,
+                                             PAIR_MAJOR, BLOCK_T)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    if GROUPED:
-        pair = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        src = pair // TOP_K
-        dst = pair
-        expert = tl.load(expert_ptr + pair, mask=m_mask, other=0)
-        e_lo = tl.min(tl.where(m_mask, expert, 1 << 30), axis=0)
-        e_hi = tl.max(tl.where(m_mask, expert, -1), axis=0)
-    else:
-        src = offs_m.to(tl.int64)
-        dst = src
-        expert = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        e_lo = 0
-        e_hi = 0
+    e_lo, e_hi = _expert_range(expert, t_mask, E)
     for ex in range(e_lo, e_hi + 1):
-        rows = m_mask & (expert == ex)
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        w_base = w_ptr + ex * stride_we
-        for k0 in range(0, KD, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < KD
-            xt = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=rows[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_base + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
-                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = _mma(xt, wt, acc, UPCAST, IEEE)
-        tl.store(out_ptr + dst[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
-                 mask=rows[:, None] & r_mask[None, :])
+        sel = t_mask & (expert == ex)
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, KD, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < KD
+                xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                             mask=sel[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_ptr + ex * stride_ae + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+                acc = _mma(xt, at, acc, UPCAST, IEEE)
+            pair = rows * TOP_K + slot
+            tl.store(h_ptr + pair[:, None] * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty),
+                     mask=sel[:, None] & r_mask[None, :])
 
 
-# Token-major expand: a program owns BLOCK_T tokens x BLOCK_N outputs and adds every expert's contribution
-# in registers, so each output element is written once (deterministic, no atomics). For each expert present
-# in the tile it builds the gated [BLOCK_T, r] slice (sum over the token's slots that chose it of g * h) and
-# multiplies by B_e^T. Experts absent from the tile are skipped, so tiles are filled in `token_order` (tokens
-# grouped by their set of experts) when it is given: a tile then holds few distinct experts, and the work per
-# token falls from E*r towards k*r. Rows are gathered and scattered by that permutation; each row is still
-# written by exactly one program. The rank dimension is padded to >= 16.
+# Program (token tile, output-column tile): adds every expert's contribution in registers, so each output
+# element is read and written once by one program (deterministic; with base_ptr == out_ptr, in place).
+# SHARED_W: one weight for every slot (dx through a shared A), so the gated rows are summed before one GEMM.
 @triton.autotune(
-    configs=tune_configs(
-        [{"BLOCK_T": 64, "BLOCK_N": 64}, {"BLOCK_T": 64, "BLOCK_N": 128}, {"BLOCK_T": 128, "BLOCK_N": 128,
-                                                                            "num_warps": 8}],
-        {"BLOCK_T": 32, "BLOCK_N": 64},
-    ),
-    key=["N", "R", "E", "HAS_BASE"],
+    configs=tune_configs(*EXPAND_CONFIGS),
+    key=["N", "R", "TOP_K", "HAS_BASE", "SHARED_W"],
+    restore_value=["out_ptr"],  # the in-place form adds into out: every benchmarked config must see it unchanged
 )
 @triton.jit
 def _expand_kernel(
-    h_ptr, stride_ht, stride_hj, stride_he,
-    b_ptr, stride_be, stride_bn, stride_br,
+    h_ptr, stride_ht, stride_hj,
+    w_ptr, stride_we, stride_wn, stride_wr,
     idx_ptr, gate_ptr, token_order_ptr,
     base_ptr, stride_st, stride_sn,
     out_ptr, stride_ot, stride_on,
+    hsum_ptr,
     T, N, R, E, scaling,
-    TOP_K: tl.constexpr, HAS_BASE: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, SHARED_W: tl.constexpr, HAS_BASE: tl.constexpr,
+    STORE_HSUM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slots = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_mask = slots < T
-    if PERMUTED:
-        rows = tl.load(token_order_ptr + slots, mask=t_mask, other=0).to(tl.int64)
-    else:
-        rows = slots
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs < T
+    rows = tl.load(token_order_ptr + offs, mask=t_mask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < N
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-
-    e_lo = E
-    e_hi = -1
-    for j in tl.static_range(TOP_K):
-        ej = tl.load(idx_ptr + rows * TOP_K + j, mask=t_mask, other=0)
-        e_lo = tl.minimum(e_lo, tl.min(tl.where(t_mask, ej, E), axis=0))
-        e_hi = tl.maximum(e_hi, tl.max(tl.where(t_mask, ej, -1), axis=0))
-
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for ex in range(e_lo, e_hi + 1):
-        hg = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        hits = 0
+    if SHARED_W:
+        hs = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         for j in tl.static_range(TOP_K):
-            ej = tl.load(idx_ptr + rows * TOP_K + j, mask=t_mask, other=-1)
-            gj = tl.load(gate_ptr + rows * TOP_K + j, mask=t_mask, other=0.0)
-            sel = t_mask & (ej == ex)
-            hits += tl.sum(sel.to(tl.int32), axis=0)
-            hj = tl.load(h_ptr + rows[:, None] * stride_ht + j * stride_hj + ex * stride_he + offs_r[None, :],
-                         mask=sel[:, None] & r_mask[None, :], other=0.0)
-            hg += hj * gj[:, None]
-        if hits > 0:
-            bt = tl.load(b_ptr + ex * stride_be + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
-                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                acc = _mma(hg, bt, acc, UPCAST, IEEE)
-            else:
-                acc = _mma(hg.to(bt.dtype), bt, acc, UPCAST, IEEE)
+            hj = tl.load(h_ptr + rows[:, None] * stride_ht + j * stride_hj + offs_r[None, :],
+                         mask=t_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            if GATED:
+                hj = hj * tl.load(gate_ptr + rows * TOP_K + j, mask=t_mask, other=0.0)[:, None]
+            hs += hj
+        if STORE_HSUM:
+            if pid_n == 0:
+                tl.store(hsum_ptr + rows[:, None] * R + offs_r[None, :], hs.to(hsum_ptr.dtype.element_ty),
+                         mask=t_mask[:, None] & r_mask[None, :])
+        wt = tl.load(w_ptr + offs_r[:, None] * stride_wr + cols[None, :] * stride_wn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(hs.to(wt.dtype), wt, acc, UPCAST, IEEE)
+    else:
+        for q in tl.static_range(TOP_K):
+            expert, slot = _ranked_slot(idx_ptr, rows, t_mask, q, TOP_K)
+            e_lo, e_hi = _expert_range(expert, t_mask, E)
+            for ex in range(e_lo, e_hi + 1):
+                sel = t_mask & (expert == ex)
+                if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                    hq = tl.load(h_ptr + rows[:, None] * stride_ht + slot[:, None] * stride_hj + offs_r[None, :],
+                                 mask=sel[:, None] & r_mask[None, :], other=0.0)
+                    if GATED:
+                        g = tl.load(gate_ptr + rows * TOP_K + slot, mask=sel, other=0.0)
+                        hq = hq.to(tl.float32) * g[:, None]
+                    wt = tl.load(w_ptr + ex * stride_we + offs_r[:, None] * stride_wr + cols[None, :] * stride_wn,
+                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc = _mma(hq.to(wt.dtype), wt, acc, UPCAST, IEEE)
     acc = acc * scaling
     mask = t_mask[:, None] & n_mask[None, :]
     if HAS_BASE:
@@ -183,50 +228,109 @@ def _expand_kernel(
              mask=mask)
 
 
-# dB_e = scaling * sum over e's sorted segment of dy_t^T (g_tj h_tj). One program per (expert, N tile) walks
-# the segment [offsets[e], offsets[e+1]) in BLOCK_M chunks: each dB element is owned by one program, so there
-# are no atomics and the sum order is fixed. An empty expert stores zeros.
+# Program (tile of pairs, as in the shrink): walks all of N so dh_tj is complete in registers, then derives the
+# gate gradient (an r-length dot with h) and the gated dh for dx and dA in its epilogue. Token-major, dy is read
+# once per tile (the rank siblings, launched together, find it in L2). No [T, k, N] tensor and no glue ops.
 @triton.autotune(
-    configs=tune_configs(
-        [{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 64}],
-        {"BLOCK_M": 64, "BLOCK_N": 64},
-    ),
-    key=["N", "R", "E"],
+    configs=tune_configs(*DY_PASS_CONFIGS),
+    key=["N", "R", "TOP_K", "PAIR_MAJOR"],
 )
 @triton.jit
-def _expand_weight_grad_kernel(
+def _dy_pass_kernel(
     dy_ptr, stride_dt, stride_dn,
-    h_ptr, stride_ht, stride_hj, stride_he,
-    gate_ptr, order_ptr, offsets_ptr,
-    db_ptr, stride_be, stride_bn, stride_br,
-    N, R, E, scaling,
-    TOP_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    b_ptr, stride_be, stride_bn, stride_br,
+    h_ptr, stride_ht, stride_hj,
+    idx_ptr, gate_ptr, token_order_ptr, sort_order_ptr,
+    dgate_ptr, dhg_ptr,
+    T, N, R, E, scaling,
+    TOP_K: tl.constexpr, PAIR_MAJOR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    ex = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols < N
+    rows, slot, expert, t_mask = _tile_pairs(tl.program_id(0), idx_ptr, token_order_ptr, sort_order_ptr, T, TOP_K,
+                                             PAIR_MAJOR, BLOCK_T)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    start = tl.load(offsets_ptr + ex)
-    end = tl.load(offsets_ptr + ex + 1)
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    e_lo, e_hi = _expert_range(expert, t_mask, E)
+    pair = rows * TOP_K + slot
+    for ex in range(e_lo, e_hi + 1):
+        sel = t_mask & (expert == ex)
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                n_mask = cols < N
+                dy = tl.load(dy_ptr + rows[:, None] * stride_dt + cols[None, :] * stride_dn,
+                             mask=sel[:, None] & n_mask[None, :], other=0.0)
+                bt = tl.load(b_ptr + ex * stride_be + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+                acc = _mma(dy, bt, acc, UPCAST, IEEE)
+            dh = acc * scaling
+            h = tl.load(h_ptr + rows[:, None] * stride_ht + slot[:, None] * stride_hj + offs_r[None, :],
+                        mask=sel[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            tl.store(dgate_ptr + pair, tl.sum(dh * h, axis=1), mask=sel)
+            g = tl.load(gate_ptr + pair, mask=sel, other=0.0)
+            tl.store(dhg_ptr + pair[:, None] * R + offs_r[None, :], (dh * g[:, None]).to(dhg_ptr.dtype.element_ty),
+                     mask=sel[:, None] & r_mask[None, :])
+
+
+# Program (piece, column tile): partial[piece] = scale * sum over the piece's pairs of X[t]^T (g? * H[pair]),
+# [C, r] in fp32. A piece is a run of one expert's sorted pairs, so the sum is one expert's.
+@triton.autotune(
+    configs=tune_configs(*SEGMENT_CONFIGS),
+    key=["C", "R", "TOP_K", "GATED"],
+)
+@triton.jit
+def _segment_partial_kernel(
+    x_ptr, stride_xt, stride_xc,
+    h_ptr, stride_ht, stride_hj,
+    gate_ptr, order_ptr, piece_start_ptr, piece_end_ptr,
+    part_ptr,
+    C, R, scale,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    piece = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    start = tl.load(piece_start_ptr + piece)
+    end = tl.load(piece_end_ptr + piece)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_M):
         pos = p0 + tl.arange(0, BLOCK_M)
         p_mask = pos < end
         pair = tl.load(order_ptr + pos, mask=p_mask, other=0).to(tl.int64)
         tok = pair // TOP_K
-        slot = pair % TOP_K
-        g = tl.load(gate_ptr + pair, mask=p_mask, other=0.0)
-        h = tl.load(h_ptr + tok[:, None] * stride_ht + slot[:, None] * stride_hj + ex * stride_he + offs_r[None, :],
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + (pair % TOP_K)[:, None] * stride_hj + offs_r[None, :],
                     mask=p_mask[:, None] & r_mask[None, :], other=0.0)
-        hg = h * g[:, None]
-        dy = tl.load(dy_ptr + tok[:, None] * stride_dt + cols[None, :] * stride_dn,
-                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(tl.trans(dy), hg, acc, UPCAST, IEEE)
-    tl.store(db_ptr + ex * stride_be + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-             (acc * scaling).to(db_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + cols[None, :] * stride_xc,
+                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        if GATED:
+            h = h.to(tl.float32) * tl.load(gate_ptr + pair, mask=p_mask, other=0.0)[:, None]
+        acc = _mma(tl.trans(xt), h.to(xt.dtype), acc, UPCAST, IEEE)
+    tl.store(part_ptr + piece * C * R + cols[:, None] * R + offs_r[None, :], acc * scale,
+             mask=c_mask[:, None] & r_mask[None, :])
+
+
+# Program (expert, column tile): out[e] = sum of e's pieces in piece order (fixed, so the result is the same on
+# every run); an expert without pairs gets zeros.
+@triton.jit
+def _sum_pieces_kernel(
+    part_ptr, first_piece_ptr,
+    out_ptr, stride_oe, stride_oc, stride_or,
+    C, R,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ex = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = (cols < C)[:, None] & (offs_r < R)[None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for piece in range(tl.load(first_piece_ptr + ex), tl.load(first_piece_ptr + ex + 1)):
+        acc += tl.load(part_ptr + piece * C * R + cols[:, None] * R + offs_r[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + ex * stride_oe + cols[:, None] * stride_oc + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
@@ -234,92 +338,82 @@ def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
     return upcast, (dtype == torch.float32 or upcast)
 
 
-def gather_matmul(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_strides: tuple[int, int, int],
-    rows_out: int,
-    out_dim: int,
-    scale: float = 1.0,
-    topk_idx: torch.Tensor | None = None,
-    sort_order: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """fp32 out [rows_out, out_dim] with out[row] = scale * W_e @ x[src] (W_e [out_dim, K] through `w_strides`).
+def _h_strides(shared_h: bool, top_k: int, rank: int) -> tuple[int, int]:
+    """(per token, per slot) element strides of h_tj: [T, r] shared by the slots, or [T*k, r] per pair."""
+    return (rank, 0) if shared_h else (top_k * rank, rank)
 
-    Dense when sort_order is None (row = src, expert 0); grouped otherwise: rows are flat (token, slot) pairs,
-    src = pair // k, e = topk_idx.flat[pair], visited in the expert-sorted order `sort_order` [T*k].
+
+def _pair_grid(T: int, top_k: int, block: int, by_pairs: bool) -> int:
+    return triton.cdiv(T * top_k, block) if by_pairs else triton.cdiv(T, block) * top_k
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor, token_order: torch.Tensor,
+                sort_order: torch.Tensor) -> torch.Tensor:
+    """h in x's dtype: [T*k, r] with row t*k+j = A_{e_tj} x_t (per-expert A), or x @ A0^T [T, r] (shared A).
+
+    x [T, K] and lora_A [E|1, r, K] in one dtype; topk_idx [T, k] int32; token_order [T] and sort_order [T*k]
+    int64 from DispatchMetadata.
     """
-    kd = x.shape[1]
-    out = torch.empty(rows_out, out_dim, dtype=torch.float32, device=x.device)
-    if rows_out == 0 or out_dim == 0:
-        return out
-    if kd == 0:
-        return out.zero_()
-    grouped = sort_order is not None
-    top_k = topk_idx.shape[1] if grouped else 1
-    block_r = min(rank_block(out_dim), 128)
-    upcast, ieee = _flags(x.dtype)
-    order = sort_order if grouped else out
-    experts = topk_idx if grouped else out
-    grid = lambda meta: (triton.cdiv(rows_out, meta["BLOCK_M"]), triton.cdiv(out_dim, block_r))  # noqa: E731
-    _gather_matmul_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        w, w_strides[0], w_strides[1], w_strides[2],
-        out, out.stride(0), out.stride(1),
-        order, experts,
-        rows_out, out_dim, kd, scale,
-        TOP_K=top_k, GROUPED=grouped, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r,
-    )
-    return out
-
-
-def lora_shrink(
-    x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor, sort_order: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, str]:
-    """x [T, K], lora_A [E|1, r, K] (contiguous) -> (h fp32 in the layout h_layout() names, that layout)."""
-    T = x.shape[0]
+    T, top_k = topk_idx.shape
     num_a, rank, kd = lora_A.shape
-    layout = h_layout(num_a, num_experts, rank)
-    if layout == "pairs":
-        h = gather_matmul(x, lora_A, (rank * kd, kd, 1), T * topk_idx.shape[1], rank,
-                          topk_idx=topk_idx, sort_order=sort_order)
-    else:
-        h = gather_matmul(x, lora_A, (0, kd, 1), T, num_a * rank)
-    return h, layout
+    if num_a == 1:
+        return x @ lora_A[0].t()
+    h = torch.empty(T * top_k, rank, dtype=x.dtype, device=x.device)
+    if h.numel() == 0:
+        return h
+    if kd == 0:
+        return h.zero_()
+    block_r = min(rank_block(rank), 128)
+    upcast, ieee = _flags(x.dtype)
+    by_pairs = pair_major(T, num_a, top_k)
+    grid = lambda meta: (_pair_grid(T, top_k, meta["BLOCK_T"], by_pairs), triton.cdiv(rank, block_r))  # noqa: E731
+    _shrink_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        lora_A, lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
+        h, topk_idx, token_order, sort_order,
+        T, rank, kd, num_a,
+        TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r,
+    )
+    return h
 
 
 def lora_expand(
     h: torch.Tensor,
-    layout: str,
-    lora_B: torch.Tensor,
+    weight: torch.Tensor,
     topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
+    gates: torch.Tensor | None,
     scaling: float,
-    base_out: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    token_order: torch.Tensor | None = None,
+    out: torch.Tensor,
+    token_order: torch.Tensor,
+    base_out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    hsum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [T, N] (out_dtype) = base_out + scaling * sum_j g_tj B_{e_tj} h_tj. lora_B [E, N, r] contiguous,
-    topk_idx [T, k] int32 and topk_weights [T, k] fp32 contiguous, base_out [T, N] or None, token_order [T]
-    int64 (a permutation of the tokens, e.g. DispatchMetadata.token_order) or None."""
+    """Fill out [T, N] with scaling * sum_j g_tj W_{e_tj} h_tj, plus base_out, or plus out itself (accumulate).
+
+    h [T*k, r] per pair or [T, r] shared by the slots; weight [E|1, N, r] through any strides (a [1, ...] weight
+    serves every slot); gates [T, k] fp32 or None (h already gated); topk_idx [T, k] int32; token_order [T]
+    int64. hsum [T, r]: with a single weight, also receives sum_j g_tj h_tj. Returns out.
+    """
     T, top_k = topk_idx.shape
-    num_experts, n, rank = lora_B.shape
-    out = torch.empty(T, n, dtype=out_dtype, device=lora_B.device)
+    num_w, n, rank = weight.shape
     if T == 0 or n == 0:
         return out
-    sht, shj, she = h_strides(layout, num_experts, top_k, rank)
-    upcast, ieee = _flags(lora_B.dtype)
-    base = base_out if base_out is not None else out
+    shared_w = num_w == 1
+    sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+    upcast, ieee = _flags(weight.dtype)
+    base = out if accumulate else (base_out if base_out is not None else out)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _expand_kernel[grid](
-        h, sht, shj, she,
-        lora_B, lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        topk_idx, topk_weights, token_order if token_order is not None else topk_idx,
+        h, sht, shj,
+        weight, weight.stride(0), weight.stride(1), weight.stride(2),
+        topk_idx, gates if gates is not None else h, token_order,
         base, base.stride(0), base.stride(1),
         out, out.stride(0), out.stride(1),
-        T, n, rank, num_experts, scaling,
-        TOP_K=top_k, HAS_BASE=base_out is not None, PERMUTED=token_order is not None, UPCAST=upcast, IEEE=ieee,
-        BLOCK_R=rank_block(rank),
+        hsum if hsum is not None else h,
+        T, n, rank, num_w, scaling,
+        TOP_K=top_k, GATED=gates is not None, SHARED_W=shared_w, HAS_BASE=accumulate or base_out is not None,
+        STORE_HSUM=hsum is not None, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
     )
     return out
 
@@ -331,49 +425,83 @@ def lora_experts_triton_forward(
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     scaling: float,
+    out: torch.Tensor,
     base_out: torch.Tensor | None,
+    accumulate: bool,
+    token_order: torch.Tensor,
     sort_order: torch.Tensor,
-    token_order: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [T, N] in x's dtype, h fp32 saved for the backward). Inputs as in `lora_experts`; idx int32."""
+) -> torch.Tensor:
+    """Fill out [T, N] with the expert output (plus base_out, or added into out when accumulate) and return h
+    (x's dtype) for the backward. Inputs as in `lora_experts`."""
     x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     topk_idx = topk_idx.to(torch.int32).contiguous()
-    topk_weights = topk_weights.to(torch.float32).contiguous()
-    if base_out is not None:
-        base_out = base_out.contiguous()
-    h, layout = lora_shrink(x, lora_A, topk_idx, sort_order, lora_B.shape[0])
-    y = lora_expand(h, layout, lora_B, topk_idx, topk_weights, scaling, base_out, x.dtype, token_order)
-    return y, h
+    gates = topk_weights.to(torch.float32).contiguous()
+    h = lora_shrink(x, lora_A, topk_idx, token_order, sort_order)
+    lora_expand(h, lora_B, topk_idx, gates, scaling, out, token_order, base_out, accumulate)
+    return h
 
 
-def expert_weight_grad(
-    dy: torch.Tensor,
-    h: torch.Tensor,
-    layout: str,
-    gates: torch.Tensor,
-    sort_order: torch.Tensor,
-    offsets: torch.Tensor,
-    out: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """Fill out [E, N, r] (any strides, e.g. a permuted view) with scaling * sum_{pairs of e} dy_t^T (g_tj h_tj).
+def segment_pieces(offsets: torch.Tensor, pairs: int, columns: int) -> tuple[torch.Tensor, ...]:
+    """Split each expert's segment of sorted pairs into pieces, on the device without a host sync.
 
-    dy [T, N]; h fp32 in `layout` (see h_strides); gates [T, k] fp32; sort_order/offsets from DispatchMetadata.
+    -> (piece_start [S] int64, piece_end [S] int64, first_piece [E+1] int64): expert e owns pieces
+    first_piece[e]:first_piece[e+1]; S = cdiv(pairs, chunk) + E is a static bound (unused pieces are empty).
+    The chunk is sized so that pieces x column tiles cover the GPU PIECE_WAVES times.
     """
-    num_experts, n, rank = out.shape
-    if n == 0 or rank == 0 or num_experts == 0:
+    num_experts = offsets.shape[0] - 1
+    col_tiles = triton.cdiv(max(columns, 1), 128)
+    target = max(1, triton.cdiv(PIECE_WAVES * sm_count(offsets.device), col_tiles))
+    chunk = max(MIN_PIECE_PAIRS, triton.next_power_of_2(triton.cdiv(max(pairs, 1), target)))
+    counts = offsets[1:] - offsets[:-1]
+    first_piece = torch.zeros(num_experts + 1, dtype=torch.int64, device=offsets.device)
+    torch.cumsum((counts + chunk - 1) // chunk, 0, out=first_piece[1:])
+    num_pieces = triton.cdiv(pairs, chunk) + num_experts
+    piece = torch.arange(num_pieces, device=offsets.device)
+    owner = torch.searchsorted(first_piece[1:], piece, right=True).clamp_max(num_experts - 1)
+    start = offsets[owner] + (piece - first_piece[owner]) * chunk
+    end = torch.minimum(start + chunk, offsets[owner + 1])
+    used = piece < first_piece[-1]
+    return torch.where(used, start, 0), torch.where(used, end, 0), first_piece
+
+
+def segment_outer(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    gates: torch.Tensor | None,
+    sort_order: torch.Tensor,
+    pieces: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    scale: float,
+    top_k: int,
+) -> torch.Tensor:
+    """Fill out [E, C, r] (any strides, e.g. a permuted view) with scale * sum_{pairs p of e} x_t^T (g_p h_p).
+
+    x [T, C]; h [T*k, r] per pair or [T, r] shared; gates [T, k] fp32 or None; pieces from `segment_pieces`.
+    """
+    num_experts, cols, rank = out.shape
+    if cols == 0 or rank == 0 or num_experts == 0:
         return out
-    top_k = gates.shape[1]
-    sht, shj, she = h_strides(layout, num_experts, top_k, rank)
-    upcast, ieee = _flags(dy.dtype)
-    grid = lambda meta: (num_experts, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _expand_weight_grad_kernel[grid](
-        dy, dy.stride(0), dy.stride(1),
-        h, sht, shj, she,
-        gates, sort_order, offsets,
+    piece_start, piece_end, first_piece = pieces
+    T = x.shape[0]
+    sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+    upcast, ieee = _flags(x.dtype)
+    block_r = rank_block(rank)
+    partial = torch.empty(piece_start.shape[0], cols, rank, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (piece_start.shape[0], triton.cdiv(cols, meta["BLOCK_C"]))  # noqa: E731
+    _segment_partial_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        h, sht, shj,
+        gates if gates is not None else h, sort_order, piece_start, piece_end,
+        partial,
+        cols, rank, scale,
+        TOP_K=top_k, GATED=gates is not None, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r,
+    )
+    block_c = 64
+    _sum_pieces_kernel[(num_experts, triton.cdiv(cols, block_c))](
+        partial, first_piece,
         out, out.stride(0), out.stride(1), out.stride(2),
-        n, rank, num_experts, scaling,
-        TOP_K=top_k, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
+        cols, rank,
+        BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return out
 
@@ -389,14 +517,12 @@ def lora_experts_triton_backward(
     scaling: float,
     sort_order: torch.Tensor,
     offsets: torch.Tensor,
+    token_order: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [T, K], dA like lora_A, dB like lora_B, d topk_weights [T, k] fp32).
+    """(dx [T, K], dA like lora_A, dB like lora_B, d topk_weights [T, k] fp32); h from the forward.
 
-    dh_tj = scaling * dy_t @ B_{e_tj} is a grouped GEMM over sorted pairs ([T*k, r], never [T, k, N]);
-    dg_tj = dh_tj . h_tj (an r-length dot); dB runs per expert over its sorted segment.
-    dA and dx: dense GEMMs over the scattered [T, E*r] (or [T, r]) gradient while E*r is small; in the grouped
-    ("pairs") layout they reuse the sparse kernels instead (dx is an expand through A^T, dA_e^T a segment sum
-    like dB), so no [T, E*r] tensor is ever built.
+    One token-major pass over dy gives dh, the gate gradient and g * dh; dx is an expand through A^T; dA and dB
+    are segment sums over the expert-sorted pairs (shared A: dA0 = (sum_j g dh)^T x, one GEMM).
     """
     grad_y = grad_y.contiguous()
     x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
@@ -405,36 +531,38 @@ def lora_experts_triton_backward(
     T, top_k = topk_idx.shape
     num_experts, n, rank = lora_B.shape
     num_a, _, kd = lora_A.shape
-    layout = h_layout(num_a, num_experts, rank)
-    idx64 = topk_idx.long()
-
-    dh_raw = gather_matmul(grad_y, lora_B, (n * rank, 1, rank), T * top_k, rank, scale=scaling,
-                           topk_idx=topk_idx, sort_order=sort_order)
-    dh = dh_raw.view(T, top_k, rank)
-    if layout == "shared":
-        h_pairs = h[:, None, :].expand(T, top_k, rank)
-    elif layout == "dense":
-        h_pairs = h.view(T, num_experts, rank).gather(1, idx64[:, :, None].expand(T, top_k, rank))
+    d_gates = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    dhg = torch.empty(T * top_k, rank, dtype=x.dtype, device=x.device)
+    d_b = torch.empty_like(lora_B)
+    dx = torch.empty_like(x)
+    d_a = torch.empty_like(lora_A)
+    if T == 0:
+        return dx, d_a.zero_(), d_b.zero_(), d_gates
+    if n == 0:
+        d_gates.zero_()
+        dhg.zero_()
     else:
-        h_pairs = h.view(T, top_k, rank)
-    d_gates = (dh * h_pairs).sum(-1)
-
-    if layout == "pairs":
-        dx = lora_expand(dh_raw, "pairs", lora_A.permute(0, 2, 1), topk_idx, gates, 1.0, None, x.dtype)
-        d_a = torch.empty_like(lora_A)
-        expert_weight_grad(x, dh_raw, "pairs", gates, sort_order, offsets, d_a.permute(0, 2, 1), 1.0)
+        upcast, ieee = _flags(x.dtype)
+        sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+        by_pairs = pair_major(T, num_experts, top_k)
+        grid = lambda meta: (_pair_grid(T, top_k, meta["BLOCK_T"], by_pairs),)  # noqa: E731
+        _dy_pass_kernel[grid](
+            grad_y, grad_y.stride(0), grad_y.stride(1),
+            lora_B, lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
+            h, sht, shj,
+            topk_idx, gates, token_order, sort_order,
+            d_gates, dhg,
+            T, n, rank, num_experts, scaling,
+            TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
+        )
+    pieces = segment_pieces(offsets, T * top_k, max(n, kd))
+    segment_outer(grad_y, h, gates, sort_order, pieces, d_b, scaling, top_k)
+    a_t = lora_A.permute(0, 2, 1)  # [E|1, K, r]: the expand weight for dx
+    if num_a == 1:
+        dh_sum = torch.empty(T, rank, dtype=x.dtype, device=x.device)
+        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order, hsum=dh_sum)
+        torch.mm(dh_sum.t(), x, out=d_a[0])
     else:
-        dh = dh * gates[:, :, None]
-        if layout == "shared":
-            dh_dense = dh.sum(1)  # [T, r]
-        else:
-            dh_dense = torch.zeros(T, num_experts, rank, dtype=torch.float32, device=x.device)
-            dh_dense.scatter_add_(1, idx64[:, :, None].expand(T, top_k, rank), dh)
-            dh_dense = dh_dense.view(T, num_experts * rank)
-        a_cat = lora_A.view(num_a * rank, kd)
-        dh_c = dh_dense.to(x.dtype)
-        dx = dh_c @ a_cat
-        d_a = (dh_c.t() @ x).view(num_a, rank, kd)
-
-    d_b = expert_weight_grad(grad_y, h, layout, gates, sort_order, offsets, torch.empty_like(lora_B), scaling)
+        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order)
+        segment_outer(x, dhg, None, sort_order, pieces, d_a.permute(0, 2, 1), 1.0, top_k)
     return dx, d_a, d_b, d_gates

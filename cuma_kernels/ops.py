@@ -4,8 +4,9 @@
 The torch path of `lora_experts` has two forms, chosen per call from the shapes (`torch_expert_path`):
 the dense gated form (`reference.py`, every expert for every token) and the routed form (`routed_cpu.py`, only
 the routed (token, slot) pairs). `CUMA_CPU_PATH=dense|routed|auto` overrides that choice.
-Both ops are `torch.library` custom ops with fake implementations and registered autograd, so they trace
-under `torch.compile(fullgraph=True)` as opaque nodes.
+The ops are `torch.library` custom ops with fake implementations, so they trace under
+`torch.compile(fullgraph=True)` as opaque nodes; routing registers its autograd on the op, the experts' forward
+(which writes into its output, possibly the base output in place) gets it from a `torch.autograd.Function`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from .grouped_lora import h_layout, lora_experts_triton_backward, lora_experts_triton_forward
+from .grouped_lora import lora_experts_triton_backward, lora_experts_triton_forward
 from .reference import (
     ROUTING_MODES,
+    _compute_dtype,
     lora_experts_torch_backward,
     lora_experts_torch_forward,
     route_topk_torch,
@@ -122,21 +124,24 @@ def torch_expert_path(T: int, rank: int, num_experts: int, top_k: int) -> str:
     return choice
 
 
-def _saved_h_shape(backend: str, T: int, num_a: int, num_experts: int, rank: int, top_k: int) -> tuple[int, int]:
-    """Shape of the saved shrink output. backend: "triton", "torch" (dense form) or "torch_routed"."""
-    layout = "shared" if num_a == 1 else "dense"
-    if backend == "torch_routed" and num_a != 1:
-        layout = "pairs"
-    if backend == "triton":
-        layout = h_layout(num_a, num_experts, rank)
-    if layout == "shared":
-        return T, rank
-    if layout == "dense":
-        return T, num_experts * rank
-    return T * top_k, rank
+def _saved_h(backend: str, x: torch.Tensor, num_a: int, num_experts: int, rank: int, top_k: int) -> torch.Tensor:
+    """An empty tensor shaped like the saved shrink output. backend: "triton", "torch" (dense form) or
+    "torch_routed". Triton keeps h in x's dtype; the torch forms in their compute dtype (fp32 for half types)."""
+    T = x.shape[0]
+    if num_a == 1:
+        shape = (T, rank)
+    elif backend == "torch":
+        shape = (T, num_experts * rank)
+    else:
+        shape = (T * top_k, rank)
+    dtype = x.dtype if backend == "triton" else _compute_dtype(x.dtype)
+    return x.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("cuma::lora_experts_fwd", mutates_args=())
+# The forward writes into `out`, which is either a fresh tensor or, with accumulate=True, the base output itself
+# (the expert output is added in place: no extra [T, N] pass). A mutating op cannot take register_autograd, so
+# autograd is the Function below, which marks the base output dirty.
+@torch.library.custom_op("cuma::lora_experts_fwd", mutates_args=("out",))
 def _lora_experts_fwd(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -144,29 +149,31 @@ def _lora_experts_fwd(
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     scaling: float,
+    out: torch.Tensor,
     base_out: Optional[torch.Tensor],
+    accumulate: bool,
     sort_order: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
     token_order: Optional[torch.Tensor],
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     if backend == "triton":
-        return lora_experts_triton_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order,
-                                           token_order)
+        return lora_experts_triton_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, out, base_out,
+                                           accumulate, token_order, sort_order)
+    base = out if accumulate else base_out
     if backend == "torch_routed":
-        return lora_experts_routed_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order,
+        y, h = lora_experts_routed_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base, sort_order,
                                            offsets)
-    y, h = lora_experts_torch_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out)
-    return y, h.contiguous()
+    else:
+        y, h = lora_experts_torch_forward(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base)
+    out.copy_(y)
+    return h.contiguous()
 
 
 @_lora_experts_fwd.register_fake
-def _(x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, token_order, backend):
-    T, top_k = topk_idx.shape
-    num_experts, n, rank = lora_B.shape
-    h_shape = _saved_h_shape(backend, T, lora_A.shape[0], num_experts, rank, top_k)
-    compute = x.dtype if backend != "triton" and x.dtype == torch.float64 else torch.float32
-    return x.new_empty(T, n), x.new_empty(h_shape, dtype=compute)
+def _(x, lora_A, lora_B, topk_idx, topk_weights, scaling, out, base_out, accumulate, sort_order, offsets,
+      token_order, backend):
+    return _saved_h(backend, x, lora_A.shape[0], lora_B.shape[0], lora_B.shape[2], topk_idx.shape[1])
 
 
 @torch.library.custom_op("cuma::lora_experts_bwd", mutates_args=())
@@ -181,11 +188,12 @@ def _lora_experts_bwd(
     scaling: float,
     sort_order: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
+    token_order: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         dx, d_a, d_b, d_w = lora_experts_triton_backward(
-            grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order, offsets)
+            grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order, offsets, token_order)
         return dx, d_a, d_b, d_w.to(topk_weights.dtype)
     if backend == "torch_routed":
         return lora_experts_routed_backward(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order,
@@ -194,29 +202,36 @@ def _lora_experts_bwd(
 
 
 @_lora_experts_bwd.register_fake
-def _(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order, offsets, backend):
+def _(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, scaling, sort_order, offsets, token_order, backend):
     return (torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(topk_weights))
 
 
-def _lora_setup(ctx, inputs, output):
-    x, lora_A, lora_B, topk_idx, topk_weights, scaling, base_out, sort_order, offsets, _, backend = inputs
-    _, h = output
-    ctx.mark_non_differentiable(h)
-    ctx.scaling = scaling
-    ctx.backend = backend
-    ctx.has_base = base_out is not None
-    ctx.save_for_backward(x, lora_A, lora_B, topk_idx, topk_weights, h, sort_order, offsets)
+class _LoraExperts(torch.autograd.Function):
+    # base_out comes first: when it is a view modified in place, autograd (CopySlices) takes the first
+    # gradient returned as the modified tensor's
+    @staticmethod
+    def forward(ctx, base_out, x, lora_A, lora_B, topk_weights, topk_idx, scaling, sort_order, offsets, token_order,
+                backend, inplace):
+        if inplace:
+            out = base_out
+            h = _lora_experts_fwd(x, lora_A, lora_B, topk_idx, topk_weights, scaling, out, None, True, sort_order,
+                                  offsets, token_order, backend)
+            ctx.mark_dirty(out)
+        else:
+            out = x.new_empty(x.shape[0], lora_B.shape[1])
+            h = _lora_experts_fwd(x, lora_A, lora_B, topk_idx, topk_weights, scaling, out, base_out, False,
+                                  sort_order, offsets, token_order, backend)
+        ctx.scaling, ctx.backend, ctx.has_base = scaling, backend, base_out is not None
+        ctx.save_for_backward(x, lora_A, lora_B, topk_idx, topk_weights, h, sort_order, offsets, token_order)
+        return out
 
-
-def _lora_backward(ctx, grad_y, grad_h):
-    x, lora_A, lora_B, topk_idx, topk_weights, h, sort_order, offsets = ctx.saved_tensors
-    dx, d_a, d_b, d_w = _lora_experts_bwd(
-        grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, ctx.scaling, sort_order, offsets, ctx.backend)
-    d_base = grad_y if ctx.has_base else None
-    return dx, d_a, d_b, None, d_w, None, d_base, None, None, None, None
-
-
-torch.library.register_autograd("cuma::lora_experts_fwd", _lora_backward, setup_context=_lora_setup)
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, topk_idx, topk_weights, h, sort_order, offsets, token_order = ctx.saved_tensors
+        dx, d_a, d_b, d_w = _lora_experts_bwd(grad_y, x, lora_A, lora_B, topk_idx, topk_weights, h, ctx.scaling,
+                                              sort_order, offsets, token_order, ctx.backend)
+        d_base = grad_y if ctx.has_base else None
+        return d_base, dx, d_a, d_b, d_w, None, None, None, None, None, None, None
 
 
 def _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out) -> None:
@@ -272,6 +287,7 @@ def lora_experts(
     scaling: float,
     base_out: torch.Tensor | None = None,
     dispatch: DispatchMetadata | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Mixture of LoRA experts: y = base_out + scaling * sum_j w_tj * B_{e_tj} A_{e_tj} x_t.
 
@@ -279,10 +295,17 @@ def lora_experts(
     topk_idx [T, k] int32/int64; topk_weights [T, k] float; base_out [T, N] in x's dtype, or None.
     dispatch: `dispatch_metadata(topk_idx, E)`, computed once per router and shared by the modules that use it
     (when None, the Triton backend computes it here and the routed torch path sorts the pairs itself).
+    inplace: add into base_out and return it (no extra [T, N] pass). Its old value is lost, so base_out must be a
+    tensor nobody reads afterwards, e.g. a freshly computed base layer output; autograd rejects a leaf that
+    requires grad, and raises at backward time if another op saved base_out for its gradient.
     Returns y [T, N] in x's dtype (fp32 accumulation). Differentiable w.r.t. x, lora_A, lora_B, topk_weights
     and base_out.
     """
     _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out)
+    if inplace and base_out is None:
+        raise ValueError("inplace=True needs a base_out to add into")
+    if inplace and base_out.is_leaf and base_out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("inplace=True cannot add into a leaf tensor that requires grad; pass inplace=False")
     backend = backend_for(x)
     sort_order = offsets = token_order = None
     if backend == "triton":
@@ -295,6 +318,5 @@ def lora_experts(
             sort_order, offsets = pair_order(topk_idx, lora_B.shape[0])
         else:
             sort_order, offsets = dispatch.sort_order, dispatch.offsets
-    y, _ = _lora_experts_fwd(x, lora_A, lora_B, topk_idx, topk_weights, float(scaling), base_out, sort_order,
-                             offsets, token_order, backend)
-    return y
+    return _LoraExperts.apply(base_out, x, lora_A, lora_B, topk_weights, topk_idx, float(scaling), sort_order,
+                              offsets, token_order, backend, inplace)

@@ -15,9 +15,22 @@ ROUTING_MODES = ("cuma", "sum", "soft")
 
 
 def topk_stable(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim with ties broken toward the lower index (torch.topk does not promise that)."""
-    vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return vals[..., :top_k], idx[..., :top_k]
+    """Top-k along the last dim with ties broken toward the lower index (torch.topk does not promise that).
+
+    For probabilities (values >= 0): a NaN ranks below every number (torch.sort would put it first).
+    """
+    key = torch.where(torch.isnan(probs), -1.0, probs)
+    idx = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    return probs.gather(-1, idx), idx
+
+
+def router_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax over experts with NaN logits read as -inf (that expert gets probability 0).
+
+    A row whose softmax is undefined (a +inf logit, or no finite logit) comes out all NaN.
+    """
+    logits = logits.float()
+    return torch.softmax(torch.where(torch.isnan(logits), float("-inf"), logits), dim=-1)
 
 
 def renormalise(topk_probs: torch.Tensor, mode: str) -> torch.Tensor:
@@ -36,8 +49,12 @@ def renormalise(topk_probs: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def route_topk_torch(logits: torch.Tensor, top_k: int, mode: str = "cuma") -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (topk_weights [T, k] float32, topk_idx [T, k] int32). Differentiable in the weights."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """logits [T, E] -> (topk_weights [T, k] float32, topk_idx [T, k] int32). Differentiable in the weights.
+
+    Non-finite logits (see `router_probs`, `topk_stable`): indices are always k distinct experts in [0, E);
+    a row with a +inf logit or no finite logit gets NaN weights and experts 0..k-1.
+    """
+    probs = router_probs(logits)
     vals, idx = topk_stable(probs, top_k)
     return renormalise(vals, mode), idx.to(torch.int32)
 

@@ -2,6 +2,9 @@
 
 Semantics: `reference.route_topk_torch`. Modes: "cuma" (softmax over the k selected probabilities, the
 published double softmax), "sum" (p / sum p), "soft" (raw top-k probabilities). Ties go to the lower expert.
+Non-finite logits follow the torch path exactly: NaN reads as -inf; a row with a +inf logit or no finite logit
+has NaN probabilities, which rank below every number, so it picks experts 0..k-1 with NaN weights. Indices are
+always k distinct experts in [0, E).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import ROUTING_MODES
+from .reference import ROUTING_MODES, router_probs
 
 MODE_CODES = {"cuma": 0, "sum": 1, "soft": 2}
 
@@ -19,7 +22,9 @@ MODE_CODES = {"cuma": 0, "sum": 1, "soft": 2}
 # One program owns BLOCK_T rows and holds each row's E probabilities in registers (E <= 64 or so).
 # Top-k is k rounds of "row max, then the lowest column holding it": this gives the lower-index tie rule
 # directly, which a bitonic sort would not. The selected values stay in a [BLOCK_T, BLOCK_K] register tile so
-# the renormalisation needs no second pass over memory.
+# the renormalisation needs no second pass over memory. NaN logits are replaced before the row max because GPU
+# max drops NaN while the interpreter's keeps it; NaN probabilities then get the key NAN_KEY, between every real
+# probability (>= 0) and the -1 that marks taken or padded columns.
 @triton.jit
 def _route_topk_kernel(
     logits_ptr, stride_lt, stride_le,
@@ -36,6 +41,7 @@ def _route_topk_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     logits = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask,
                      other=float("-inf")).to(tl.float32)
+    logits = tl.where(logits != logits, float("-inf"), logits)
     row_max = tl.max(logits, axis=1)
     row_max = tl.where(row_mask, row_max, 0.0)
     p = tl.exp(logits - row_max[:, None])
@@ -43,8 +49,8 @@ def _route_topk_kernel(
     denom = tl.sum(p, axis=1)
     denom = tl.where(row_mask, denom, 1.0)
     p = p / denom[:, None]
-    # probabilities are >= 0, so -1 marks "taken or padding"
-    work = tl.where(col_mask[None, :], p, -1.0)
+    NAN_KEY: tl.constexpr = -0.5
+    work = tl.where(col_mask[None, :], tl.where(p != p, NAN_KEY, p), -1.0)
 
     kcols = tl.arange(0, BLOCK_K)
     vals = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -56,6 +62,7 @@ def _route_topk_kernel(
         work = tl.where(cols[None, :] == arg[:, None], -1.0, work)
         vals = tl.where(kcols[None, :] == j, best[:, None], vals)
         idxs = tl.where(kcols[None, :] == j, arg[:, None], idxs)
+    vals = tl.where(vals == NAN_KEY, float("nan"), vals)
 
     kmask = kcols < TOP_K
     if MODE == 0:
@@ -104,7 +111,7 @@ def route_topk_backward(
 
     w = f(v), v = p[idx], p = softmax(logits). dv by mode, scattered into dp, then the softmax Jacobian.
     """
-    p = torch.softmax(logits.float(), dim=-1)
+    p = router_probs(logits)
     gw = grad_weights.float()
     w = topk_weights.float()
     if mode == "cuma":

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
+import torch
 import triton
 
 
@@ -30,3 +32,15 @@ def tune_configs(gpu_configs: list[dict], default: dict, num_warps: int = 4) -> 
 def rank_block(rank: int) -> int:
     """Tile size for the rank dimension: a power of two, at least 16 (tl.dot's minimum on a GPU)."""
     return max(16, triton.next_power_of_2(rank))
+
+
+@lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100/H200) elsewhere, so CPU runs split work alike."""
+    if device.type == "cuda":
+        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132

@@ -75,6 +75,7 @@ class CuMALinear(nn.Module):
                 self.scaling,
                 base_out=out.reshape(-1, self.out_features),
                 dispatch=route.dispatch,
+                inplace=True,  # `out` is this call's own intermediate: nobody else reads it
             )
         return y.view(out.shape)
 

@@ -29,6 +29,14 @@ def backend(request, monkeypatch):
     return name
 
 
+@pytest.fixture
+def tile_order(request, monkeypatch):
+    """Force the shrink and dy pass to walk tokens ("token") or expert-sorted pairs ("pair")."""
+    monkeypatch.setattr(grouped_lora, "TOKENS_PER_EXPERT_SET", 0 if request.param == "token" else 10 ** 9)
+    assert grouped_lora.pair_major(64, 8, 2) == (request.param == "pair")
+    return request.param
+
+
 def reference(x, A, B, idx, w, scaling, base):
     """fp64: gather each (token, slot)'s own A and B, then one einsum. Differentiable."""
     idx = idx.long()
@@ -42,6 +50,9 @@ def make_routing(T, E, k, pattern, gen):
         idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k)
     elif pattern == "skewed":  # every token's first slot on expert 0, the rest on expert 1..k-1
         idx = torch.arange(k).expand(T, k)
+    elif pattern == "one":  # every token's first slot on the last expert (with k=1: all tokens on one expert)
+        rest = [torch.randperm(E - 1, generator=gen)[:k - 1] for _ in range(T)]
+        idx = torch.stack([torch.cat([torch.tensor([E - 1]), r]) for r in rest])
     elif pattern == "empty":  # only the top half of the experts is used
         used = torch.arange(E // 2, E)
         idx = torch.stack([used[torch.randperm(len(used), generator=gen)[:k]] for _ in range(T)])
@@ -52,7 +63,7 @@ def make_routing(T, E, k, pattern, gen):
 
 
 def run_case(T, K, N, r, E, k, shared, dtype, pattern="random", with_base=True, seed=0, dispatch=False,
-             noncontig=False):
+             noncontig=False, poison_unused=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, K, generator=gen)
     A = torch.randn(1 if shared else E, r, K, generator=gen) / K ** 0.5
@@ -61,6 +72,12 @@ def run_case(T, K, N, r, E, k, shared, dtype, pattern="random", with_base=True, 
     base = torch.randn(T, N, generator=gen) if with_base else None
     grad = torch.randn(T, N, generator=gen)
     scaling = 1.75
+    unused = torch.ones(E, dtype=torch.bool)
+    unused[idx.long().unique()] = False
+    if poison_unused:  # a routed-only computation never reads the weights of an expert no token chose
+        if not shared:
+            A[unused] = float("nan")
+        B[unused] = float("nan")
 
     leaves = [t.to(dtype).to(DEVICE) for t in (x, A, B)] + [w.to(DEVICE)]
     if noncontig:  # same values, other strides
@@ -77,7 +94,12 @@ def run_case(T, K, N, r, E, k, shared, dtype, pattern="random", with_base=True, 
         g = g.t().contiguous().t()
     y.backward(g)
 
-    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (xd, Ad, Bd, wd)]
+    ref_leaves = [t.detach().cpu().double() for t in (xd, Ad, Bd, wd)]
+    if poison_unused:
+        if not shared:
+            ref_leaves[1][unused] = 0.0
+        ref_leaves[2][unused] = 0.0
+    ref_leaves = [t.requires_grad_() for t in ref_leaves]
     ref_base = base_d.detach().cpu().double().requires_grad_() if with_base else None
     y_ref = reference(*ref_leaves[:3], idx, ref_leaves[3], scaling, ref_base)
     y_ref.backward(g.cpu().double())
@@ -123,10 +145,21 @@ SHAPES = [
 ]
 
 
+def shape_id(s):
+    return "T{}_K{}_N{}_r{}_E{}_k{}_".format(*s[:6]) + ("A", "sharedA")[s[6]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_K{}_N{}_r{}_E{}_k{}_".format(*s[:6]) + ("A", "sharedA")[s[6]])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_fp32_matches_reference(backend, shape):
     check_fp32(run_case(*shape, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("tile_order", ["token", "pair"], indirect=True)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=shape_id)
+def test_both_tile_orders(backend, tile_order, shape):
+    check_fp32(run_case(*shape, torch.float32, seed=43))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -134,19 +167,6 @@ def test_fp32_matches_reference(backend, shape):
 @pytest.mark.parametrize("shared", [False, True])
 def test_routing_patterns(backend, pattern, shared):
     check_fp32(run_case(45, 40, 56, 8, 6, 2, shared, torch.float32, pattern=pattern, seed=3))
-
-
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("shape,pattern", [((37, 40, 72, 8, 4, 2, False), "random"),
-                                           ((130, 48, 40, 16, 6, 3, False), "random"),
-                                           ((1, 24, 24, 4, 3, 1, False), "random"),
-                                           ((45, 40, 56, 8, 6, 2, False), "skewed"),
-                                           ((45, 40, 56, 8, 6, 2, False), "empty")])
-def test_grouped_layout(backend, shape, pattern, monkeypatch):
-    # E*r above the dense limit takes the grouped path (shrink, dx and dA over sorted tokens); force it here
-    monkeypatch.setattr(grouped_lora, "DENSE_SHRINK_MAX", 0)
-    assert grouped_lora.h_layout(shape[4], shape[4], shape[3]) == "pairs"
-    check_fp32(run_case(*shape, torch.float32, pattern=pattern, dispatch=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -246,17 +266,93 @@ def test_bad_input_messages(change, error, match):
         lora_experts(**kwargs)
 
 
+@pytest.mark.parametrize("backend", ["torch-routed", "triton"], indirect=True)
+@pytest.mark.parametrize("shared", [False, True])
+def test_unrouted_experts_are_never_read(backend, shared):
+    res = run_case(45, 40, 56, 16, 6, 2, shared, torch.float32, pattern="empty", seed=19, poison_unused=True)
+    check_fp32(res)  # any read of the NaN weights would reach y or a gradient
+
+
+# Multi-tile, multi-piece sizes (T*k = 2000 pairs, tiles straddling expert sets, r = 64 and 128).
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-def test_expand_with_and_without_token_order(backend):
-    gen = torch.Generator().manual_seed(17)
-    T, K, N, r, E, k = 50, 24, 40, 8, 6, 2
-    x, A, B = (torch.randn(T, K, generator=gen), torch.randn(E, r, K, generator=gen),
-               torch.randn(E, N, r, generator=gen))
-    idx, w = make_routing(T, E, k, "random", gen)
-    x, A, B, idx, w = (t.to(DEVICE) for t in (x, A, B, idx, w))
+@pytest.mark.parametrize("shape,dtype,pattern", [
+    ((1000, 72, 136, 64, 8, 2, False), torch.float32, "random"),  # token-major by the rule (forced, T < 28 * 64)
+    ((1000, 72, 136, 64, 8, 2, True), torch.bfloat16, "random"),
+    ((600, 40, 200, 128, 4, 2, False), torch.bfloat16, "skewed"),
+    ((300, 40, 72, 64, 5, 1, False), torch.float32, "one"),
+    ((300, 40, 72, 16, 5, 3, False), torch.float16, "one"),
+], ids=["fp32", "bf16-sharedA", "bf16-r128-skewed", "k1-one-expert", "fp16-k3-one"])
+def test_large_shapes(backend, shape, dtype, pattern, monkeypatch):
+    if dtype == torch.float32 and shape[4] == 8:
+        monkeypatch.setattr(grouped_lora, "TOKENS_PER_EXPERT_SET", 32)
+    res = run_case(*shape, dtype, pattern=pattern, seed=23, dispatch=True)
+    check_fp32(res) if dtype == torch.float32 else check_low_precision(res)
+
+
+def _gpu_config(configs, i):
+    import triton
+    cfg = dict(configs[0][i])
+    return triton.Config({k: v for k, v in cfg.items() if k != "num_warps"}, num_warps=cfg.get("num_warps", 4))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("tile_order", ["token", "pair"], indirect=True)
+@pytest.mark.parametrize("i", [0, 1, 2])
+@pytest.mark.parametrize("shared", [False, True])
+def test_every_autotune_config(backend, tile_order, i, shared, monkeypatch):
+    """Each GPU autotune config's tile sizes (the interpreter otherwise runs only its small default)."""
+    for kernel, configs in ((grouped_lora._shrink_kernel, grouped_lora.SHRINK_CONFIGS),
+                            (grouped_lora._expand_kernel, grouped_lora.EXPAND_CONFIGS),
+                            (grouped_lora._dy_pass_kernel, grouped_lora.DY_PASS_CONFIGS),
+                            (grouped_lora._segment_partial_kernel, grouped_lora.SEGMENT_CONFIGS)):
+        monkeypatch.setattr(kernel, "configs", [_gpu_config(configs, i)])
+    check_fp32(run_case(150, 140, 136, 64, 6, 2, shared, torch.float32, seed=29 + i))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_saved_h_is_routed_and_in_the_compute_dtype(backend):
+    gen = torch.Generator().manual_seed(31)
+    T, K, N, r, E, k = 40, 24, 40, 16, 6, 2
+    x, A, B = (torch.randn(*s, generator=gen).to(torch.bfloat16).to(DEVICE) for s in ((T, K), (E, r, K), (E, N, r)))
+    idx, w = (t.to(DEVICE) for t in make_routing(T, E, k, "random", gen))
     md = dispatch_metadata(idx, E)
-    y_plain, _ = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, None, md.sort_order)
-    y_perm, _ = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, None, md.sort_order, md.token_order)
-    ref = reference(x.cpu().double(), A.cpu().double(), B.cpu().double(), idx.cpu(), w.cpu().double(), 0.5, None)
-    torch.testing.assert_close(y_plain.cpu().double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(y_perm.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+    out = torch.empty(T, N, dtype=torch.bfloat16, device=DEVICE)
+    h = grouped_lora.lora_experts_triton_forward(x, A, B, idx, w, 0.5, out, None, False, md.token_order,
+                                                 md.sort_order)
+    assert h.dtype == torch.bfloat16 and h.shape == (T * k, r)
+    ref = torch.einsum("tjrk,tk->tjr", A.double()[idx.long()], x.double()).reshape(T * k, r)
+    assert (h.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_inplace_add_into_the_base_output(backend):
+    gen = torch.Generator().manual_seed(37)
+    T, K, N, r, E, k = 33, 24, 40, 8, 5, 2
+    x, W = torch.randn(T, K, generator=gen), torch.randn(N, K, generator=gen)
+    A, B = torch.randn(E, r, K, generator=gen), torch.randn(E, N, r, generator=gen)
+    idx, w = make_routing(T, E, k, "random", gen)
+    grad = torch.randn(T, N, generator=gen)
+    results = []
+    for inplace in (False, True):
+        leaves = [t.to(DEVICE).requires_grad_() for t in (x, W, A, B, w)]
+        xd, Wd, Ad, Bd, wd = leaves
+        base = (xd.view(3, 11, K) @ Wd.t()).reshape(T, N)  # an intermediate and a view, as in the model
+        y = lora_experts(xd, Ad, Bd, idx.to(DEVICE), wd, 0.5, base, inplace=inplace)
+        assert (y.data_ptr() == base.data_ptr()) == inplace
+        y.backward(grad.to(DEVICE))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    leaf = torch.randn(T, N, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        lora_experts(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), 0.5, leaf, inplace=True)
+    with pytest.raises(ValueError, match="base_out"):
+        lora_experts(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), 0.5, inplace=True)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_backward_is_deterministic(backend):
+    first = run_case(130, 40, 56, 16, 6, 2, False, torch.float32, seed=41, pattern="skewed")
+    second = run_case(130, 40, 56, 16, 6, 2, False, torch.float32, seed=41, pattern="skewed")
+    for name in first:
+        assert torch.equal(first[name][0], second[name][0]), name

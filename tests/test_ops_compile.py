@@ -1,5 +1,6 @@
-"""The custom ops trace under torch.compile(fullgraph=True), pass torch.library.opcheck, and the GPU report's
-smoke mode runs on CPU."""
+"""The custom ops trace under torch.compile(fullgraph=True), pass torch.library.opcheck, the kernels compile for
+sm_90, and the GPU report's --cpu mode runs every step."""
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ DEVICE = os.environ.get("CUMA_TEST_DEVICE", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _layer(x, logits, A, B, base, mode):
+def _layer(x, logits, A, B, base, mode, inplace=False):
     w, idx = route_topk(logits, 2, mode)
+    if inplace:  # into an intermediate, as the model layer does
+        return lora_experts(x, A, B, idx, w, 0.5, base * 1.0, inplace=True)
     return lora_experts(x, A, B, idx, w, 0.5, base)
 
 
@@ -28,16 +31,16 @@ def _inputs(shared, seed=0):
     return [t.to(DEVICE).requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("mode", ["cuma", "soft"])
-def test_compile_fullgraph_matches_eager(shared, mode):
+@pytest.mark.parametrize("shared,mode,inplace", [(False, "cuma", False), (True, "cuma", False),
+                                                 (False, "soft", False), (True, "soft", True), (False, "cuma", True)])
+def test_compile_fullgraph_matches_eager(shared, mode, inplace):
     torch._dynamo.reset()
     eager_in = _inputs(shared)
     compiled_in = [t.detach().clone().requires_grad_() for t in eager_in]
-    y = _layer(*eager_in, mode)
+    y = _layer(*eager_in, mode, inplace)
     y.square().sum().backward()
     compiled = torch.compile(_layer, backend="aot_eager", fullgraph=True)
-    yc = compiled(*compiled_in, mode)
+    yc = compiled(*compiled_in, mode, inplace)
     yc.square().sum().backward()
     torch.testing.assert_close(yc, y)
     for a, b in zip(compiled_in, eager_in):
@@ -50,27 +53,79 @@ def test_opcheck_custom_ops(monkeypatch):
     x, logits, A, B, base = _inputs(False, seed=1)
     w, idx = route_topk(logits.detach(), 2)
     torch.library.opcheck(torch.ops.cuma.route_topk.default, (logits, 2, "sum", "torch"))
+    # the expert forward mutates its output, so its autograd lives in a Function, outside the op
+    x, A, B, base = (t.detach() for t in (x, A, B, base))
     torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,
-                          (x, A, B, idx, w.requires_grad_(), 0.5, base, None, None, None, "torch"))
+                          (x, A, B, idx, w, 0.5, torch.empty_like(base), base, False, None, None, None, "torch"))
+    torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,  # added into the base output in place
+                          (x, A, B, idx, w, 0.5, base.detach().clone(), None, True, None, None, None, "torch"))
     from cuma_kernels.routed_cpu import pair_order
     order, offsets = pair_order(idx, B.shape[0])
     torch.library.opcheck(torch.ops.cuma.lora_experts_fwd.default,  # the routed form of the torch path
-                          (x, A, B, idx, w, 0.5, base, order, offsets, None, "torch_routed"))
+                          (x, A, B, idx, w, 0.5, torch.empty_like(base), base, False, order, offsets, None,
+                           "torch_routed"))
+    h = torch.ops.cuma.lora_experts_fwd(x, A, B, idx, w, 0.5, torch.empty_like(base), base, False, order, offsets,
+                                        None, "torch_routed")
+    torch.library.opcheck(torch.ops.cuma.lora_experts_bwd.default,
+                          (torch.randn_like(base), x, A, B, idx, w, h, 0.5, order, offsets, None, "torch_routed"))
 
 
-def test_gpu_report_smoke_mode():
-    env = dict(os.environ, CUMA_BACKEND="torch")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--smoke"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for provider in ("cuma", "loop", "dense", "base"):
-        assert provider in proc.stdout
+def test_gpu_report_cpu_mode(tmp_path):
+    """Every step of the GPU report on tiny CPU shapes (Triton through its interpreter when it is on)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--cpu", "--out",
+                           str(tmp_path)], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["ok"] * 6 + ["skipped"], report["steps"]
+    assert len(report["correctness"]) == 4 and all(c["ok"] for r in report["correctness"]
+                                                    for c in r["checks"].values())
+    timed = {(r["provider"], r["mode"]) for r in report["timings"] if "median_ms" in r}
+    for provider in ("base linear", "whole layer", "experts alone", "PEFT LoRA layer", "dense gated (input dtype)",
+                     "published loop"):
+        assert (provider, "fwd+bwd") in timed, provider
+    assert {r["config"] for r in report["end_to_end"]} == {"CuMA E=8 k=2 r=64", "PEFT LoRA r=64"}
+    assert (tmp_path / "report.md").read_text().startswith("# CuMA GPU report")
+    assert (tmp_path / "profile.txt").exists()
 
 
 # ---- Compiling the kernels for a Hopper GPU without one ------------------------------------------------------
 # The interpreter accepts programs a GPU compiler rejects (mixed dot operand types, tiles under 16, ...), so the
-# kernels are also compiled to a cubin for sm_90 here, in a child process without TRITON_INTERPRET.
-# `python tests/test_ops_compile.py --all` compiles every dtype and tile variant (minutes).
+# kernels are also compiled to a cubin for sm_90 here, in a child process without TRITON_INTERPRET, where
+# `tune_configs` returns every autotune config: each one is compiled (bf16), the flag variants on one config, and
+# one variant of each kernel in fp16 and fp32. `python tests/test_ops_compile.py --all` compiles every config in
+# every variant.
+
+
+def _lora_kernel_specs(dt):
+    """(kernel, pointer types, float args, fixed constexprs) of every grouped-LoRA kernel, for dtype dt."""
+    from cuma_kernels import grouped_lora as g
+
+    flags = dict(UPCAST=False, IEEE=dt == "fp32")
+    specs = []
+    orders = {"token_order_ptr": "*i64", "sort_order_ptr": "*i64"}
+    for block_r, by_pairs in ((64, False), (16, True), (128, False)):
+        specs.append((g._shrink_kernel, {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "h_ptr": "*" + dt, "idx_ptr": "*i32",
+                                         **orders}, (), dict(TOP_K=2, PAIR_MAJOR=by_pairs, BLOCK_R=block_r, **flags)))
+    expand_ptrs = {"h_ptr": "*" + dt, "w_ptr": "*" + dt, "idx_ptr": "*i32", "gate_ptr": "*fp32",
+                   "token_order_ptr": "*i64", "base_ptr": "*" + dt, "out_ptr": "*" + dt, "hsum_ptr": "*" + dt}
+    for gated, shared, base, hsum, block_r in [(True, False, True, False, 64), (True, False, False, False, 16),
+                                               (False, True, False, True, 128), (False, False, False, False, 64)]:
+        specs.append((g._expand_kernel, expand_ptrs, ("scaling",),
+                      dict(TOP_K=2, GATED=gated, SHARED_W=shared, HAS_BASE=base, STORE_HSUM=hsum, BLOCK_R=block_r,
+                           **flags)))
+    for block_r, by_pairs in ((64, False), (16, True), (128, True)):
+        specs.append((g._dy_pass_kernel, {"dy_ptr": "*" + dt, "b_ptr": "*" + dt, "h_ptr": "*" + dt, "idx_ptr": "*i32",
+                                          "gate_ptr": "*fp32", **orders, "dgate_ptr": "*fp32", "dhg_ptr": "*" + dt},
+                      ("scaling",), dict(TOP_K=2, PAIR_MAJOR=by_pairs, BLOCK_R=block_r, **flags)))
+    for gated, block_r in ((True, 64), (False, 128), (True, 16)):
+        specs.append((g._segment_partial_kernel, {"x_ptr": "*" + dt, "h_ptr": "*" + dt, "gate_ptr": "*fp32",
+                                                  "order_ptr": "*i64", "piece_start_ptr": "*i64",
+                                                  "piece_end_ptr": "*i64", "part_ptr": "*fp32"}, ("scale",),
+                      dict(TOP_K=2, GATED=gated, BLOCK_R=block_r, **flags)))
+    specs.append((g._sum_pieces_kernel, {"part_ptr": "*fp32", "first_piece_ptr": "*i64", "out_ptr": "*" + dt}, (),
+                  dict(BLOCK_R=64, BLOCK_C=64)))
+    return specs
 
 
 def _compile_kernels_for_sm90(all_variants: bool) -> None:
@@ -78,46 +133,46 @@ def _compile_kernels_for_sm90(all_variants: bool) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cuma_kernels import grouped_lora, routing
+    from cuma_kernels import routing
 
     target = GPUTarget("cuda", 90, 32)
+    compiled = 0
 
-    def compile_one(fn, pointers, floats, constexprs):
+    def compile_one(fn, pointers, floats, constexprs, num_warps=4, num_stages=3):
+        nonlocal compiled
         sig = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
                for name in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target)
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target,
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+        compiled += 1
 
-    dtypes = ("bf16", "fp16", "fp32") if all_variants else ("bf16",)
-    for dt in dtypes:
-        ieee = dt == "fp32"
-        for k, block_e, block_k in ([(2, 8, 2), (1, 2, 2), (8, 64, 8)] if all_variants else [(2, 8, 2)]):
-            compile_one(routing._route_topk_kernel, {"logits_ptr": "*" + dt, "weights_ptr": "*fp32", "idx_ptr": "*i32"},
+    for dt in ("bf16", "fp16", "fp32"):
+        everything = all_variants or dt == "bf16"
+        for k, block_e, block_k in [(2, 8, 2), (1, 2, 2), (8, 64, 8)][:3 if everything else 1]:
+            compile_one(routing._route_topk_kernel, {"logits_ptr": "*" + dt, "weights_ptr": "*fp32",
+                                                     "idx_ptr": "*i32"},
                         (), dict(TOP_K=k, MODE=0, BLOCK_T=64, BLOCK_E=block_e, BLOCK_K=block_k))
-        for grouped, block_r in ([(True, 16), (False, 128), (True, 64)] if all_variants else [(True, 16)]):
-            compile_one(grouped_lora._gather_matmul_kernel.fn,
-                        {"x_ptr": "*" + dt, "w_ptr": "*" + dt, "out_ptr": "*fp32", "order_ptr": "*i64",
-                         "expert_ptr": "*i32"}, ("scale",),
-                        dict(TOP_K=2, GROUPED=grouped, UPCAST=False, IEEE=ieee, BLOCK_R=block_r, BLOCK_M=64,
-                             BLOCK_K=64))
-        for permuted, block_r in ([(True, 16), (False, 128), (True, 64)] if all_variants else [(True, 16)]):
-            compile_one(grouped_lora._expand_kernel.fn,
-                        {"h_ptr": "*fp32", "b_ptr": "*" + dt, "idx_ptr": "*i32", "gate_ptr": "*fp32",
-                         "token_order_ptr": "*i64", "base_ptr": "*" + dt, "out_ptr": "*" + dt}, ("scaling",),
-                        dict(TOP_K=2, HAS_BASE=permuted, PERMUTED=permuted, UPCAST=False, IEEE=ieee,
-                             BLOCK_R=block_r, BLOCK_T=64, BLOCK_N=64))
-        for block_r in ([16, 128] if all_variants else [16]):
-            compile_one(grouped_lora._expand_weight_grad_kernel.fn,
-                        {"dy_ptr": "*" + dt, "h_ptr": "*fp32", "gate_ptr": "*fp32", "order_ptr": "*i64",
-                         "offsets_ptr": "*i64", "db_ptr": "*" + dt}, ("scaling",),
-                        dict(TOP_K=2, UPCAST=False, IEEE=ieee, BLOCK_R=block_r, BLOCK_M=64, BLOCK_N=64))
-    print("compiled for sm_90")
+        seen = set()
+        for kernel, pointers, floats, fixed in _lora_kernel_specs(dt):
+            if not everything and kernel in seen:
+                continue  # other dtypes: one variant per kernel
+            configs = kernel.configs if isinstance(kernel, triton.runtime.Autotuner) else [None]
+            if kernel not in seen and configs[0] is not None:
+                assert len(configs) > 1, "the child process must see every autotune config"
+            for cfg in (configs if all_variants or (everything and kernel not in seen) else configs[:1]):
+                if cfg is None:
+                    compile_one(kernel, pointers, floats, fixed)
+                else:
+                    compile_one(kernel.fn, pointers, floats, {**fixed, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+            seen.add(kernel)
+    print(f"compiled {compiled} kernels for sm_90")
 
 
 def test_kernels_compile_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUMA_AUTOTUNE")}
     proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "kernels for sm_90" in proc.stdout, proc.stdout + proc.stderr
 
 
 if __name__ == "__main__":

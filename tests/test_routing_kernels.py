@@ -181,3 +181,51 @@ def test_dispatch_metadata_rejects_bad_shape():
 def test_public_names():
     for name in ("route_topk", "lora_experts", "dispatch_metadata", "DispatchMetadata"):
         assert hasattr(cuma_kernels, name)
+
+
+NAN, INF = float("nan"), float("inf")
+NON_FINITE_ROWS = [  # (logits, expected experts for k=2, finite weights?)
+    ([0.5, NAN, 2.0, 1.0, -1.0], [2, 3], True),  # NaN reads as -inf
+    ([NAN] * 5, [0, 1], False),  # no finite logit: NaN probabilities, lowest experts
+    ([1.0, INF, 0.0, INF, 2.0], [0, 1], False),  # +inf: softmax undefined
+    ([-INF, 1.0, -INF, 3.0, 0.0], [3, 1], True),
+    ([-INF] * 5, [0, 1], False),
+    ([NAN, -INF, 1.0, NAN, -INF], [2, 0], True),  # zero-probability ties go to the lower expert
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_logits_pick_valid_experts(backend, mode):
+    logits = torch.tensor([row for row, _, _ in NON_FINITE_ROWS], device=DEVICE).requires_grad_()
+    w, idx = route_topk(logits, 2, mode)
+    assert idx.cpu().tolist() == [experts for _, experts, _ in NON_FINITE_ROWS]
+    finite = torch.tensor([ok for _, _, ok in NON_FINITE_ROWS])
+    assert torch.isfinite(w[finite.to(w.device)]).all() and torch.isnan(w[~finite.to(w.device)]).all()
+    sanitized = torch.nan_to_num(logits.detach().cpu().double(), nan=-INF, posinf=INF, neginf=-INF)[finite]
+    w_ref, idx_ref = reference_route(sanitized, 2, mode)
+    assert torch.equal(idx.cpu()[finite].long(), idx_ref)
+    torch.testing.assert_close(w.detach().cpu().double()[finite], w_ref, rtol=1e-5, atol=1e-7)
+    w.backward(torch.ones_like(w))
+    grad = logits.grad.cpu()
+    assert torch.isfinite(grad[finite]).all() and (grad[finite][torch.isnan(logits.detach().cpu()[finite])] == 0).all()
+
+
+def test_non_finite_logits_agree_across_backends(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(64, 8, generator=gen)
+    pick = torch.rand(64, 8, generator=gen)
+    logits[pick < 0.15] = NAN
+    logits[(pick >= 0.15) & (pick < 0.2)] = INF
+    logits[(pick >= 0.2) & (pick < 0.3)] = -INF
+    logits[:4] = NAN
+    results = {}
+    for name in BACKENDS:
+        if name == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+        monkeypatch.setenv("CUMA_BACKEND", name)
+        results[name] = route_topk(logits.to(DEVICE), 3, "cuma")
+    (w_t, i_t), (w_k, i_k) = results["torch"], results["triton"]
+    assert ((i_k >= 0) & (i_k < 8)).all() and torch.equal(i_t.cpu(), i_k.cpu())
+    assert all(len(set(row)) == 3 for row in i_k.cpu().tolist())
+    torch.testing.assert_close(w_k.cpu(), w_t.cpu(), equal_nan=True)
