@@ -1,4 +1,4 @@
-"""patch_model: turn a Hugging Face decoder into a CuMA model in place."""
+"""patch_model and from_pretrained: make a Hugging Face decoder a CuMA model in place (fresh or saved adapter)."""
 from __future__ import annotations
 
 import contextlib
