@@ -87,11 +87,20 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not for on/off flags, whose "(default: True)" reads as the opposite of the flag."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cuma_model.train",
         description="Fine-tune CuMA or a baseline on survey answers, then evaluate it against the statistical floors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("method and model")
     g.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft",
                    help="sft: this script; dpo/grpo continue from --sft-checkpoint (see python -m cuma_model.preference "
@@ -107,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the profile out of the system message (cuma then sees demographics only through z)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--survey", default=D.DEFAULT_SURVEY, help=f"built-in survey {sorted(D.SURVEYS)}")
+    g.add_argument("--survey", default=D.DEFAULT_SURVEY,
+                   help=f"a built-in survey {sorted(D.SURVEYS)}, or the path of a SurveySpec JSON file (docs/usage.md)")
     g.add_argument("--split", choices=("respondent", "profile"), default="respondent",
                    help="held-out respondents, or held-out profile texts (zero-shot profiles)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="share of respondents held out for test")
