@@ -9,7 +9,8 @@ Pieces, in the order a run uses them:
 - `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None)`: one JSON-safe dict with every metric of
   `cuma_model.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
   entropy, per-group distribution gaps and between-group spread).
-- `format_report` / `write_markdown_table`: methods side by side.
+- `format_report` / `write_markdown_table`: methods side by side; `paired_differences` / `format_intervals`: 95%
+  intervals from a bootstrap over respondents, and differences between methods scored on the same examples.
 - `RoutingUsage` / `routing_usage_table`: expert usage per demographic group per router from routing records.
 - `python -m cuma_model.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
   `python -m cuma_model.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR` (or
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cuma_model import metrics as M
 from cuma_model.data import SurveyExample
+from cuma_model.intervals import respondent_bootstrap, verdict
 
 
 class Predictions(NamedTuple):
@@ -104,7 +106,50 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
                           if h.size else float("nan")}
     out["group_gaps"] = M.group_distribution_gaps(qids, true, pred, n_choices, true_scaled, pred_scaled, groups,
                                                   min_rows=min_group_rows, pred_proba=proba)
+    respondents = [e.respondent_id for e in ex]
+    out["intervals"] = {"accuracy": respondent_bootstrap(correct, respondents),
+                        "nll": respondent_bootstrap(M.choice_nll(choice_logits, true), respondents)
+                        if choice_logits is not None else None}
     return _json_safe(out)
+
+
+def paired_differences(examples: Sequence[SurveyExample], prediction: Predictions,
+                       others: Mapping[str, Predictions]) -> dict:
+    """This method minus each other one, scored on the same examples, with respondent-bootstrap 95% intervals:
+    {name: {"accuracy": {mean, lo, hi, verdict}, "nll": {...} | None}}; a difference whose interval holds 0 is a
+    "tie"."""
+    true = np.array([e.target for e in examples], dtype=np.int64)
+    respondents = [e.respondent_id for e in examples]
+    correct = np.asarray(prediction.choice_idx) == true
+    out = {}
+    for name, other in others.items():
+        acc = respondent_bootstrap(correct.astype(float) - (np.asarray(other.choice_idx) == true), respondents)
+        entry = {"accuracy": {**acc, "verdict": verdict(acc)}, "nll": None}
+        if prediction.choice_logits is not None and other.choice_logits is not None:
+            nll = respondent_bootstrap(M.choice_nll(prediction.choice_logits, true)
+                                       - M.choice_nll(other.choice_logits, true), respondents)
+            entry["nll"] = {**nll, "verdict": verdict(nll, higher_is_better=False)}
+        out[name] = entry
+    return _json_safe(out)
+
+
+def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None) -> str:
+    """Lines stating `name`'s accuracy and NLL with their 95% intervals, and its differences from the others."""
+    def interval(iv, scale=1.0, sign=""):
+        return f"{iv['mean'] * scale:{sign}.3g} [{iv['lo'] * scale:{sign}.3g}, {iv['hi'] * scale:{sign}.3g}]"
+
+    iv = metrics.get("intervals") or {}
+    lines = [f"95% intervals (bootstrap over respondents, {metrics.get('n')} answers):"]
+    head = f"  {name}: accuracy {interval(iv['accuracy'], 100)}%" if iv.get("accuracy") else f"  {name}:"
+    if iv.get("nll"):
+        head += f", NLL {interval(iv['nll'])}"
+    lines.append(head)
+    for other, d in (paired or {}).items():
+        text = f"  {name} - {other}: accuracy {interval(d['accuracy'], 100, '+')} points ({d['accuracy']['verdict']})"
+        if d.get("nll"):
+            text += f", NLL {interval(d['nll'], 1, '+')} ({d['nll']['verdict']})"
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:

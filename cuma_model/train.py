@@ -702,8 +702,9 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     pred = E.predict_from_logits(logits)
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
-    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits)
-              for name, p in E.run_baselines(splits.train_all, ev).items()}
+    floor_predictions = E.run_baselines(splits.train_all, ev)
+    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}
+    paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions)
     out_dir.mkdir(parents=True, exist_ok=True)
     E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
 
@@ -713,8 +714,8 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
         routing = {"csv": "routing_usage.csv", "n_examples": min(len(ev), args.routing_examples)}
     if args.plots:
         E.evaluate_run(out_dir)  # answer-share (and routing) PNGs from the files just written
-    report = E.format_report({args.method: metrics, **floors})
-    return {"metrics": metrics, "floors": floors, "report": report, "routing": routing,
+    report = E.format_report({args.method: metrics, **floors}) + "\n" + E.format_intervals(args.method, metrics, paired)
+    return {"metrics": metrics, "floors": floors, "paired": paired, "report": report, "routing": routing,
             "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
 
 

@@ -1,0 +1,42 @@
+"""95% intervals that respect respondents: a bootstrap that resamples respondents, not answers.
+
+One respondent's answers are correlated (the same person answers every question), so resampling single answers
+would make intervals too narrow. Each resample draws as many respondents as there are, with replacement, and
+takes every answer of each; the statistic is a mean over answers. The percentile interval of the resampled means
+is reported. Seeded: the same inputs give the same interval.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+N_RESAMPLES = 2000
+LEVEL = 0.95
+
+
+def respondent_bootstrap(values: Sequence[float], respondents: Sequence, n_resamples: int = N_RESAMPLES,
+                         level: float = LEVEL, seed: int = 0) -> dict:
+    """{"mean", "lo", "hi"} of the mean of `values` (one per answer) over respondents resampled with replacement."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(respondents),):
+        raise ValueError(f"{values.shape[0] if values.ndim else 0} values for {len(respondents)} respondent ids")
+    if not len(values):
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    _, cluster = np.unique(np.asarray([str(r) for r in respondents]), return_inverse=True)
+    sums = np.bincount(cluster, weights=values)
+    counts = np.bincount(cluster).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(sums), np.full(len(sums), 1.0 / len(sums)), size=n_resamples)  # [B, respondents]
+    means = (draws @ sums) / (draws @ counts)
+    tail = (1.0 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return {"mean": float(values.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def verdict(interval: dict, higher_is_better: bool = True) -> str:
+    """"win", "loss" or "tie" for a difference (this method minus another): a tie when its interval holds 0."""
+    if interval["lo"] <= 0.0 <= interval["hi"]:
+        return "tie"
+    better = interval["lo"] > 0.0 if higher_is_better else interval["hi"] < 0.0
+    return "win" if better else "loss"
