@@ -20,7 +20,8 @@ respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is wha
 `--train-examples` / `--eval-examples` take seeded random subsets BY EXAMPLE (not by respondent): for a fixed
 budget of examples this covers the most respondents and profiles; respondents stay disjoint between the splits
 whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
-scored on the same evaluation examples as the model.
+scored on the same evaluation examples as the model; when the adapter trains on a subset, each floor is also fitted on
+exactly that subset (`<floor>@<n>`), so that a comparison at equal data is in every table.
 
 Default size: 432 training examples seen 3 times (162 steps of 8) and 600 test examples, to stay within 15
 minutes on a 2-core CPU with SmolLM2-135M (about 4 s per CuMA training step of 8 prompts of ~120 tokens on two
@@ -703,6 +704,9 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
     floor_predictions = E.run_baselines(splits.train_all, ev)
+    if len(splits.train) < len(splits.train_all):  # fair floors: fitted on exactly the examples the adapter saw
+        floor_predictions.update({f"{name}@{len(splits.train)}": p
+                                  for name, p in E.run_baselines(splits.train, ev).items()})
     floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}
     paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions)
     out_dir.mkdir(parents=True, exist_ok=True)

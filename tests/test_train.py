@@ -198,3 +198,18 @@ def test_param_groups_give_B_its_own_learning_rate(method):
 def test_unknown_option_name():
     with pytest.raises(ValueError, match="unknown training options"):
         T.train({"top_kk": 3})
+
+
+def test_floors_at_equal_data(tmp_path):
+    res = T.train(options(tmp_path, method="cuma", max_steps=2, train_examples=12, eval_examples=24), **parts())
+    names = {"question_majority", "group_majority", "logistic_regression"}
+    assert set(res["floors"]) == names | {f"{n}@12" for n in names}
+    assert set(res["paired"]) == set(res["floors"])
+    # fitted on 12 examples, the question-majority floor can only know what those 12 said
+    splits = T.make_splits(survey(), T._args_from(options(tmp_path, train_examples=12, eval_examples=24)))
+    from cuma_model import evaluate as E
+
+    small = E.QuestionMajority().fit(splits.train).predict(splits.eval)
+    assert res["floors"]["question_majority@12"]["accuracy"] == E.evaluate_predictions(
+        splits.eval, small.choice_idx, small.choice_logits)["accuracy"]
+    assert "cuma - logistic_regression@12" in res["report"]
