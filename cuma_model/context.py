@@ -25,11 +25,14 @@ class Route:
     """One router's decision for one input: flat [T, k] weights (float32) and indices (int32).
 
     `dispatch` (the tokens sorted by expert) is computed on first use and shared by every module using the route.
+    `shrink`: set by the first module to use the route (None until then): sibling module -> its slice of the one
+    shrink launch run for all of them on this input; each sibling takes (pops) its own.
     """
 
     topk_weights: torch.Tensor
     topk_idx: torch.Tensor
     dispatch: object = None
+    shrink: dict | None = None
 
 
 @dataclass
