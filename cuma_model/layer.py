@@ -98,9 +98,11 @@ class CuMALinear(nn.Module):
         """
         if route.shrink is None:
             route.shrink = {}
-            group = [layer for layer in self.owner.layers.values() if layer.router is self.router
-                     and layer.in_features == self.in_features and layer.lora_A.shape[0] == self.lora_A.shape[0]
-                     and layer.lora_A.device == x.device and not layer._dropping()]
+            state = active_state(self.owner)
+            routed_alike = state.layers_routed_by(self.router.key) if state is not None else ()
+            group = [layer for layer in routed_alike if layer.in_features == self.in_features
+                     and layer.lora_A.shape[0] == self.lora_A.shape[0] and layer.lora_A.device == x.device
+                     and not layer._dropping()]
             if (len(group) > 1 and self in group and os.environ.get("CUMA_SHARED_SHRINK", "1") != "0"
                     and cuma_kernels.backend_for(x) == "triton"):
                 x2 = x.reshape(-1, self.in_features).to(dtype)
@@ -127,9 +129,7 @@ class CuMALinear(nn.Module):
         logits = self.router.logits(x3, z)
         topk_weights, topk_idx = self.router.route_flat(logits)
         route = Route(topk_weights, topk_idx)
-        if state is None:
-            route.shrink = {}  # not cached: no sibling will see this route, so nothing to share
-        else:
+        if state is not None:
             state.store_route(key, x, route)
             if state.compute_aux:
                 gates = self.router.gates(logits, topk_weights, topk_idx)

@@ -149,7 +149,9 @@ def test_model_qkv_and_gate_up_share_one_shrink_each(monkeypatch, shrink_calls, 
     targets = QKV + GATE_UP
     model = tiny_model(targets, shared_A=shared_A)
     ref = fp64_reference(model, targets, monkeypatch, shared_A)
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
     got = run(model)
+    assert before == {name: set(vars(m)) for name, m in model.named_modules()}  # the sharing lives in the state
     layers = model.config.num_hidden_layers
     assert shrink_calls == [3 * 8, 2 * 8] * layers  # one launch per sibling set: q/k/v, then gate/up
     assert_matches(got, ref, torch.float32)
@@ -214,3 +216,12 @@ def test_active_dropout_keeps_per_projection_shrinks(shrink_calls):
         model(torch.randint(3, 97, (1, 4)).to(DEVICE), demographic_embeds=torch.randn(1, 4).to(DEVICE))
     assert shrink_calls == [24] * model.config.num_hidden_layers  # dropout off in eval: shared again
     assert isinstance(model.model.layers[0].self_attn.q_proj.lora_dropout, nn.Dropout)
+
+
+def test_a_layer_called_outside_a_forward_runs_its_own_shrink(shrink_calls):
+    model = tiny_model(QKV)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32).to(DEVICE)
+    with torch.no_grad(), cuma_model.conditioning(model, torch.randn(2, 4).to(DEVICE)):
+        attn.q_proj(x), attn.k_proj(x)  # no forward state: no route cache, nothing to share
+    assert shrink_calls == [8, 8]
