@@ -97,6 +97,59 @@ def summary_table(shapes) -> str:
     return "\n".join(lines)
 
 
+def shrink_side_launches(T, K, r, E, k, siblings, shared, pieces_per_expert_total=None) -> list[Launch]:
+    """The K-side launches (shrink, dx, dA, dx adds) of `siblings` projections routed alike on one x (bf16).
+
+    shared=False: each projection runs its own shrink, dx and dA, and autograd adds 2*siblings dx terms (one base and
+    one expert term per projection). shared=True: one shrink over the A's concatenated along r (R = siblings * r),
+    one dx and one dA in ceil(R / 128) rank chunks (the first dx chunk writes dx, the others add into it), the
+    concatenation of the A's and of the siblings' dh, and siblings + 1 dx terms.
+    """
+    from cuma_kernels.grouped_lora import MAX_RANK_BLOCK
+
+    P = T * k
+    pieces = pieces_per_expert_total if pieces_per_expert_total is not None else 16 + E
+    if not shared:
+        one = [x for x in launches(T, K, 0, r, E, k, pieces) if x.name.startswith(("shrink", "dx =", "dA"))]
+        adds = Launch("autograd: dx adds", "bwd", (2 * siblings - 1) * T * K, BF16 * 3 * (2 * siblings - 1) * T * K,
+                      "glue")
+        return [Launch(f"{x.name} x{siblings}", x.phase, siblings * x.flops, siblings * x.bytes, x.part)
+                for x in one] + [adds]
+    R = siblings * r
+    chunks = -(-R // MAX_RANK_BLOCK)
+    return [
+        Launch("concatenate the A's", "fwd", 0, BF16 * 2 * E * R * K, "glue"),
+        Launch("shared shrink over [A_1; ...; A_s]", "fwd", 2 * P * R * K,
+               BF16 * (T * K + E * R * K + P * R) + 4 * P + IDX * T, "experts"),
+        Launch("concatenate the siblings' dh", "bwd", 0, BF16 * 2 * P * R, "glue"),
+        Launch(f"dx = expand of dh through A^T ({chunks} rank chunk{'s' * (chunks > 1)})", "bwd", 2 * P * R * K,
+               BF16 * (P * R + E * R * K + (2 * chunks - 1) * T * K) + 4 * P * chunks, "experts"),
+        Launch(f"dA: segment partials + sum ({chunks} rank chunk{'s' * (chunks > 1)})", "bwd", 2 * P * K * R,
+               BF16 * (chunks * P * K + P * R + E * R * K) + FP32 * 2 * pieces * K * R + 8 * P * chunks, "experts"),
+        Launch("autograd: dx adds", "bwd", siblings * T * K, BF16 * 3 * siblings * T * K, "glue"),
+    ]
+
+
+def shared_shrink_table(T, K, r, E, k, siblings) -> str:
+    lines = [f"T={T}, K={K}, r={r}, E={E}, k={k}, bf16, per-expert A, {siblings} projections on one x "
+             "(the K side only: the expand side is unchanged):", "",
+             "| path | K-side launch | phase | GFLOP | MB | H200 us |", "|---|---|---|---|---|---|"]
+    totals = {}
+    for shared in (False, True):
+        path = "shared" if shared else "per projection"
+        rows = shrink_side_launches(T, K, r, E, k, siblings, shared)
+        for x in rows:
+            lines.append(f"| {path} | {x.name} | {x.phase} | {x.flops / 1e9:.1f} | {x.bytes / 1e6:.0f} | "
+                         f"{seconds(x, 'H200') * 1e6:.0f} |")
+        totals[path] = {ph: sum(seconds(x, "H200") for x in rows if x.phase == ph) * 1e6 for ph in ("fwd", "bwd")}
+    lines.append("")
+    lines.append("| path | fwd us (H200) | bwd us (H200) | fwd+bwd us (H200) |")
+    lines.append("|---|---|---|---|")
+    for path, t in totals.items():
+        lines.append(f"| {path} | {t['fwd']:.0f} | {t['bwd']:.0f} | {t['fwd'] + t['bwd']:.0f} |")
+    return "\n".join(lines)
+
+
 def slices_per_tile(T: int, E: int, k: int, block_t: int, seed: int = 0) -> list[float]:
     """Mean rank-r slices per tile for each rank q (1.0 = one expert per tile and rank), random routing."""
     from cuma_kernels import dispatch_metadata
@@ -134,6 +187,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         print(launch_table(*shape), end="\n\n")
     print(summary_table(shapes), end="\n\n")
+    for siblings in (3, 2):  # q/k/v, gate/up
+        print(shared_shrink_table(args.tokens, 4096, 64, 8, 2, siblings), end="\n\n")
     print(slices_table(args.tokens))
     return 0
 

@@ -338,9 +338,13 @@ def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
     return upcast, (dtype == torch.float32 or upcast)
 
 
-def _h_strides(shared_h: bool, top_k: int, rank: int) -> tuple[int, int]:
-    """(per token, per slot) element strides of h_tj: [T, r] shared by the slots, or [T*k, r] per pair."""
-    return (rank, 0) if shared_h else (top_k * rank, rank)
+def _h_strides(h: torch.Tensor, T: int, top_k: int) -> tuple[int, int]:
+    """(per token, per slot) element strides of h_tj: [T, r] shared by the slots, or [T*k, r] per pair. h may be a
+    column slice of a wider h (one projection's part of a shared shrink): its rows need only unit column stride."""
+    if h.shape[1] > 1 and h.stride(1) != 1:
+        raise ValueError(f"h needs unit column stride, got strides {h.stride()}")
+    row = h.stride(0)
+    return (row, 0) if h.shape[0] != T * top_k else (top_k * row, row)
 
 
 def _pair_grid(T: int, top_k: int, block: int, by_pairs: bool) -> int:
@@ -400,7 +404,7 @@ def lora_expand(
     if T == 0 or n == 0:
         return out
     shared_w = num_w == 1
-    sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+    sht, shj = _h_strides(h, T, top_k)
     upcast, ieee = _flags(weight.dtype)
     base = out if accumulate else (base_out if base_out is not None else out)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -483,7 +487,7 @@ def segment_outer(
         return out
     piece_start, piece_end, first_piece = pieces
     T = x.shape[0]
-    sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+    sht, shj = _h_strides(h, T, top_k)
     upcast, ieee = _flags(x.dtype)
     block_r = rank_block(rank)
     partial = torch.empty(piece_start.shape[0], cols, rank, dtype=torch.float32, device=x.device)
@@ -529,21 +533,40 @@ def lora_experts_triton_backward(
     topk_idx = topk_idx.to(torch.int32).contiguous()
     gates = topk_weights.to(torch.float32).contiguous()
     T, top_k = topk_idx.shape
-    num_experts, n, rank = lora_B.shape
-    num_a, _, kd = lora_A.shape
-    d_gates = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
-    dhg = torch.empty(T * top_k, rank, dtype=x.dtype, device=x.device)
-    d_b = torch.empty_like(lora_B)
+    num_a, rank, kd = lora_A.shape
     dx = torch.empty_like(x)
     d_a = torch.empty_like(lora_A)
+    pieces = segment_pieces(offsets, T * top_k, max(lora_B.shape[1], kd))
+    dhg, d_b, d_gates = _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_order, token_order,
+                                              pieces)
     if T == 0:
-        return dx, d_a.zero_(), d_b.zero_(), d_gates
+        return dx, d_a.zero_(), d_b, d_gates
+    a_t = lora_A.permute(0, 2, 1)  # [E|1, K, r]: the expand weight for dx
+    if num_a == 1:
+        dh_sum = torch.empty(T, rank, dtype=x.dtype, device=x.device)
+        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order, hsum=dh_sum)
+        torch.mm(dh_sum.t(), x, out=d_a[0])
+    else:
+        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order)
+        segment_outer(x, dhg, None, sort_order, pieces, d_a.permute(0, 2, 1), 1.0, top_k)
+    return dx, d_a, d_b, d_gates
+
+
+def _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_order, token_order, pieces):
+    """(g * dh [T*k, r] in h's dtype, dB, d gates [T, k] fp32): the dy pass and the dB segment sums."""
+    T, top_k = topk_idx.shape
+    num_experts, n, rank = lora_B.shape
+    d_gates = torch.empty(T, top_k, dtype=torch.float32, device=h.device)
+    dhg = torch.empty(T * top_k, rank, dtype=h.dtype, device=h.device)
+    d_b = torch.empty_like(lora_B)
+    if T == 0:
+        return dhg, d_b.zero_(), d_gates
     if n == 0:
         d_gates.zero_()
         dhg.zero_()
     else:
-        upcast, ieee = _flags(x.dtype)
-        sht, shj = _h_strides(h.shape[0] != T * top_k, top_k, rank)
+        upcast, ieee = _flags(h.dtype)
+        sht, shj = _h_strides(h, T, top_k)
         by_pairs = pair_major(T, num_experts, top_k)
         grid = lambda meta: (_pair_grid(T, top_k, meta["BLOCK_T"], by_pairs),)  # noqa: E731
         _dy_pass_kernel[grid](
@@ -555,14 +578,72 @@ def lora_experts_triton_backward(
             T, n, rank, num_experts, scaling,
             TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
         )
-    pieces = segment_pieces(offsets, T * top_k, max(n, kd))
     segment_outer(grad_y, h, gates, sort_order, pieces, d_b, scaling, top_k)
-    a_t = lora_A.permute(0, 2, 1)  # [E|1, K, r]: the expand weight for dx
-    if num_a == 1:
-        dh_sum = torch.empty(T, rank, dtype=x.dtype, device=x.device)
-        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order, hsum=dh_sum)
-        torch.mm(dh_sum.t(), x, out=d_a[0])
-    else:
-        lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order)
-        segment_outer(x, dhg, None, sort_order, pieces, d_a.permute(0, 2, 1), 1.0, top_k)
-    return dx, d_a, d_b, d_gates
+    return dhg, d_b, d_gates
+
+
+# ---- The shrink and the expand as separate ops: projections that share a router and an input run one shrink over
+# their concatenated A's (x read once) and one expand each; the gradient of h joins them.
+
+def lora_expand_backward(
+    grad_y: torch.Tensor,
+    h: torch.Tensor,
+    lora_B: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    scaling: float,
+    sort_order: torch.Tensor,
+    offsets: torch.Tensor,
+    token_order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `lora_expand` alone: (dh like h, dB like lora_B, d topk_weights [T, k] fp32).
+
+    h [T*k, r] per pair or [T, r] shared by the slots (a column slice of a wider h is fine); dh is contiguous, in
+    h's dtype, and already carries the gates (dh_tj = g_tj * scaling * B^T dy_t; shared h: summed over the slots).
+    """
+    grad_y, lora_B = grad_y.contiguous(), lora_B.contiguous()
+    topk_idx = topk_idx.to(torch.int32).contiguous()
+    gates = topk_weights.to(torch.float32).contiguous()
+    T, top_k = topk_idx.shape
+    pieces = segment_pieces(offsets, T * top_k, lora_B.shape[1])
+    dhg, d_b, d_gates = _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_order, token_order,
+                                              pieces)
+    if h.shape[0] != T * top_k:  # shared by the slots: its gradient is the sum over them, added in fp32
+        dhg = dhg.view(T, top_k, -1).sum(1, dtype=torch.float32).to(h.dtype)
+    return dhg, d_b, d_gates
+
+
+# Rank columns per dx / dA launch of the shared shrink's backward: the tile sizes the per-projection kernels use
+# (r <= 128) and the sm_90 compile test covers. Wider concatenations run in column chunks.
+MAX_RANK_BLOCK = 128
+
+
+def lora_shrink_backward(
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    topk_idx: torch.Tensor,
+    sort_order: torch.Tensor,
+    offsets: torch.Tensor,
+    token_order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of `lora_shrink` with per-expert A: (dx [T, K], dA like lora_A [E, R, K]).
+
+    grad_h [T*k, R] (any R: the ranks of several projections side by side). dx is an expand of grad_h through
+    A^T, dA a segment sum over the expert-sorted pairs, each in chunks of at most MAX_RANK_BLOCK rank columns.
+    """
+    x, lora_A, grad_h = x.contiguous(), lora_A.contiguous(), grad_h.contiguous()
+    topk_idx = topk_idx.to(torch.int32).contiguous()
+    T, top_k = topk_idx.shape
+    rank, kd = lora_A.shape[1:]
+    dx = torch.zeros_like(x) if rank == 0 else torch.empty_like(x)
+    d_a = torch.empty_like(lora_A)
+    if T == 0:
+        return dx.zero_(), d_a.zero_()
+    pieces = segment_pieces(offsets, T * top_k, kd)
+    a_t, d_a_t = lora_A.permute(0, 2, 1), d_a.permute(0, 2, 1)  # [E, K, R]
+    for c0 in range(0, rank, MAX_RANK_BLOCK):
+        cols = slice(c0, min(rank, c0 + MAX_RANK_BLOCK))
+        lora_expand(grad_h[:, cols], a_t[:, :, cols], topk_idx, None, 1.0, dx, token_order, accumulate=c0 > 0)
+        segment_outer(x, grad_h[:, cols], None, sort_order, pieces, d_a_t[:, :, cols], 1.0, top_k)
+    return dx, d_a

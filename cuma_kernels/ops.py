@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import grouped_lora
 from .grouped_lora import lora_experts_triton_backward, lora_experts_triton_forward
 from .reference import (
     ROUTING_MODES,
@@ -320,3 +321,143 @@ def lora_experts(
             sort_order, offsets = dispatch.sort_order, dispatch.offsets
     return _LoraExperts.apply(base_out, x, lora_A, lora_B, topk_weights, topk_idx, float(scaling), sort_order,
                               offsets, token_order, backend, inplace)
+
+
+# ------------------------------------------------------------------- the shrink and the expand as two ops
+# Projections that share a router and an input (q/k/v, gate/up) run one shrink over their A's concatenated along r
+# (x read once) and one expand each; autograd adds the siblings' dh into the one shrink's backward (one dx and one
+# dA launch for all of them). Triton backend only: the torch path keeps `lora_experts` per projection.
+
+
+@torch.library.custom_op("cuma::lora_shrink", mutates_args=())
+def _lora_shrink_op(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor, sort_order: torch.Tensor,
+                    offsets: torch.Tensor, token_order: torch.Tensor) -> torch.Tensor:
+    return grouped_lora.lora_shrink(x.contiguous(), lora_A.contiguous(), topk_idx.to(torch.int32).contiguous(),
+                                    token_order, sort_order)
+
+
+@_lora_shrink_op.register_fake
+def _(x, lora_A, topk_idx, sort_order, offsets, token_order):
+    return x.new_empty(topk_idx.shape[0] * topk_idx.shape[1], lora_A.shape[1])
+
+
+@torch.library.custom_op("cuma::lora_shrink_bwd", mutates_args=())
+def _lora_shrink_bwd_op(grad_h: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor,
+                        sort_order: torch.Tensor, offsets: torch.Tensor,
+                        token_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return grouped_lora.lora_shrink_backward(grad_h, x, lora_A, topk_idx, sort_order, offsets, token_order)
+
+
+@_lora_shrink_bwd_op.register_fake
+def _(grad_h, x, lora_A, topk_idx, sort_order, offsets, token_order):
+    return torch.empty_like(x), torch.empty_like(lora_A)
+
+
+def _shrink_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _shrink_backward(ctx, grad_h):
+    x, lora_A, topk_idx, sort_order, offsets, token_order = ctx.saved_tensors
+    dx, d_a = _lora_shrink_bwd_op(grad_h, x, lora_A, topk_idx, sort_order, offsets, token_order)
+    return dx, d_a, None, None, None, None
+
+
+torch.library.register_autograd("cuma::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
+
+
+@torch.library.custom_op("cuma::lora_expand_fwd", mutates_args=("out",))
+def _lora_expand_fwd(h: torch.Tensor, lora_B: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                     scaling: float, out: torch.Tensor, base_out: Optional[torch.Tensor], accumulate: bool,
+                     token_order: torch.Tensor) -> None:
+    grouped_lora.lora_expand(h, lora_B.contiguous(), topk_idx.to(torch.int32).contiguous(),
+                             topk_weights.to(torch.float32).contiguous(), scaling, out, token_order, base_out,
+                             accumulate)
+
+
+@_lora_expand_fwd.register_fake
+def _(h, lora_B, topk_idx, topk_weights, scaling, out, base_out, accumulate, token_order):
+    return None
+
+
+@torch.library.custom_op("cuma::lora_expand_bwd", mutates_args=())
+def _lora_expand_bwd(grad_y: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, topk_idx: torch.Tensor,
+                     topk_weights: torch.Tensor, scaling: float, sort_order: torch.Tensor, offsets: torch.Tensor,
+                     token_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, d_b, d_w = grouped_lora.lora_expand_backward(grad_y, h, lora_B, topk_idx, topk_weights, scaling, sort_order,
+                                                     offsets, token_order)
+    return dh, d_b, d_w.to(topk_weights.dtype)
+
+
+@_lora_expand_bwd.register_fake
+def _(grad_y, h, lora_B, topk_idx, topk_weights, scaling, sort_order, offsets, token_order):
+    return h.new_empty(h.shape), torch.empty_like(lora_B), torch.empty_like(topk_weights)
+
+
+class _LoraExpand(torch.autograd.Function):
+    # base_out first, as in _LoraExperts
+    @staticmethod
+    def forward(ctx, base_out, h, lora_B, topk_weights, topk_idx, scaling, sort_order, offsets, token_order, inplace):
+        if inplace:
+            out = base_out
+            _lora_expand_fwd(h, lora_B, topk_idx, topk_weights, scaling, out, None, True, token_order)
+            ctx.mark_dirty(out)
+        else:
+            out = h.new_empty(topk_idx.shape[0], lora_B.shape[1])
+            _lora_expand_fwd(h, lora_B, topk_idx, topk_weights, scaling, out, base_out, False, token_order)
+        ctx.scaling, ctx.has_base = scaling, base_out is not None
+        ctx.save_for_backward(h, lora_B, topk_idx, topk_weights, sort_order, offsets, token_order)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, lora_B, topk_idx, topk_weights, sort_order, offsets, token_order = ctx.saved_tensors
+        dh, d_b, d_w = _lora_expand_bwd(grad_y, h, lora_B, topk_idx, topk_weights, ctx.scaling, sort_order, offsets,
+                                        token_order)
+        return grad_y if ctx.has_base else None, dh, d_b, d_w, None, None, None, None, None, None
+
+
+def _triton_dispatch(t: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                     dispatch: DispatchMetadata | None) -> DispatchMetadata:
+    if backend_for(t) != "triton":
+        raise RuntimeError("lora_shrink / lora_expand run on the Triton backend only (CUDA, or CUMA_BACKEND=triton "
+                           "under the interpreter); use lora_experts elsewhere")
+    return dispatch if dispatch is not None else dispatch_metadata(topk_idx, num_experts)
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                dispatch: DispatchMetadata | None = None) -> torch.Tensor:
+    """The routed shrink alone: h [T*k, R] with row t*k+j = A_{e_tj} x_t (per-expert A), or x @ A0^T [T, R].
+
+    x [T, K]; lora_A [E, R, K] or [1, R, K] in x's dtype, where R may be several projections' ranks side by side
+    (their A's concatenated along r), so one launch reads x once for all of them. topk_idx [T, k] from a router
+    over `num_experts` experts; dispatch as in `lora_experts`. h is in x's dtype and differentiable w.r.t. x and
+    lora_A. Triton backend only.
+    """
+    if lora_A.shape[0] == 1:  # shared A: one dense GEMM, differentiated by autograd itself
+        return grouped_lora.lora_shrink(x, lora_A, topk_idx, None, None)
+    dispatch = _triton_dispatch(x, topk_idx, num_experts, dispatch)
+    return _lora_shrink_op(x, lora_A, topk_idx, dispatch.sort_order, dispatch.offsets, dispatch.token_order)
+
+
+def lora_expand(h: torch.Tensor, lora_B: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                scaling: float, base_out: torch.Tensor | None = None, dispatch: DispatchMetadata | None = None,
+                inplace: bool = False) -> torch.Tensor:
+    """The routed expand alone: base_out + scaling * sum_j w_tj * B_{e_tj} h_tj, [T, N] in h's dtype.
+
+    h [T*k, r] per pair or [T, r] shared (e.g. a column slice of `lora_shrink`'s output); lora_B [E, N, r];
+    topk_idx, topk_weights, base_out, dispatch and inplace as in `lora_experts`. Differentiable w.r.t. h, lora_B,
+    topk_weights and base_out. Triton backend only.
+    """
+    T = topk_idx.shape[0]
+    if h.dim() != 2 or h.shape[0] not in (T, T * topk_idx.shape[1]) or h.shape[1] != lora_B.shape[2]:
+        raise ValueError(f"h must have shape [T*k or T, r={lora_B.shape[2]}], got {tuple(h.shape)}")
+    if base_out is not None and base_out.shape != (T, lora_B.shape[1]):
+        raise ValueError(f"base_out must have shape [T={T}, N={lora_B.shape[1]}], got {tuple(base_out.shape)}")
+    if inplace and base_out is None:
+        raise ValueError("inplace=True needs a base_out to add into")
+    if inplace and base_out.is_leaf and base_out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("inplace=True cannot add into a leaf tensor that requires grad; pass inplace=False")
+    dispatch = _triton_dispatch(h, topk_idx, lora_B.shape[0], dispatch)
+    return _LoraExpand.apply(base_out, h, lora_B, topk_weights, topk_idx, float(scaling), dispatch.sort_order,
+                             dispatch.offsets, dispatch.token_order, inplace)

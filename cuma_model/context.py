@@ -25,11 +25,14 @@ class Route:
     """One router's decision for one input: flat [T, k] weights (float32) and indices (int32).
 
     `dispatch` (the tokens sorted by expert) is computed on first use and shared by every module using the route.
+    `shrink`: set by the first module to use the route (None until then): sibling module -> its slice of the one
+    shrink launch run for all of them on this input; each sibling takes (pops) its own.
     """
 
     topk_weights: torch.Tensor
     topk_idx: torch.Tensor
     dispatch: object = None
+    shrink: dict | None = None
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ForwardState:
     routes: dict = field(default_factory=dict)  # router key -> (weakref to x, Route)
     token_shape: tuple | None = None  # (batch, seq) of the call, from the first [batch, seq, hidden] input seen
     aux_terms: list = field(default_factory=list)
+    routed_layers: dict | None = None  # router key -> the owner's layers it routes, in patching order (on first use)
 
     def cached_route(self, key: str, x: torch.Tensor) -> Route | None:
         hit = self.routes.get(key)
@@ -50,6 +54,14 @@ class ForwardState:
 
     def store_route(self, key: str, x: torch.Tensor, route: Route) -> None:
         self.routes[key] = (weakref.ref(x), route)
+
+    def layers_routed_by(self, key: str) -> list:
+        """The adapted layers of this state's model that the router `key` routes (q/k/v or gate/up siblings)."""
+        if self.routed_layers is None:
+            self.routed_layers = {}
+            for layer in self.owner.layers.values():
+                self.routed_layers.setdefault(layer.router.key, []).append(layer)
+        return self.routed_layers.get(key, [])
 
     def aux_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing loss of the routers run in this state (None when none was computed)."""

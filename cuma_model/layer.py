@@ -1,6 +1,7 @@
 """CuMALinear: a frozen base nn.Linear plus E routed LoRA experts."""
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -66,6 +67,12 @@ class CuMALinear(nn.Module):
             route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            h = self._shared_shrink(route, x, dtype)
+            if h is not None:  # this projection's slice of the shrink run once for its siblings
+                y = cuma_kernels.lora_expand(h, self.lora_B.to(dtype), route.topk_idx, route.topk_weights,
+                                             self.scaling, base_out=out.reshape(-1, self.out_features),
+                                             dispatch=route.dispatch, inplace=True)
+                return y.view(out.shape)
             y = cuma_kernels.lora_experts(
                 x2,
                 self.lora_A.to(dtype),
@@ -78,6 +85,34 @@ class CuMALinear(nn.Module):
                 inplace=True,  # `out` is this call's own intermediate: nobody else reads it
             )
         return y.view(out.shape)
+
+    def _shared_shrink(self, route: Route, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """This layer's h from the shrink shared by the projections routed by the same route (same router, same
+        input tensor), or None: then it runs its own fused shrink + expand.
+
+        The first projection to use the route runs the shrink for every sibling that can share it, in one launch
+        over their A's concatenated along r (x read once); the others take their column slice. Siblings are this
+        router's layers with the same input width and A layout and no active dropout (each draws its own mask).
+        A sibling that then receives a different input computes its own and its slice goes unused. Triton backend
+        only (CUMA_SHARED_SHRINK=0 turns it off).
+        """
+        if route.shrink is None:
+            route.shrink = {}
+            state = active_state(self.owner)
+            routed_alike = state.layers_routed_by(self.router.key) if state is not None else ()
+            group = [layer for layer in routed_alike if layer.in_features == self.in_features
+                     and layer.lora_A.shape[0] == self.lora_A.shape[0] and layer.lora_A.device == x.device
+                     and not layer._dropping()]
+            if (len(group) > 1 and self in group and os.environ.get("CUMA_SHARED_SHRINK", "1") != "0"
+                    and cuma_kernels.backend_for(x) == "triton"):
+                x2 = x.reshape(-1, self.in_features).to(dtype)
+                lora_A = torch.cat([layer.lora_A.to(dtype) for layer in group], dim=1)  # [E|1, sum r, in]
+                h = cuma_kernels.lora_shrink(x2, lora_A, route.topk_idx, self.router.num_experts, route.dispatch)
+                route.shrink = dict(zip(group, torch.split(h, [layer.r for layer in group], dim=1)))
+        return route.shrink.pop(self, None)
+
+    def _dropping(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
 
     def _route(self, x: torch.Tensor) -> Route:
         """Route x, once per (router, input): q/k/v sharing a router and an input reuse one decision."""

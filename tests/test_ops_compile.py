@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuma_kernels import lora_experts, route_topk
+from cuma_kernels import dispatch_metadata, lora_expand, lora_experts, lora_shrink, route_topk
 
 DEVICE = os.environ.get("CUMA_TEST_DEVICE", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,53 @@ def test_opcheck_custom_ops(monkeypatch):
                                         None, "torch_routed")
     torch.library.opcheck(torch.ops.cuma.lora_experts_bwd.default,
                           (torch.randn_like(base), x, A, B, idx, w, h, 0.5, order, offsets, None, "torch_routed"))
+
+
+def _siblings(x, logits, A1, A2, B1, B2, base1, base2):
+    """Two projections sharing a route and one shrink over [A1; A2], as CuMALinear runs them."""
+    w, idx = route_topk(logits, 2)
+    dispatch = dispatch_metadata(idx, B1.shape[0])
+    h = lora_shrink(x, torch.cat([A1, A2], dim=1), idx, B1.shape[0], dispatch)
+    h1, h2 = torch.split(h, [A1.shape[1], A2.shape[1]], dim=1)
+    return (lora_expand(h1, B1, idx, w, 0.5, base1 * 1.0, dispatch, inplace=True),
+            lora_expand(h2, B2, idx, w, 0.5, base2, dispatch))
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the shared-shrink ops are Triton-only: on CPU they need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_shrink_ops_compile_fullgraph_and_pass_opcheck(monkeypatch, shared):
+    monkeypatch.setenv("CUMA_BACKEND", "triton")
+    torch._dynamo.reset()
+    x, logits, A1, B1, base1 = _inputs(shared)
+    _, _, A2, B2, base2 = _inputs(shared, seed=1)
+    eager_in = [x, logits, A1, A2, B1, B2[:, :7].detach().clone().requires_grad_(),
+                base1, base2[:, :7].detach().clone().requires_grad_()]
+    compiled_in = [t.detach().clone().requires_grad_() for t in eager_in]
+    ys = _siblings(*eager_in)
+    sum(y.square().sum() for y in ys).backward()
+    ycs = torch.compile(_siblings, backend="aot_eager", fullgraph=True)(*compiled_in)
+    sum(y.square().sum() for y in ycs).backward()
+    for a, b in zip(ycs, ys):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(compiled_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)
+    if shared:
+        return  # shared A: the shrink is one plain GEMM, no custom op
+    w, idx = route_topk(logits.detach(), 2)
+    d = dispatch_metadata(idx, B1.shape[0])
+    xd, A1d, B1d = (t.detach() for t in (x, A1, B1))
+    torch.library.opcheck(torch.ops.cuma.lora_shrink.default, (xd, A1d, idx, d.sort_order, d.offsets, d.token_order))
+    h = torch.ops.cuma.lora_shrink(xd, A1d, idx, d.sort_order, d.offsets, d.token_order)
+    torch.library.opcheck(torch.ops.cuma.lora_shrink_bwd.default,
+                          (torch.randn_like(h), xd, A1d, idx, d.sort_order, d.offsets, d.token_order))
+    base = base1.detach()
+    torch.library.opcheck(torch.ops.cuma.lora_expand_fwd.default,
+                          (h, B1d, idx, w, 0.5, torch.empty_like(base), base, False, d.token_order))
+    torch.library.opcheck(torch.ops.cuma.lora_expand_fwd.default,  # added into the base output in place
+                          (h, B1d, idx, w, 0.5, base.clone(), None, True, d.token_order))
+    torch.library.opcheck(torch.ops.cuma.lora_expand_bwd.default,
+                          (torch.randn_like(base1), h, B1d, idx, w, 0.5, d.sort_order, d.offsets, d.token_order))
 
 
 def test_gpu_report_cpu_mode(tmp_path):
