@@ -89,6 +89,11 @@ def main() -> None:
         torch.save(results, args.out)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's threads can hang the interpreter's own shutdown now and then (seen under load): the work is done and
+    # written, so leave without it
+    os._exit(0)
 
 
 if __name__ == "__main__":
