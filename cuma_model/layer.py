@@ -62,8 +62,7 @@ class CuMALinear(nn.Module):
         # x and the (fp32 master) adapter weights are. Autocast is off inside, so the ops' own fp32 accumulation
         # is not cast down again.
         dtype = out.dtype
-        x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)
-        if route.dispatch is None and cuma_kernels.backend_for(x2) == "triton":
+        if route.dispatch is None and cuma_kernels.backend_for(x) == "triton":
             route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
@@ -73,6 +72,7 @@ class CuMALinear(nn.Module):
                                              self.scaling, base_out=out.reshape(-1, self.out_features),
                                              dispatch=route.dispatch, inplace=True)
                 return y.view(out.shape)
+            x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)
             y = cuma_kernels.lora_experts(
                 x2,
                 self.lora_A.to(dtype),
