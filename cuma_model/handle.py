@@ -53,3 +53,12 @@ def handle_of(model: nn.Module) -> CuMAHandle:
     if handle is None:
         raise ValueError("this model is not patched with CuMA: call cuma_model.patch_model(model, ...) first")
     return handle
+
+
+def patched_submodule(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the CuMA-patched model inside `model` (itself, or wrapped by PEFT, DDP or
+    accelerate), or None. It is the module that holds the handle, not one that forwards `.cuma` (a PeftModel)."""
+    for name, module in model.named_modules():
+        if isinstance(module.__dict__.get("cuma"), CuMAHandle):
+            return name, module
+    return None

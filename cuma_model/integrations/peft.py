@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, cuma_peft_type
 from ..layer import CuMALinear
-from ..handle import CuMAHandle, handle_of, is_patched
+from ..handle import handle_of, is_patched, patched_submodule
 from ..patch import patch_model, unpatch_model
 
 PREFIX = "cuma_"
@@ -182,10 +182,10 @@ class CuMAModel(BaseTuner):
 
 def _patched_module(model: nn.Module) -> tuple[str, nn.Module]:
     """(qualified name, module) of the CuMA-patched model inside `model` (a PeftModel, or the patched model)."""
-    for name, module in model.named_modules():
-        if isinstance(module.__dict__.get("cuma"), CuMAHandle):  # not is_patched: a PeftModel forwards .cuma
-            return name, module
-    raise ValueError("this model holds no CuMA adapter")
+    found = patched_submodule(model)
+    if found is None:
+        raise ValueError("this model holds no CuMA adapter")
+    return found
 
 
 def _adapter_keys(model: nn.Module) -> list[str]:

@@ -8,17 +8,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..handle import is_patched
-
-
-def _patched_model(model):
-    """The CuMA-patched module inside whatever wraps it (DDP, accelerate, a PEFT model)."""
-    for _ in range(8):  # a few layers of wrapping at most
-        if model is None or is_patched(model):
-            return model
-        inner = getattr(model, "module", None)
-        model = inner if inner is not None else getattr(getattr(model, "base_model", None), "model", None)
-    return None
+from ..handle import patched_submodule
 
 
 class CuMACallback(TrainerCallback):
@@ -30,10 +20,10 @@ class CuMACallback(TrainerCallback):
     """
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        patched = _patched_model(model)
-        if patched is None or logs is None or "loss" not in logs:
+        found = patched_submodule(model) if model is not None else None
+        if found is None or logs is None or "loss" not in logs:
             return
-        mean = patched.cuma.aux_meter.pop_mean()
+        mean = found[1].cuma.aux_meter.pop_mean()
         if mean is not None:
             logs["aux_loss"] = mean
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
