@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .atomic import recover_folder, replace_folder
-from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, CuMAConfig
+from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
 from .handle import handle_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"

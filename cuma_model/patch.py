@@ -22,7 +22,7 @@ from .context import (
 from .atomic import recover_folder
 from .checkpoint import load_adapter_tensors, read_adapter_weights, save_pretrained
 from .config import CuMAConfig
-from .handle import CuMAHandle, handle_of, is_patched
+from .handle import CuMAHandle, handle_of
 from .layer import CuMALinear
 from .router import DemographicRouter
 from .targets import execution_device, features, find_targets

@@ -66,9 +66,7 @@ from cuma_model import data as D
 from cuma_model import evaluate as E
 from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.run_checkpoint import (
-    CHECKPOINT_RE,
     RUN_ARGS_NAME,
-    STATE_NAME,
     data_fingerprint,
     find_latest_checkpoint,
     load_adapter_weights,

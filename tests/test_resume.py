@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cuma_model import data as D
+from cuma_model import run_checkpoint as R
 from cuma_model import train as T
 from test_train import options, parts, survey
 
@@ -43,7 +44,7 @@ def test_resume_is_exact(tmp_path, grad_accum, save_steps, resume_at, scheduler)
     split = tmp_path / "split"
     T.train(options(tmp_path, output_dir=str(split), save_steps=save_steps, **common), **parts())
     for d in split.iterdir():
-        m = T.CHECKPOINT_RE.match(d.name)
+        m = R.CHECKPOINT_RE.match(d.name)
         if d.name == "final" or (m and int(m.group(1)) > resume_at):
             shutil.rmtree(d)
     resumed = T.train(options(tmp_path, output_dir=str(split), save_steps=save_steps, resume="latest", **common),
@@ -113,7 +114,7 @@ def test_the_output_dir_is_checked_before_anything_loads(tmp_path, monkeypatch):
 def test_damaged_checkpoints_name_the_file(tmp_path):
     T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False), **parts())
     ck = tmp_path / "run" / "checkpoint-1"
-    state = ck / T.STATE_NAME
+    state = ck / R.STATE_NAME
     state.write_bytes(state.read_bytes()[:200])
     with pytest.raises(ValueError, match=f"{state}.*truncated or corrupt"):
         T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False, resume=str(ck)), **parts())
@@ -131,7 +132,7 @@ def test_latest_finds_a_checkpoint_whose_replacement_was_interrupted(tmp_path):
     shutil.rmtree(run / "final")
     os.rename(run / "checkpoint-2", run / ".checkpoint-2.cuma-old-x1y2z3")  # the gap between two renames
     os.mkdir(run / ".checkpoint-2.cuma-tmp-a1b2c3")
-    assert T.find_latest_checkpoint(run).name == "checkpoint-2"
+    assert R.find_latest_checkpoint(run).name == "checkpoint-2"
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [".checkpoint-2.cuma-tmp-a1b2c3",
                                                                                  "checkpoint-2"]
 
@@ -143,7 +144,7 @@ def test_a_missing_model_folder_is_named(tmp_path):
 
 def test_train_args_record_what_the_run_used(tmp_path):
     T.train(options(tmp_path, method="lora", max_steps=2, do_eval=False), **parts())
-    saved = json.loads((tmp_path / "run" / "final" / T.RUN_ARGS_NAME).read_text())
+    saved = json.loads((tmp_path / "run" / "final" / R.RUN_ARGS_NAME).read_text())
     assert saved["method"] == "lora" and saved["args"]["max_steps"] == 2
 
 
@@ -164,4 +165,4 @@ def test_a_resume_may_change_what_is_evaluated_with_per_respondent_profiles(tmp_
     shutil.rmtree(run / "final")
     T.train(options(tmp_path, resume="latest", eval_split="val", eval_examples=10, **common),
             **{**parts(), "examples": examples})
-    assert T.read_training_state(run / "final")["step"] == 4
+    assert R.read_training_state(run / "final")["step"] == 4

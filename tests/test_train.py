@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cuma_model import run_checkpoint as R
 from cuma_model import train as T
 from cuma_model.data import SurveyExample
 from tiny_models import CHAT_TEMPLATE, tiny_decoder, word_tokenizer
@@ -114,17 +115,17 @@ def test_checkpoints_complete_and_atomic(tmp_path):
     assert {"checkpoint-3", "final", "metrics.json", "predictions.jsonl"} <= set(names)
     for ck in ("checkpoint-3", "final"):
         files = {p.name for p in (run / ck).iterdir()}
-        assert {"adapter_model.safetensors", "adapter_config.json", T.STATE_NAME, T.RUN_ARGS_NAME} <= files, files
+        assert {"adapter_model.safetensors", "adapter_config.json", R.STATE_NAME, R.RUN_ARGS_NAME} <= files, files
         assert not [f for f in files if f.startswith(".")]
-        state = T.read_training_state(run / ck)
+        state = R.read_training_state(run / ck)
         assert state["step"] == int(ck.split("-")[1]) if ck != "final" else state["step"] == 6
         assert {"optimizer", "scheduler", "epoch", "batches_done", "history", "args", "data_fingerprint"} <= set(state)
-    assert T.find_latest_checkpoint(run).name == "final"
+    assert R.find_latest_checkpoint(run).name == "final"
     # a checkpoint rewritten in place is replaced as a whole, leaving nothing behind
     model = parts()["model"]
-    T.write_checkpoint(run / "checkpoint-3", T.apply_method(model, T._args_from(options(tmp_path, method="lora")), 0),
+    R.write_checkpoint(run / "checkpoint-3", T.apply_method(model, T._args_from(options(tmp_path, method="lora")), 0),
                        "lora", {"step": 3}, T._args_from(options(tmp_path)))
-    assert T.read_training_state(run / "checkpoint-3") == {"step": 3}
+    assert R.read_training_state(run / "checkpoint-3") == {"step": 3}
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["train"]["steps"] == 6
