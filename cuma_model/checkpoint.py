@@ -99,11 +99,15 @@ def _other_adapter(directory: Path, params: dict) -> str | None:
             shapes = strip_peft_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except Exception as e:  # unreadable: not ours to replace silently
         return f"an adapter that cannot be read ({type(e).__name__}: {e})"
-    ours = {k: tuple(p.shape) for k, p in params.items()}
-    if shapes != ours:
-        differ = sorted(set(shapes) ^ set(ours) | {k for k in set(shapes) & set(ours) if shapes[k] != ours[k]})
+    differ = differing_tensors(shapes, {k: tuple(p.shape) for k, p in params.items()})
+    if differ:
         return f"a CuMA adapter of another layout ({len(differ)} tensors differ, e.g. {differ[0]})"
     return None
+
+
+def differing_tensors(a: dict, b: dict) -> list[str]:
+    """The names, sorted, that one of two {name: shape} maps lacks or that have another shape in the other."""
+    return sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k] != b[k]})
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -120,8 +124,9 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{weights} is corrupt or truncated: {e}") from e
 
 
-def check_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Raise ValueError unless `tensors` has exactly the names and shapes of the patched `model`'s adapter."""
+def check_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path) -> dict:
+    """The patched `model`'s adapter parameters by name; ValueError unless `tensors` has exactly their names and
+    shapes."""
     params = adapter_state_dict(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -134,6 +139,7 @@ def check_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str |
         if tensors[name].shape != p.shape:
             raise ValueError(f"adapter tensor {name} in {source} has shape {tuple(tensors[name].shape)}, this model "
                              f"needs {tuple(p.shape)}")
+    return params
 
 
 def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | Path,
@@ -142,8 +148,7 @@ def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | 
 
     Names may carry PEFT's "base_model.model." prefix (a folder written by `PeftModel.save_pretrained`)."""
     tensors = strip_peft_prefix(tensors)
-    check_adapter_tensors(model, tensors, source)
-    params = adapter_state_dict(model)
+    params = check_adapter_tensors(model, tensors, source)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])

@@ -39,7 +39,7 @@ def save_adapter(model, method: str, directory: Path) -> None:
 
 def load_adapter_weights(model, method: str, directory: Path) -> None:
     """Copy the adapter weights saved in `directory` into the (already adapted) `model`, names and shapes checked."""
-    from .checkpoint import load_adapter_tensors, read_adapter_weights
+    from .checkpoint import differing_tensors, load_adapter_tensors, read_adapter_weights
 
     tensors = read_adapter_weights(directory)
     if method != "lora":
@@ -47,10 +47,9 @@ def load_adapter_weights(model, method: str, directory: Path) -> None:
         return
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        differ = sorted(set(expected) ^ set(found) | {k for k in set(expected) & set(found) if expected[k] != found[k]})
+    differ = differing_tensors({k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()},
+                               {k: tuple(v.shape) for k, v in tensors.items()})
+    if differ:
         raise ValueError(f"checkpoint {directory} does not match this LoRA adapter ({len(differ)} tensors differ in "
                          f"name or shape, e.g. {differ[0]})")
     set_peft_model_state_dict(model, tensors)
