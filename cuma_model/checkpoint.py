@@ -38,7 +38,7 @@ def write_adapter(model, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
-    (directory / CONFIG_NAME).write_text(json.dumps(handle_of(model).config.to_dict(), indent=2) + "\n")
+    (directory / CONFIG_NAME).write_text(handle_of(model).config.to_json())
 
 
 def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Path:

@@ -62,6 +62,12 @@ def cuma_peft_type() -> PeftType:
     return member
 
 
+def _check_version(version, where: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise ValueError(f"{where} has cuma_config_version {version!r}; this cuma reads version {CONFIG_VERSION} and "
+                         "older (was it written by a newer cuma?)")
+
+
 def substring_pattern(names) -> str:
     """The regular expression that selects what version 1's substring test on `names` selected."""
     if not all(isinstance(n, str) and n for n in names):
@@ -130,10 +136,7 @@ class CuMAConfig(PeftConfig):
             raise ValueError(f"peft_type of a CuMAConfig must be {PEFT_TYPE_NAME!r}, got {self.peft_type!r}")
         super().__post_init__()  # PEFT's: checks task_type, records peft_version
         self._check_types()
-        v = self.cuma_config_version
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= CONFIG_VERSION:
-            raise ValueError(f"cuma_config_version {v!r}: this cuma reads version {CONFIG_VERSION} and older (was it "
-                             "written by a newer cuma?)")
+        _check_version(self.cuma_config_version, "this config")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -241,9 +244,7 @@ class CuMAConfig(PeftConfig):
         if peft_type not in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
             raise ValueError(f"{source} has peft_type {peft_type!r}, not {PEFT_TYPE_NAME!r}: it is not a CuMA adapter")
         version = d.pop("cuma_config_version", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
-            raise ValueError(f"{source} has cuma_config_version {version!r}; this cuma reads version "
-                             f"{CONFIG_VERSION} and older (was it written by a newer cuma?)")
+        _check_version(version, source)
         fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("peft_type", "cuma_config_version")]
         unknown = sorted(set(d) - set(fields))
         if unknown:
@@ -260,10 +261,16 @@ class CuMAConfig(PeftConfig):
         except (TypeError, ValueError) as e:
             raise type(e)(f"{source}: {e}") from e
 
+    def to_json(self, auto_mapping: dict | None = None) -> str:
+        """The text of adapter_config.json: `to_dict()`, with PEFT's `auto_mapping` when it gives one."""
+        d = self.to_dict()
+        if auto_mapping is not None:
+            d["auto_mapping"] = auto_mapping
+        return json.dumps(d, indent=2) + "\n"
+
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
-        return path
+        self.save_pretrained(str(directory))
+        return Path(directory) / CONFIG_NAME
 
     # PEFT's entry points (PeftModel.save_pretrained / from_pretrained call these), kept strict and atomic.
 
@@ -271,10 +278,8 @@ class CuMAConfig(PeftConfig):
         """PEFT's config writer: `to_dict()` (plus PEFT's `auto_mapping_dict`), replaced atomically."""
         if Path(save_directory).is_file():
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
-        d = self.to_dict()
-        if kwargs.get("auto_mapping_dict") is not None:
-            d["auto_mapping"] = kwargs["auto_mapping_dict"]
-        atomic_write_bytes(Path(save_directory) / CONFIG_NAME, (json.dumps(d, indent=2) + "\n").encode())
+        text = self.to_json(auto_mapping=kwargs.get("auto_mapping_dict"))
+        atomic_write_bytes(Path(save_directory) / CONFIG_NAME, text.encode())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
