@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .atomic import recover_folders, replace_folder
+from .checkpoint import differing_tensors, load_adapter_tensors, read_adapter_weights, write_adapter
 
 STATE_NAME = "training_state.pt"
 RUN_ARGS_NAME = "train_args.json"
@@ -32,15 +33,11 @@ def save_adapter(model, method: str, directory: Path) -> None:
     if method == "lora":
         model.save_pretrained(str(directory))
     else:
-        from .checkpoint import write_adapter
-
         write_adapter(model, directory)
 
 
 def load_adapter_weights(model, method: str, directory: Path) -> None:
     """Copy the adapter weights saved in `directory` into the (already adapted) `model`, names and shapes checked."""
-    from .checkpoint import differing_tensors, load_adapter_tensors, read_adapter_weights
-
     tensors = read_adapter_weights(directory)
     if method != "lora":
         load_adapter_tensors(model, tensors, directory)
