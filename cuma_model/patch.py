@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import recover_folder
+from .aux_backward import attach_aux_loss
+from .checkpoint import load_adapter_tensors, read_adapter_weights, save_pretrained
+from .config import CuMAConfig
 from .context import (
     ForwardState,
     activate,
@@ -19,9 +22,6 @@ from .context import (
     pending_embeds,
     wrap_checkpoint_function,
 )
-from .atomic import recover_folder
-from .checkpoint import load_adapter_tensors, read_adapter_weights, save_pretrained
-from .config import CuMAConfig
 from .handle import CuMAHandle, handle_of
 from .layer import CuMALinear
 from .router import DemographicRouter
@@ -195,11 +195,9 @@ class ConditionedForward:
             handle.aux_meter.add(aux)
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + (aux * _batch_share(kwargs)).to(out["loss"].dtype)
-            elif self.backbone and torch.is_grad_enabled() and not handle.warned_backbone_aux:
-                handle.warned_backbone_aux = True
-                warnings.warn("the backbone of a CuMA model was called directly (as TRL's fused LM head does): its "
-                              "load-balancing loss is in outputs.aux_loss (and logged by CuMACallback) but not in "
-                              "the caller's loss", stacklevel=2)
+            elif self.backbone and out.get("last_hidden_state") is not None:
+                # called directly (TRL's fused LM head): the caller's own loss carries the aux gradient
+                out["last_hidden_state"] = attach_aux_loss(out["last_hidden_state"], aux, handle)
         return out
 
 

@@ -1,4 +1,6 @@
 """z must reach every router, correctly, through every way people run a decoder."""
+import warnings
+
 import pytest
 import torch
 
@@ -224,11 +226,61 @@ def test_the_backbone_takes_z_directly():
     with pytest.raises(ValueError, match="missing conditioning"):
         model.model(ids)
     model.train()
-    with pytest.warns(UserWarning, match="not in the caller's loss"):
+    with pytest.warns(UserWarning, match="without CuMACallback"):
         out = model.model(ids, demographic_embeds=z)
     assert out.aux_loss is not None and out.aux_loss > 0
     cuma_model.unpatch_model(model)
     assert "forward" not in model.model.__dict__
+
+
+def router_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n and p.grad is not None}
+
+
+def caller_loss(hidden):
+    """A loss a caller might build from the hidden states (a fixed projection: the final norm makes a plain
+    square mean nearly constant)."""
+    probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(7))
+    return (hidden.float() * probe).sum()
+
+
+def test_a_direct_backbone_call_puts_the_aux_loss_into_the_callers_gradient():
+    """Whatever loss the caller builds from the backbone's hidden states, its gradient carries aux / steps."""
+    model = patched().train()
+    model.cuma.accumulation_steps = 3  # what CuMACallback hands over from the trainer
+    ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D) * 3
+    hidden = model.model(ids, demographic_embeds=z).last_hidden_state
+    caller_loss(hidden).backward()
+    direct = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad()
+    with cuma_model.forward_scope(model, z) as state:
+        hidden_ = model.model(ids).last_hidden_state
+    aux_part = state.aux_loss() / 3
+    (caller_loss(hidden_) + aux_part).backward()
+    assert set(direct) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for n, g in direct.items():
+        torch.testing.assert_close(g, model.get_parameter(n).grad, rtol=1e-5, atol=1e-8, msg=n)
+    torch.testing.assert_close(hidden, hidden_)  # the forward is untouched
+    model.zero_grad()
+    with cuma_model.forward_scope(model, z) as state:
+        model.model(ids)
+    (state.aux_loss() / 3).backward()
+    assert all(g.abs().sum() > 0 for g in router_grads(model).values())  # the aux part is not negligible
+
+
+def test_under_fp16_autocast_a_direct_backbone_call_leaves_the_aux_loss_out_and_says_so():
+    grads = []
+    for coef in (0.5, 0.0):
+        model = patched(aux_loss_coef=coef).train()  # same seed: the same weights
+        model.cuma.accumulation_steps = 1
+        ids, z = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0)), torch.ones(2, D)
+        with torch.autocast("cpu", dtype=torch.float16), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hidden = model.model(ids, demographic_embeds=z).last_hidden_state
+        assert any("fp16 loss scaling" in str(w.message) for w in caught) == (coef > 0)
+        caller_loss(hidden).backward()
+        grads.append(router_grads(model))
+    assert grads[0] and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 def test_generate_after_a_trainer_replaced_the_forward():

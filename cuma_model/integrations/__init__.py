@@ -1,5 +1,7 @@
-"""Integrations with training libraries: transformers' Trainer (and the TRL trainers built on it), and `peft`
-(CuMA as a registered PEFT method, see `cuma_model.integrations.peft`)."""
+"""Integrations with training libraries: transformers' Trainer and TRL's trainers (`CuMACollator` carries z
+through their collators, `CuMACallback` logs the aux loss), and `peft` (CuMA as a registered PEFT method, see
+`cuma_model.integrations.peft`)."""
+from .collator import CuMACollator
 from .trainer import CuMACallback, add_demographic_embeds
 
-__all__ = ["CuMACallback", "add_demographic_embeds"]
+__all__ = ["CuMACallback", "CuMACollator", "add_demographic_embeds"]

@@ -13,11 +13,23 @@ from ..handle import patched_submodule
 
 class CuMACallback(TrainerCallback):
     """Logs `aux_loss`, the mean load-balancing loss (weighted, as in `outputs.aux_loss`) of the training forwards
-    since the previous log, next to Trainer's `loss`: `Trainer(..., callbacks=[CuMACallback()])`.
+    since the previous log, next to Trainer's `loss`: `Trainer(..., callbacks=[CuMACallback()])`. Under TRL's
+    trainers, which compute their loss from the backbone, it also gives the model the gradient accumulation steps
+    that weight the aux loss there.
 
     Trainer calls its reporting integrations (TensorBoard, W&B) before the callbacks it is given; for them to
     record `aux_loss` too, put the callback first: `trainer.callback_handler.callbacks.insert(0, CuMACallback())`.
     """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        found = patched_submodule(model) if model is not None else None
+        if found is not None:  # TRL's fused LM head weights the aux loss by it (see `cuma_model.aux_backward`)
+            found[1].cuma.accumulation_steps = args.gradient_accumulation_steps
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        found = patched_submodule(model) if model is not None else None
+        if found is not None:
+            found[1].cuma.accumulation_steps = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         found = patched_submodule(model) if model is not None else None
