@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 
 from cuma_model import metrics as M
 from cuma_model.data import SurveyExample
-from cuma_model.intervals import respondent_bootstrap, verdict
+from cuma_model.intervals import (
+    SET_RESAMPLES,
+    percentile_interval,
+    respondent_bootstrap,
+    respondent_resamples,
+    verdict,
+)
 
 
 class Predictions(NamedTuple):
@@ -133,9 +139,82 @@ def paired_differences(examples: Sequence[SurveyExample], prediction: Prediction
     return _json_safe(out)
 
 
+# set metrics: (name, lower is better) -- a difference in spread has no better side (1 is the true spread)
+SET_METRICS = {"emd": True, "group_js": True, "spread": None, "spread_soft": None}
+
+
+def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping[str, Predictions],
+                         reference: str | None = None, n_resamples: int = SET_RESAMPLES, min_group_rows: int = 5,
+                         seed: int = 0) -> tuple[dict, dict]:
+    """95% intervals of the metrics of a set of answers (`SET_METRICS`: mean EMD over questions, group JS,
+    between-group spread and its soft form), each recomputed on every respondent resample.
+
+    Returns ({method: {metric: {mean, lo, hi}}}, {other: {metric: {mean, lo, hi, verdict}}}): the second holds
+    `reference` minus each other method, paired (both on the same resamples); a spread difference says "higher",
+    "lower" or "tie". Every method is scored on the same resamples, so intervals of different methods are
+    comparable."""
+    ex = list(examples)
+    resamples = respondent_resamples([e.respondent_id for e in ex], n_resamples, seed)
+    everything = np.arange(len(ex))
+    values = {}  # method -> (point [metrics], resampled [n_resamples, metrics])
+    for name, pr in predictions.items():
+        scorer = _SetScorer(ex, pr, min_group_rows)
+        values[name] = (scorer(everything), np.array([scorer(idx) for idx in resamples]).reshape(-1, len(SET_METRICS)))
+    intervals = {name: {m: percentile_interval(point[j], draws[:, j]) for j, m in enumerate(SET_METRICS)}
+                 for name, (point, draws) in values.items()}
+    paired = {}
+    if reference is not None:
+        ref_point, ref_draws = values[reference]
+        for name, (point, draws) in values.items():
+            if name == reference:
+                continue
+            paired[name] = {}
+            for j, (m, lower_better) in enumerate(SET_METRICS.items()):
+                iv = percentile_interval(ref_point[j] - point[j], ref_draws[:, j] - draws[:, j])
+                paired[name][m] = {**iv, "verdict": _set_verdict(iv, lower_better)}
+    return _json_safe(intervals), _json_safe(paired)
+
+
+def _set_verdict(interval: dict, lower_is_better: bool | None) -> str:
+    if not all(math.isfinite(interval[k]) for k in ("mean", "lo", "hi")):
+        return "undefined"
+    if lower_is_better is not None:
+        return verdict(interval, higher_is_better=not lower_is_better)
+    if not (interval["lo"] <= 0.0 <= interval["hi"]):
+        return "higher" if interval["lo"] > 0.0 else "lower"
+    return "tie"
+
+
+class _SetScorer:
+    """One method's `SET_METRICS` on any multiset of its answers (an index array, repeats allowed)."""
+
+    def __init__(self, examples: Sequence[SurveyExample], prediction: Predictions, min_group_rows: int):
+        pred = np.asarray(prediction.choice_idx, dtype=np.int64)
+        self.q = np.array([e.question_id for e in examples], dtype=object)
+        self.true = np.array([e.target for e in examples], dtype=np.int64)
+        self.pred = pred
+        self.n_choices = np.array([len(e.choices) for e in examples], dtype=np.int64)
+        self.true_scaled = np.array([_scaled(e, e.target) for e in examples])
+        self.pred_scaled = np.array([_scaled(e, int(p)) for e, p in zip(examples, pred)])
+        self.groups = {d: np.array(v, dtype=object) for d, v in example_groups(examples).items()}
+        self.proba = (M.softmax_rows(prediction.choice_logits) if prediction.choice_logits is not None else None)
+        self.min_rows = min_group_rows
+
+    def __call__(self, idx: np.ndarray) -> list[float]:
+        emd = M.emd_summary(M.emd_per_question(self.q[idx], self.true_scaled[idx], self.pred_scaled[idx]))["mean"]
+        gaps = M.group_distribution_gaps(
+            self.q[idx], self.true[idx], self.pred[idx], self.n_choices[idx], self.true_scaled[idx],
+            self.pred_scaled[idx], {d: v[idx] for d, v in self.groups.items()}, min_rows=self.min_rows,
+            pred_proba=[self.proba[i] for i in idx] if self.proba is not None else None)
+        spread = gaps["between_group_spread"]
+        return [emd, gaps["js"], spread["ratio"], spread["ratio_soft"]]
+
+
 def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None) -> str:
     """Lines stating `name`'s accuracy and NLL with their 95% intervals, and its differences from the others."""
     def interval(iv, scale=1.0, sign=""):
+        if any(iv[k] is None for k in ("mean", "lo", "hi")):
+            return "undefined here"  # e.g. no group with enough answers
         return f"{iv['mean'] * scale:{sign}.3g} [{iv['lo'] * scale:{sign}.3g}, {iv['hi'] * scale:{sign}.3g}]"
 
     iv = metrics.get("intervals") or {}
@@ -144,12 +223,21 @@ def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None)
     if iv.get("nll"):
         head += f", NLL {interval(iv['nll'])}"
     lines.append(head)
+    if iv.get("emd"):
+        lines.append("  " + " " * len(name) + "  " + ", ".join(
+            f"{_SET_LABELS[m]} {interval(iv[m])}" for m in SET_METRICS if iv.get(m)))
     for other, d in (paired or {}).items():
         text = f"  {name} - {other}: accuracy {interval(d['accuracy'], 100, '+')} points ({d['accuracy']['verdict']})"
         if d.get("nll"):
             text += f", NLL {interval(d['nll'], 1, '+')} ({d['nll']['verdict']})"
         lines.append(text)
+        if d.get("emd"):
+            lines.append("    " + ", ".join(f"{_SET_LABELS[m]} {interval(d[m], 1, '+')} ({d[m]['verdict']})"
+                                            for m in SET_METRICS if d.get(m)))
     return "\n".join(lines)
+
+
+_SET_LABELS = {"emd": "EMD", "group_js": "group JS", "spread": "spread", "spread_soft": "soft spread"}
 
 
 def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:

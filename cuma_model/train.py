@@ -707,6 +707,12 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
                                   for name, p in E.run_baselines(splits.train, ev).items()})
     floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}
     paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions)
+    set_intervals, set_paired = E.set_metric_intervals(
+        ev, {args.method: E.Predictions(pred, logits), **floor_predictions}, reference=args.method)
+    for name, m in {args.method: metrics, **floors}.items():
+        m["intervals"].update(set_intervals[name])
+    for name in paired:
+        paired[name].update(set_paired[name])
     out_dir.mkdir(parents=True, exist_ok=True)
     E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
 

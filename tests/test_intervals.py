@@ -4,7 +4,7 @@ import pytest
 
 from cuma_model import evaluate as E
 from cuma_model.data import SurveyExample
-from cuma_model.intervals import respondent_bootstrap, verdict
+from cuma_model.intervals import percentile_interval, respondent_bootstrap, respondent_resamples, verdict
 
 
 def test_two_respondents_by_hand():
@@ -67,3 +67,59 @@ def test_paired_differences_and_the_report():
     text = E.format_intervals("cuma", metrics, paired)
     assert "cuma: accuracy 100 [100, 100]%" in text and "cuma - itself: accuracy +0 [+0, +0] points (tie)" in text
     assert "cuma - flat" in text and "(win)" in text
+
+
+def test_resamples_draw_whole_respondents_and_agree_with_the_mean_bootstrap():
+    rng = np.random.default_rng(3)
+    respondents = np.repeat(np.arange(30), rng.integers(1, 5, 30))
+    values = rng.random(respondents.size) + (respondents % 3)  # respondents differ: clustering matters
+    resamples = respondent_resamples(respondents, 2000, seed=1)
+    for idx in resamples[:20]:
+        drawn = respondents[idx]
+        for r in set(drawn.tolist()):  # every answer of a drawn respondent, once per draw
+            assert np.sum(drawn == r) % np.sum(respondents == r) == 0
+        assert sum(np.sum(drawn == r) // np.sum(respondents == r) for r in set(drawn.tolist())) == 30
+    generic = percentile_interval(values.mean(), [values[idx].mean() for idx in resamples])
+    direct = respondent_bootstrap(values, respondents)  # an independent implementation of the same bootstrap
+    assert generic["mean"] == direct["mean"]
+    assert generic["lo"] == pytest.approx(direct["lo"], abs=0.04) and generic["hi"] == pytest.approx(direct["hi"], abs=0.04)
+    assert all(np.array_equal(a, b) for a, b in zip(resamples, respondent_resamples(respondents, 2000, seed=1)))
+
+
+def group_examples(n_resp=60, per=4, seed=0):
+    """Two groups that answer differently: group 0 mostly 'a', group 1 mostly 'c'."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(n_resp):
+        g = r % 2
+        for q in range(per):
+            p = [0.7, 0.2, 0.1] if g == 0 else [0.1, 0.2, 0.7]
+            out.append(SurveyExample(respondent_id=str(r), question_id=f"q{q}", profile="p", groups={"g": str(g)},
+                                     question="?", choices=("a", "b", "c"), scores=(1.0, 2.0, 3.0), scale=(1.0, 3.0),
+                                     target=int(rng.choice(3, p=p))))
+    return out
+
+
+def test_set_metric_intervals_hold_the_metrics_and_tell_an_oracle_from_the_majority():
+    ex = group_examples()
+    true = np.array([e.target for e in ex])
+    oracle = E.Predictions(true, [np.eye(3)[t] * 6 - 3 for t in true])
+    majority = E.Predictions(np.full(len(ex), int(np.bincount(true).argmax())), [np.zeros(3) for _ in ex])
+    intervals, paired = E.set_metric_intervals(ex, {"oracle": oracle, "majority": majority, "same": oracle},
+                                               reference="oracle", n_resamples=100)
+    for name, pr in (("oracle", oracle), ("majority", majority)):
+        m = E.evaluate_predictions(ex, pr.choice_idx, pr.choice_logits)
+        iv = intervals[name]
+        assert iv["emd"]["mean"] == pytest.approx(m["emd"]["mean"])
+        assert iv["group_js"]["mean"] == pytest.approx(m["group_gaps"]["js"])
+        assert iv["spread"]["mean"] == pytest.approx(m["group_gaps"]["between_group_spread"]["ratio"])
+        assert iv["spread_soft"]["mean"] == pytest.approx(m["group_gaps"]["between_group_spread"]["ratio_soft"])
+    assert intervals["majority"]["emd"]["lo"] < intervals["majority"]["emd"]["mean"] < intervals["majority"]["emd"]["hi"]
+    assert intervals["oracle"]["emd"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert paired["same"]["emd"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "verdict": "tie"}
+    assert paired["majority"]["emd"]["verdict"] == "win" and paired["majority"]["group_js"]["verdict"] == "win"
+    assert paired["majority"]["spread"]["verdict"] == "higher"  # the majority answers both groups alike
+    text = E.format_intervals("oracle", {"n": len(ex), "intervals": {
+        "accuracy": {"mean": 1.0, "lo": 1.0, "hi": 1.0}, **intervals["oracle"]}}, {
+        "majority": {"accuracy": {"mean": 0.5, "lo": 0.4, "hi": 0.6, "verdict": "win"}, **paired["majority"]}})
+    assert "group JS" in text and "(win)" in text and "(higher)" in text
