@@ -1,23 +1,45 @@
-"""How z reaches the routers: a per-forward state in a context variable, never on modules or classes.
+"""How z reaches the routers: a per-forward state in a per-thread stack, never on modules or classes.
 
 A patched model's forward pushes a `ForwardState` (z, attention mask, the routes computed so far, aux terms) for the
 duration of the call; every CuMALinear of that model looks it up by its owner. Gradient-checkpointed layers replay
 their forward during backward, after the call returned: `wrap_checkpoint_function` captures the active states when
 the layer runs and re-activates them for the replay, so recomputation routes with the same z.
+
+The stacks live in a `threading.local`: threads keep their conditioning apart, and torch.compile traces reads and
+writes of it (it cannot trace context variables), so a compiled forward, z and all, is one graph. A `conditioning`
+block is per thread, not per asyncio task: do not hold one open across an `await` that lets another task run the
+same model.
 """
 from __future__ import annotations
 
 import contextlib
-import weakref
-from contextvars import ContextVar
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
-_ACTIVE: ContextVar[tuple] = ContextVar("cuma_active_forwards", default=())
-_PENDING: ContextVar[tuple] = ContextVar("cuma_pending_conditioning", default=())
-_RECORDERS: ContextVar[tuple] = ContextVar("cuma_routing_recorders", default=())
-_DISABLED: ContextVar[tuple] = ContextVar("cuma_disabled_adapters", default=())
+
+class _Stacks(threading.local):
+    """Per thread: (owner, item) pairs, innermost last, for each kind of conditioning."""
+
+    def __init__(self):
+        self.active: tuple = ()  # (owner, ForwardState)
+        self.pending: tuple = ()  # (owner, (z, per_row_copies))
+        self.recorders: tuple = ()  # (owner, RoutingTrace)
+        self.disabled: tuple = ()  # (owner, True)
+
+
+_STACKS = _Stacks()
+
+
+@contextlib.contextmanager
+def _pushed(kind: str, owner, item):
+    previous = getattr(_STACKS, kind)
+    setattr(_STACKS, kind, previous + ((owner, item),))
+    try:
+        yield item
+    finally:
+        setattr(_STACKS, kind, previous)
 
 
 @dataclass
@@ -41,19 +63,28 @@ class ForwardState:
     demographic_embeds: torch.Tensor | None
     attention_mask: torch.Tensor | None = None
     compute_aux: bool = False
-    routes: dict = field(default_factory=dict)  # router key -> (weakref to x, Route)
+    routes: dict = field(default_factory=dict)  # router key -> (x, Route, siblings yet to take it)
     token_shape: tuple | None = None  # (batch, seq) of the call, from the first [batch, seq, hidden] input seen
     aux_terms: list = field(default_factory=list)
     routed_layers: dict | None = None  # router key -> the owner's layers it routes, in patching order (on first use)
 
     def cached_route(self, key: str, x: torch.Tensor) -> Route | None:
         hit = self.routes.get(key)
-        if hit is not None and hit[0]() is x:
-            return hit[1]
-        return None
+        if hit is None or hit[0] is not x:
+            return None
+        _, route, left = hit
+        if left > 1:
+            self.routes[key] = (x, route, left - 1)
+        else:  # every sibling has it: let go of x
+            del self.routes[key]
+        return route
 
     def store_route(self, key: str, x: torch.Tensor, route: Route) -> None:
-        self.routes[key] = (weakref.ref(x), route)
+        """Keep the route for the siblings routed by `key` that have yet to see x. x itself is held, not a weak
+        reference (torch.compile cannot trace those), and only until the last sibling took the route."""
+        left = len(self.layers_routed_by(key)) - 1
+        if left > 0:
+            self.routes[key] = (x, route, left)
 
     def layers_routed_by(self, key: str) -> list:
         """The adapted layers of this state's model that the router `key` routes (q/k/v or gate/up siblings)."""
@@ -85,21 +116,16 @@ def _find(stack: tuple, owner):
 
 
 def active_state(owner) -> ForwardState | None:
-    return _find(_ACTIVE.get(), owner)
+    return _find(_STACKS.active, owner)
 
 
-@contextlib.contextmanager
 def activate(state: ForwardState):
-    token = _ACTIVE.set(_ACTIVE.get() + ((state.owner, state),))
-    try:
-        yield state
-    finally:
-        _ACTIVE.reset(token)
+    return _pushed("active", state.owner, state)
 
 
 def pending_embeds(owner, batch: int | None = None) -> torch.Tensor | None:
     """The z of the innermost `conditioning` of `owner`; inside generate, repeated to the `batch` rows it made."""
-    item = _find(_PENDING.get(), owner)
+    item = _find(_STACKS.pending, owner)
     if item is None:
         return None
     z, per_row_copies = item
@@ -119,13 +145,8 @@ def conditioning(model, demographic_embeds: torch.Tensor):
         yield model
 
 
-@contextlib.contextmanager
 def _pending(owner, demographic_embeds: torch.Tensor, per_row_copies: bool):
-    token = _PENDING.set(_PENDING.get() + ((owner, (demographic_embeds, per_row_copies)),))
-    try:
-        yield
-    finally:
-        _PENDING.reset(token)
+    return _pushed("pending", owner, (demographic_embeds, per_row_copies))
 
 
 @contextlib.contextmanager
@@ -150,33 +171,24 @@ class RoutingTrace:
 @contextlib.contextmanager
 def record_routing(model):
     """Record every routing decision of `model` made inside the block: `trace.records`, in call order."""
-    owner = _owner_of(model)
-    trace = RoutingTrace()
-    token = _RECORDERS.set(_RECORDERS.get() + ((owner, trace),))
-    try:
+    with _pushed("recorders", _owner_of(model), RoutingTrace()) as trace:
         yield trace
-    finally:
-        _RECORDERS.reset(token)
 
 
 def recorder(owner) -> RoutingTrace | None:
-    return _find(_RECORDERS.get(), owner)
+    return _find(_STACKS.recorders, owner)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model):
     """Run `model` as its frozen base inside the block (e.g. as a DPO reference without a second copy)."""
-    owner = _owner_of(model)
-    token = _DISABLED.set(_DISABLED.get() + ((owner, True),))
-    try:
+    with _pushed("disabled", _owner_of(model), True):
         yield model
-    finally:
-        _DISABLED.reset(token)
 
 
 def is_disabled(owner) -> bool:
     """Inside `adapters_disabled(model)`, or while the owner is switched off (PEFT's `disable_adapter()`)."""
-    return getattr(owner, "disabled", False) or bool(_find(_DISABLED.get(), owner))
+    return getattr(owner, "disabled", False) or bool(_find(_STACKS.disabled, owner))
 
 
 def wrap_checkpoint_function(checkpoint_fn):
@@ -185,15 +197,15 @@ def wrap_checkpoint_function(checkpoint_fn):
         return checkpoint_fn
 
     def checkpoint_with_conditioning(function, *args, **kwargs):
-        captured = (_ACTIVE.get(), _DISABLED.get())
+        captured = (_STACKS.active, _STACKS.disabled)
 
         def replay(*a, **k):
-            t1, t2 = _ACTIVE.set(captured[0]), _DISABLED.set(captured[1])
+            previous = (_STACKS.active, _STACKS.disabled)
+            _STACKS.active, _STACKS.disabled = captured
             try:
                 return function(*a, **k)
             finally:
-                _ACTIVE.reset(t1)
-                _DISABLED.reset(t2)
+                _STACKS.active, _STACKS.disabled = previous
 
         return checkpoint_fn(replay, *args, **kwargs)
 

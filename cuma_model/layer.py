@@ -65,12 +65,16 @@ class CuMALinear(nn.Module):
         if route.dispatch is None and cuma_kernels.backend_for(x) == "triton":
             route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
         device = x.device.type
+        # Added into `out` in place (this call's own intermediate: nobody else reads it), except under
+        # torch.compile: AOT autograd hands an in-place custom function on a view the wrong gradient, and the
+        # compiler plans the buffers itself anyway
+        in_place = not torch.compiler.is_compiling()
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             h = self._shared_shrink(route, x, dtype)
             if h is not None:  # this projection's slice of the shrink run once for its siblings
                 y = cuma_kernels.lora_expand(h, self.lora_B.to(dtype), route.topk_idx, route.topk_weights,
                                              self.scaling, base_out=out.reshape(-1, self.out_features),
-                                             dispatch=route.dispatch, inplace=True)
+                                             dispatch=route.dispatch, inplace=in_place)
                 return y.view(out.shape)
             x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)
             y = cuma_kernels.lora_experts(
@@ -82,7 +86,7 @@ class CuMALinear(nn.Module):
                 self.scaling,
                 base_out=out.reshape(-1, self.out_features),
                 dispatch=route.dispatch,
-                inplace=True,  # `out` is this call's own intermediate: nobody else reads it
+                inplace=in_place,
             )
         return y.view(out.shape)
 

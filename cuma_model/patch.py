@@ -192,7 +192,8 @@ class ConditionedForward:
         aux = state.aux_loss()
         if aux is not None and hasattr(out, "keys"):
             out["aux_loss"] = aux
-            handle.aux_meter.add(aux)
+            if not torch.compiler.is_compiling():  # the meter's Python counter would recompile every call
+                handle.aux_meter.add(aux)
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + (aux * _batch_share(kwargs)).to(out["loss"].dtype)
             elif self.backbone and out.get("last_hidden_state") is not None:

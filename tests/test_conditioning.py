@@ -136,7 +136,7 @@ def test_no_state_is_left_on_modules_after_forward():
     after = {name: set(vars(m)) for name, m in model.named_modules()}
     assert before == after
     from cuma_model import context as c
-    assert c._ACTIVE.get() == () and c._PENDING.get() == ()
+    assert c._STACKS.active == () and c._STACKS.pending == ()
 
 
 def test_bad_conditioning_raises_clear_errors():
