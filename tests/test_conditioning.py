@@ -320,3 +320,28 @@ def test_text_generation_pipeline():
     ids = tok("hello world", return_tensors="pt")["input_ids"]
     direct = model.generate(ids, demographic_embeds=z, max_new_tokens=4, do_sample=False)
     assert tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True) == text
+
+
+def test_threads_keep_their_conditioning_apart():
+    import threading
+
+    model = patched().eval()
+    ids = torch.randint(3, 97, (2, 5))
+    zs = [torch.randn(2, D) * 3 for _ in range(2)]
+    with torch.no_grad():
+        expected = [model(ids, demographic_embeds=z).logits for z in zs]
+    both_inside, got = threading.Barrier(2), [None, None]
+
+    def run(i):
+        with cuma_model.conditioning(model, zs[i]), torch.no_grad():
+            both_inside.wait()  # each thread's block is open while the other one runs
+            got[i] = [model(ids).logits for _ in range(5)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert all(torch.equal(g, expected[i]) for g in got[i])
+    assert not torch.equal(expected[0], expected[1])
