@@ -123,6 +123,8 @@ def resume_differences(saved: Mapping, now: Mapping) -> list[str]:
     out = []
     for name in sorted((set(saved) | set(now)) - RESUMABLE_CHANGES):
         a, b = saved.get(name, "(absent)"), now.get(name, "(absent)")
+        if a == "(absent)" and b is None:  # an option newer than the checkpoint, at the default that keeps the old math
+            continue
         if _normal(a) != _normal(b):
             out.append(f"--{name.replace('_', '-')}: {a!r} in the checkpoint, {b!r} now")
     return out

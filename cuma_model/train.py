@@ -56,7 +56,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; > 0 overrides --epochs")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the training run (and, without --data-seed, of the data)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the train/val/test split and the train and evaluation subsets (default: --seed)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train and score once per seed on one data split (--data-seed, else --seed), into "
+                        "OUTPUT_DIR/seed-<seed>/; OUTPUT_DIR/seeds.json holds each metric's mean and spread")
 
     g = p.add_argument_group("adapter (CuMA options apply to cuma/hydralora/mixlora; r, alpha, targets to lora too)")
     g.add_argument("--num-experts", type=int, default=8)
@@ -236,6 +241,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--gguf-file names a file inside --model; give --model too")
     if args.resume is not None and args.method == "base":
         raise ValueError("--resume continues a training run; --method base does not train")
+    if args.seeds is not None and (args.resume is not None or len(set(args.seeds)) != len(args.seeds)):
+        raise ValueError("--seeds takes distinct seeds and starts fresh runs (resume one with its "
+                         "--output-dir OUTPUT_DIR/seed-<seed> --seed <seed> --data-seed <data seed>)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -307,12 +315,17 @@ class Splits:
 def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -> Splits:
     """Seeded train / validation / test split and the train and evaluation subsets (see the module docstring)."""
     splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
-    train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=args.seed)
-    train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=args.seed + 1)
-    train = D.subsample(train_all, args.train_examples, seed=args.seed) if args.train_examples else list(train_all)
+    seed = data_seed(args)
+    train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=seed)
+    train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=seed + 1)
+    train = D.subsample(train_all, args.train_examples, seed=seed) if args.train_examples else list(train_all)
     pool = test if args.eval_split == "test" else val
-    ev = D.subsample(pool, args.eval_examples, seed=args.seed + 2) if args.eval_examples else list(pool)
+    ev = D.subsample(pool, args.eval_examples, seed=seed + 2) if args.eval_examples else list(pool)
     return Splits(train_all, train, val, test, ev)
+
+
+def data_seed(args) -> int:
+    return args.seed if getattr(args, "data_seed", None) is None else args.data_seed
 
 
 def tokenize_prompts(tokenizer, examples, profile_in_prompt: bool, max_length: int) -> list[list[int]]:
@@ -676,6 +689,64 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     return result
 
 
+def train_seeds(args_or_config=None, train_one: Callable | None = None) -> dict:
+    """`train` once per seed of `--seeds`, every run on the data split of `--data-seed` (default `--seed`), each
+    into OUTPUT_DIR/seed-<seed>/; returns (and writes to OUTPUT_DIR/seeds.json) the mean, standard deviation and
+    per-seed values of the headline metrics and of the paired accuracy differences from the floors.
+    `train_one(args)` trains one run (default `train`; tests pass one that builds their own model)."""
+    args = _args_from(args_or_config)
+    if not args.seeds:
+        raise ValueError("train_seeds needs --seeds")
+    out_dir = Path(args.output_dir or f"runs/{args.method}")
+    check_output_dir(out_dir)
+    runs = {}
+    for seed in args.seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "data_seed": data_seed(args), "seeds": None,
+                                    "output_dir": str(out_dir / f"seed-{seed}")})
+        runs[seed] = (train_one or train)(one)
+    summary = {"method": args.method, "seeds": list(args.seeds), "data_seed": data_seed(args),
+               "metrics": seed_spread(runs)}
+    atomic_write_bytes(out_dir / "seeds.json", (json.dumps(E._json_safe(summary), indent=1) + "\n").encode())
+    print(format_seed_spread(summary), flush=True)
+    return summary
+
+
+_SEED_METRICS = {
+    "accuracy": lambda r: r["metrics"]["accuracy"],
+    "nll": lambda r: r["metrics"]["nll"],
+    "emd": lambda r: r["metrics"]["emd"]["mean"],
+    "group_js": lambda r: r["metrics"]["group_gaps"]["js"],
+    "spread": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio"],
+    "spread_soft": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio_soft"],
+}
+
+
+def seed_spread(runs: Mapping[int, dict]) -> dict:
+    """{metric: {mean, sd, values}} over seeds (sd with n - 1; 0 for one seed), the paired accuracy differences
+    from each floor as `accuracy_minus_<floor>`."""
+    scored = [r for r in runs.values() if "metrics" in r]
+    getters = dict(_SEED_METRICS)
+    for floor in (scored[0].get("paired") or {}) if scored else {}:
+        getters[f"accuracy_minus_{floor}"] = lambda r, f=floor: r["paired"][f]["accuracy"]["mean"]
+    out = {}
+    for name, get in getters.items():
+        values = [get(r) for r in scored]
+        values = [float("nan") if v is None else float(v) for v in values]
+        arr = np.asarray(values, dtype=np.float64)
+        out[name] = {"mean": float(arr.mean()) if arr.size else float("nan"),
+                     "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": values}
+    return out
+
+
+def format_seed_spread(summary: Mapping) -> str:
+    lines = [f"{summary['method']} over seeds {summary['seeds']} (data seed {summary['data_seed']}): mean ± sd"]
+    for name, m in summary["metrics"].items():
+        scale = 100 if name.startswith("accuracy") else 1
+        values = ", ".join(f"{v * scale:.3g}" for v in m["values"])
+        lines.append(f"  {name}: {m['mean'] * scale:.3g} ± {m['sd'] * scale:.2g} ({values})")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation, routing report, figures
 # --------------------------------------------------------------------------------------------------------------------
@@ -775,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        train(args)
+        train_seeds(args) if args.seeds is not None else train(args)
     except TrainingInterrupted as stopped:
         return 128 + stopped.signum  # the shell's code for death by that signal
     return 0

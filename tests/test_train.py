@@ -169,6 +169,8 @@ def test_base_and_routing_report(tmp_path):
     (["--lora-alpha", "0"], "lora-alpha"),
     (["--lora-alpha", "nan"], "lora-alpha"),
     (["--lr", "inf"], "lr"),
+    (["--seeds", "1", "1"], "distinct seeds"),
+    (["--seeds", "1", "2", "--resume", "latest"], "starts fresh runs"),
 ])
 def test_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -214,3 +216,38 @@ def test_floors_at_equal_data(tmp_path):
     assert res["floors"]["question_majority@12"]["accuracy"] == E.evaluate_predictions(
         splits.eval, small.choice_idx, small.choice_logits)["accuracy"]
     assert "cuma - logistic_regression@12" in res["report"]
+
+
+def test_seeds_train_one_split_and_report_the_spread(tmp_path):
+    """--seeds: one data split for every run (the same evaluation answers), other weights per seed, and a summary
+    whose spread is the sample sd of the runs' own numbers."""
+    seen = []
+
+    def train_one(args):
+        seen.append(args)
+        return T.train(args, **parts())
+
+    summary = T.train_seeds(options(tmp_path, method="cuma", max_steps=3, train_examples=30, eval_examples=24,
+                                    seeds=[3, 4], data_seed=1), train_one=train_one)
+    assert [a.seed for a in seen] == [3, 4] and all(a.data_seed == 1 and a.seeds is None for a in seen)
+    runs = [json.loads((tmp_path / "run" / f"seed-{s}" / "metrics.json").read_text()) for s in (3, 4)]
+    examples = [[(r["respondent_id"], r["question_id"]) for r in map(json.loads, open(
+        tmp_path / "run" / f"seed-{s}" / "predictions.jsonl"))] for s in (3, 4)]
+    assert examples[0] == examples[1]  # one split, one set of evaluation answers
+    w = [load_file(str(tmp_path / "run" / f"seed-{s}" / "final" / "adapter_model.safetensors")) for s in (3, 4)]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])  # the seed reached the training
+    acc = [r["metrics"]["accuracy"] for r in runs]
+    assert summary["metrics"]["accuracy"]["values"] == acc
+    assert summary["metrics"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
+    assert summary["metrics"]["accuracy"]["sd"] == pytest.approx(np.std(acc, ddof=1))
+    diff = summary["metrics"]["accuracy_minus_question_majority"]["values"]
+    assert diff == [r["paired"]["question_majority"]["accuracy"]["mean"] for r in runs]
+    assert json.loads((tmp_path / "run" / "seeds.json").read_text())["metrics"]["nll"]["values"] == \
+        [r["metrics"]["nll"] for r in runs]
+
+
+def test_a_checkpoint_older_than_an_option_resumes_at_its_default():
+    saved = {"seed": 0, "lr": 0.002}
+    assert R.resume_differences(saved, {"seed": 0, "lr": 0.002, "data_seed": None, "seeds": None}) == []
+    assert R.resume_differences(saved, {"seed": 0, "lr": 0.002, "data_seed": 5}) == [
+        "--data-seed: '(absent)' in the checkpoint, 5 now"]
