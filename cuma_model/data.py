@@ -886,6 +886,40 @@ def subsample_respondents(examples: Sequence[SurveyExample], n: int, seed: int =
     return [e for e in examples if e.respondent_id in keep]
 
 
+def group_distributions(examples: Sequence[SurveyExample], dimensions: Sequence[str], min_count: int = 20
+                        ) -> tuple[list[SurveyExample], list[np.ndarray]]:
+    """One example per (group, question) with at least `min_count` answers, and its target: the group's answer
+    distribution over the question's choices (the recipe of SubPOP, Suh et al., ACL 2025).
+
+    A group is one combination of labels on `dimensions` (examples missing one of them belong to none). The
+    example's profile names the group ("party: Democrat; sex: Female"), its `groups` holds those labels, its
+    `target` is the group's most frequent answer, its respondent id is the group's. In order of first appearance.
+    """
+    if not dimensions:
+        raise ValueError("group_distributions needs at least one dimension")
+    known = {d for e in examples for d in e.groups}
+    unknown = [d for d in dimensions if d not in known]
+    if unknown:
+        raise ValueError(f"unknown group dimensions {unknown}; the examples have {sorted(known)}")
+    cells: dict[tuple, list[SurveyExample]] = {}
+    for e in examples:
+        labels = tuple(e.groups.get(d) for d in dimensions)
+        if any(label is None or (isinstance(label, float) and np.isnan(label)) for label in labels):
+            continue
+        cells.setdefault((labels, e.question_id), []).append(e)
+    out, targets = [], []
+    for (labels, _), members in cells.items():
+        if len(members) < min_count:
+            continue
+        first = members[0]
+        counts = np.bincount([m.target for m in members], minlength=len(first.choices)).astype(np.float64)
+        profile = "; ".join(f"{d}: {label}" for d, label in zip(dimensions, labels))
+        out.append(dataclasses.replace(first, respondent_id="group: " + profile, profile=profile,
+                                       groups=dict(zip(dimensions, labels)), target=int(counts.argmax())))
+        targets.append(counts / counts.sum())
+    return out, targets
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Prompts
 # ------------------------------------------------------------------------------------------------------------------

@@ -118,12 +118,16 @@ def saved_args(directory: Path, state: Mapping) -> dict | None:
     return None
 
 
-def resume_differences(saved: Mapping, now: Mapping) -> list[str]:
-    """'--name: saved -> now' for every option that changes the training math and differs between the two runs."""
+def resume_differences(saved: Mapping, now: Mapping, defaults: Mapping | None = None) -> list[str]:
+    """'--name: saved -> now' for every option that changes the training math and differs between the two runs.
+
+    An option newer than the checkpoint (absent from it) at its default in `defaults` is no difference: defaults
+    of new options keep the math of the runs before them."""
+    defaults = defaults or {}
     out = []
     for name in sorted((set(saved) | set(now)) - RESUMABLE_CHANGES):
         a, b = saved.get(name, "(absent)"), now.get(name, "(absent)")
-        if a == "(absent)" and b is None:  # an option newer than the checkpoint, at the default that keeps the old math
+        if a == "(absent)" and name in defaults and _normal(b) == _normal(defaults[name]):
             continue
         if _normal(a) != _normal(b):
             out.append(f"--{name.replace('_', '-')}: {a!r} in the checkpoint, {b!r} now")

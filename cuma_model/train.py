@@ -79,6 +79,7 @@ from cuma_model.run_checkpoint import (
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
 ROUTED = ("cuma", "hydralora", "mixlora")
 SCHEDULERS = ("constant", "linear", "cosine")
+OBJECTIVES = ("answer", "distribution")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-examples", type=int, default=600,
                    help="seeded random subset of evaluation examples (by example); 0 = all")
     g.add_argument("--max-length", type=int, default=256, help="prompts longer than this (tokens) are left-truncated")
+    g.add_argument("--objective", choices=OBJECTIVES, default="answer",
+                   help="answer: each respondent's own answer (cross-entropy, the published objective); "
+                        "distribution: one example per (group, question) of the training split, its target the "
+                        "group's answer distribution (forward KL), its profile and z naming the group")
+    g.add_argument("--group-by", nargs="+", default=None, metavar="DIM",
+                   help="the groups of --objective distribution (default: the survey's first two dimensions)")
+    g.add_argument("--group-min-count", type=int, default=20,
+                   help="the fewest answers a (group, question) needs to become a distribution example")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3)
@@ -207,8 +216,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown survey {args.survey!r}; built-in: {sorted(D.SURVEYS)} (or a SurveySpec JSON path)")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
+    if args.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {args.objective!r}; choose from {OBJECTIVES}")
     positive = ("batch_size", "grad_accum", "eval_batch_size", "num_experts", "top_k", "r", "router_hidden_dim",
-                "max_length")
+                "max_length", "group_min_count")
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -310,18 +321,32 @@ class Splits:
     val: list
     test: list
     eval: list       # the subset evaluated
+    targets: list | None = None  # --objective distribution: each training example's answer distribution
 
 
 def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -> Splits:
-    """Seeded train / validation / test split and the train and evaluation subsets (see the module docstring)."""
+    """Seeded train / validation / test split and the train and evaluation subsets (see the module docstring).
+
+    With `--objective distribution`, `train` holds the (group, question) examples of the whole training split
+    (`--train-examples` then caps their number) and `targets` their answer distributions."""
     splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
     seed = data_seed(args)
     train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=seed)
     train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=seed + 1)
-    train = D.subsample(train_all, args.train_examples, seed=seed) if args.train_examples else list(train_all)
+    targets = None
+    if getattr(args, "objective", "answer") == "distribution":
+        dims = args.group_by or list(dict.fromkeys(d for e in train_all for d in e.groups))[:2]
+        train, targets = D.group_distributions(train_all, dims, args.group_min_count)
+        if not train:
+            raise ValueError(f"no (group, question) of {dims} has --group-min-count {args.group_min_count} answers")
+        if args.train_examples and args.train_examples < len(train):
+            keep = np.sort(np.random.default_rng(seed).choice(len(train), size=args.train_examples, replace=False))
+            train, targets = [train[i] for i in keep], [targets[i] for i in keep]
+    else:
+        train = D.subsample(train_all, args.train_examples, seed=seed) if args.train_examples else list(train_all)
     pool = test if args.eval_split == "test" else val
     ev = D.subsample(pool, args.eval_examples, seed=seed + 2) if args.eval_examples else list(pool)
-    return Splits(train_all, train, val, test, ev)
+    return Splits(train_all, train, val, test, ev, targets)
 
 
 def data_seed(args) -> int:
@@ -335,10 +360,13 @@ def tokenize_prompts(tokenizer, examples, profile_in_prompt: bool, max_length: i
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Pre-tokenized training rows: prompt ids + the answer letter's id, the letter id, the row of z."""
+    """Pre-tokenized training rows: prompt ids + the answer letter's id, the target, the row of z.
 
-    def __init__(self, prompt_ids: list[list[int]], label_ids: list[int], z_index: list[int]):
-        self.rows = [(p + [y], y, zi) for p, y, zi in zip(prompt_ids, label_ids, z_index)]
+    The target is the answer letter's id, or (distribution objective) a ([letter ids], [probabilities]) pair."""
+
+    def __init__(self, prompt_ids: list[list[int]], label_ids: list[int], z_index: list[int], targets=None):
+        targets = label_ids if targets is None else targets
+        self.rows = [(p + [y], t, zi) for p, y, t, zi in zip(prompt_ids, label_ids, targets, z_index)]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -372,9 +400,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 def make_collate(pad_id: int):
     def collate(rows):
         input_ids, mask, position_ids = E.left_pad([r[0] for r in rows], pad_id)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-                "labels": torch.tensor([r[1] for r in rows], dtype=torch.long),
-                "z_index": torch.tensor([r[2] for r in rows], dtype=torch.long)}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                 "z_index": torch.tensor([r[2] for r in rows], dtype=torch.long)}
+        if isinstance(rows[0][1], tuple):  # distributions over each row's letters, zero-padded to the widest
+            width = max(len(r[1][0]) for r in rows)
+            batch["target_ids"] = torch.tensor([list(r[1][0]) + [0] * (width - len(r[1][0])) for r in rows])
+            batch["target_probs"] = torch.tensor([list(r[1][1]) + [0.0] * (width - len(r[1][1])) for r in rows])
+        else:
+            batch["labels"] = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        return batch
     return collate
 
 
@@ -426,7 +460,7 @@ def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> Non
     saved = saved_args(resume_dir, state)
     if saved is None:
         raise ValueError(f"cannot resume from {resume_dir}: it records no options ({RUN_ARGS_NAME} is missing)")
-    differences = resume_differences(saved, vars(args))
+    differences = resume_differences(saved, vars(args), vars(build_parser().parse_args([])))
     if differences:
         raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
                          "(resume with the same options, or start a new run in another --output-dir):\n  "
@@ -481,7 +515,12 @@ def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
     out = model(**kwargs)
     # left padding: the answer letter is the last token, predicted by the logits at position -2
     logits = out.logits[:, -2, :].float()
-    ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    if "target_probs" in batch:  # forward KL(target || model) over the vocabulary; the target lives on the letters
+        p = batch["target_probs"]
+        log_q = torch.log_softmax(logits, dim=-1).gather(1, batch["target_ids"])
+        ce = (torch.special.xlogy(p, p) - p * log_q).sum(dim=1).mean()
+    else:
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
     aux = out.get("aux_loss") if hasattr(out, "get") else None
     return ce, aux
 
@@ -561,10 +600,15 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
         t = time.perf_counter()
         prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
         labels = [letter_ids[e.target_letter] for e in splits.train]
+        targets = None
+        if splits.targets is not None:
+            targets = [([letter_ids[l] for l in e.letters], [float(x) for x in t])
+                       for e, t in zip(splits.train, splits.targets)]
         z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
         # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
-        fingerprint = data_fingerprint(prompt_ids, labels, z_table[index_train] if needs_z else [])
-        dataset = TrainSet(prompt_ids, labels, z_index)
+        fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
+                                       z_table[index_train] if needs_z else [])
+        dataset = TrainSet(prompt_ids, labels, z_index, targets)
         sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
         groups = param_groups(model, args)
@@ -773,7 +817,8 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
     floor_predictions = E.run_baselines(splits.train_all, ev)
-    if len(splits.train) < len(splits.train_all):  # fair floors: fitted on exactly the examples the adapter saw
+    # fair floors: fitted on exactly the answers the adapter saw (the distribution objective sees every one)
+    if splits.targets is None and len(splits.train) < len(splits.train_all):
         floor_predictions.update({f"{name}@{len(splits.train)}": p
                                   for name, p in E.run_baselines(splits.train, ev).items()})
     floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}

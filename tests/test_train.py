@@ -248,6 +248,71 @@ def test_seeds_train_one_split_and_report_the_spread(tmp_path):
 
 def test_a_checkpoint_older_than_an_option_resumes_at_its_default():
     saved = {"seed": 0, "lr": 0.002}
-    assert R.resume_differences(saved, {"seed": 0, "lr": 0.002, "data_seed": None, "seeds": None}) == []
-    assert R.resume_differences(saved, {"seed": 0, "lr": 0.002, "data_seed": 5}) == [
-        "--data-seed: '(absent)' in the checkpoint, 5 now"]
+    defaults = {"seed": 0, "lr": 0.002, "data_seed": None, "objective": "answer"}
+    assert R.resume_differences(saved, {**defaults, "seeds": None}, {**defaults, "seeds": None}) == []
+    assert R.resume_differences(saved, {**defaults, "data_seed": 5, "objective": "distribution"}, defaults) == [
+        "--data-seed: '(absent)' in the checkpoint, 5 now",
+        "--objective: '(absent)' in the checkpoint, 'distribution' now"]
+    assert R.resume_differences(saved, defaults) == [  # without the defaults, absent is a difference
+        "--data-seed: '(absent)' in the checkpoint, None now", "--objective: '(absent)' in the checkpoint, 'answer' now"]
+
+
+def test_group_distributions_by_hand():
+    from cuma_model.data import group_distributions
+
+    ex = survey(n_resp=60)
+    groups, targets = group_distributions(ex, ["party"], min_count=5)
+    by_key = {(g.groups["party"], g.question_id): t for g, t in zip(groups, targets)}
+    for (party, q), t in by_key.items():
+        answers = [e.target for e in ex if e.groups["party"] == party and e.question_id == q]
+        assert np.allclose(t, np.bincount(answers, minlength=3) / len(answers))
+    assert len(by_key) == 9 and groups[0].profile == f"party: {groups[0].groups['party']}"
+    assert all(g.target == int(np.argmax(t)) for g, t in zip(groups, targets))
+    assert group_distributions(ex, ["party"], min_count=1000) == ([], [])
+    with pytest.raises(ValueError, match="unknown group dimensions"):
+        group_distributions(ex, ["age"])
+
+
+def test_the_distribution_loss_is_the_forward_kl_over_the_vocabulary():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+
+    class Out(dict):
+        __getattr__ = dict.__getitem__
+
+    out = Out(logits=torch.stack([logits, torch.zeros(3, 11)], dim=1))  # the loss reads position -2
+    model = lambda **kw: out  # noqa: E731 -- stands in for a model
+    ids, probs = torch.tensor([[2, 5, 7], [2, 5, 0], [4, 1, 9]]), torch.tensor([[.2, .3, .5], [.6, .4, 0.], [1., 0, 0]])
+    batch = {"input_ids": torch.zeros(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2),
+             "position_ids": torch.zeros(3, 2), "target_ids": ids, "target_probs": probs}
+    kl, _ = T._forward_loss(model, batch, None, {}, False)
+    full = torch.zeros(3, 11).scatter_add(1, ids, probs)  # the target as a distribution over the vocabulary
+    expected = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), full, reduction="batchmean")
+    torch.testing.assert_close(kl, expected)
+
+
+def test_distribution_objective_learns_each_groups_answers(tmp_path):
+    from cuma_model import data as D
+    from cuma_model import evaluate as E
+
+    splits = T.make_splits(survey(), T._args_from(options(tmp_path, objective="distribution", group_by=["party"],
+                                                          group_min_count=5)))
+    p = parts()
+    prompts = D.render_prompts(p["tokenizer"], splits.train)
+    letters = [g.letters for g in splits.train]
+
+    def kl_to_targets(model, z=None):
+        rows = E.score_choices(model, p["tokenizer"], prompts, letters, demographic_embeds=z, progress=False)
+        q = [np.exp(r - r.max()) / np.exp(r - r.max()).sum() for r in rows]
+        kl = [float(np.sum(np.where(t > 0, t * np.log(np.where(t > 0, t, 1) / qi), 0))) for t, qi in
+              zip(splits.targets, q)]
+        return np.mean(kl), sum(int(qi.argmax() == t.argmax()) for t, qi in zip(splits.targets, q))
+
+    before, _ = kl_to_targets(p["model"])  # the base model (B = 0 at the start: what training starts from)
+    res = T.train(options(tmp_path, method="cuma", objective="distribution", group_by=["party"], group_min_count=5,
+                          max_steps=150, lr=1e-2, eval_examples=0), **p)
+    assert res["data"]["n_train"] == 9  # 3 parties x 3 questions
+    assert not any("@" in name for name in res["floors"])  # it saw every training answer: the floors on all of them
+    z, index = p["encoder"].encode_unique([g.profile for g in splits.train])
+    after, hits = kl_to_targets(p["model"], z[index])
+    assert after < 0.4 * before and hits >= 8, (before, after, hits)  # each group's own majority, mostly
