@@ -40,7 +40,7 @@ from cuma_model import metrics as M
 from cuma_model.data import SurveyExample
 from cuma_model.intervals import (
     SET_RESAMPLES,
-    percentile_interval,
+    basic_interval,
     respondent_bootstrap,
     respondent_resamples,
     verdict,
@@ -160,7 +160,7 @@ def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping
     for name, pr in predictions.items():
         scorer = _SetScorer(ex, pr, min_group_rows)
         values[name] = (scorer(everything), np.array([scorer(idx) for idx in resamples]).reshape(-1, len(SET_METRICS)))
-    intervals = {name: {m: percentile_interval(point[j], draws[:, j]) for j, m in enumerate(SET_METRICS)}
+    intervals = {name: {m: basic_interval(point[j], draws[:, j]) for j, m in enumerate(SET_METRICS)}
                  for name, (point, draws) in values.items()}
     paired = {}
     if reference is not None:
@@ -170,7 +170,7 @@ def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping
                 continue
             paired[name] = {}
             for j, (m, lower_better) in enumerate(SET_METRICS.items()):
-                iv = percentile_interval(ref_point[j] - point[j], ref_draws[:, j] - draws[:, j])
+                iv = basic_interval(ref_point[j] - point[j], ref_draws[:, j] - draws[:, j])
                 paired[name][m] = {**iv, "verdict": _set_verdict(iv, lower_better)}
     return _json_safe(intervals), _json_safe(paired)
 

@@ -2,11 +2,11 @@
 
 One respondent's answers are correlated (the same person answers every question), so resampling single answers
 would make intervals too narrow. Each resample draws as many respondents as there are, with replacement, and
-takes every answer of each. The percentile interval of the resampled statistic is reported. Seeded: the same
-inputs give the same interval.
+takes every answer of each. Seeded: the same inputs give the same interval.
 
-- `respondent_bootstrap`: a mean over answers (accuracy, NLL, their paired differences), from per-respondent sums.
-- `respondent_resamples` + `percentile_interval`: any statistic of a set of answers (EMD, group JS, spread),
+- `respondent_bootstrap`: a mean over answers (accuracy, NLL, their paired differences), from per-respondent sums;
+  the percentile interval.
+- `respondent_resamples` + `basic_interval`: any statistic of a set of answers (EMD, group JS, spread),
   recomputed on each resample's answers; fewer resamples (`SET_RESAMPLES`), since each costs a full metric.
 """
 from __future__ import annotations
@@ -49,15 +49,22 @@ def respondent_resamples(respondents: Sequence, n_resamples: int = SET_RESAMPLES
     return [np.concatenate([answers[c] for c in draw]) for draw in draws]
 
 
-def percentile_interval(point: float, resampled: Sequence[float], level: float = LEVEL) -> dict:
-    """{"mean": point, "lo", "hi"}: the percentile interval of the finite resampled values (NaN without any)."""
+def basic_interval(point: float, resampled: Sequence[float], level: float = LEVEL) -> dict:
+    """{"mean": point, "lo", "hi"}: the basic (reverse percentile) bootstrap interval [2 point - q_hi, 2 point - q_lo]
+    of the finite resampled values (NaN without any).
+
+    For the metrics of a set of answers: a resample holds fewer distinct respondents, which raises plug-in
+    statistics such as a group JS (their finite-sample noise floor rises with fewer answers per cell). The basic
+    interval moves the other way by that shift, as the estimate itself sits above the truth; when the shift is
+    more than half the interval's width the point estimate lies above its own interval, and says so. Paired
+    differences of two methods on the same resamples are shifted alike, and the shift mostly cancels."""
     values = np.asarray(resampled, dtype=np.float64)
     values = values[np.isfinite(values)]
     if not values.size or not np.isfinite(point):
         return {"mean": float(point), "lo": float("nan"), "hi": float("nan")}
     tail = (1.0 - level) / 2
-    lo, hi = np.quantile(values, [tail, 1.0 - tail])
-    return {"mean": float(point), "lo": float(lo), "hi": float(hi)}
+    q_lo, q_hi = np.quantile(values, [tail, 1.0 - tail])
+    return {"mean": float(point), "lo": float(2 * point - q_hi), "hi": float(2 * point - q_lo)}
 
 
 def verdict(interval: dict, higher_is_better: bool = True) -> str:

@@ -4,7 +4,7 @@ import pytest
 
 from cuma_model import evaluate as E
 from cuma_model.data import SurveyExample
-from cuma_model.intervals import percentile_interval, respondent_bootstrap, respondent_resamples, verdict
+from cuma_model.intervals import basic_interval, respondent_bootstrap, respondent_resamples, verdict
 
 
 def test_two_respondents_by_hand():
@@ -79,7 +79,7 @@ def test_resamples_draw_whole_respondents_and_agree_with_the_mean_bootstrap():
         for r in set(drawn.tolist()):  # every answer of a drawn respondent, once per draw
             assert np.sum(drawn == r) % np.sum(respondents == r) == 0
         assert sum(np.sum(drawn == r) // np.sum(respondents == r) for r in set(drawn.tolist())) == 30
-    generic = percentile_interval(values.mean(), [values[idx].mean() for idx in resamples])
+    generic = basic_interval(values.mean(), [values[idx].mean() for idx in resamples])
     direct = respondent_bootstrap(values, respondents)  # an independent implementation of the same bootstrap
     assert generic["mean"] == direct["mean"]
     assert generic["lo"] == pytest.approx(direct["lo"], abs=0.04) and generic["hi"] == pytest.approx(direct["hi"], abs=0.04)
