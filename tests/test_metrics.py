@@ -6,7 +6,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, wasserstein_distance
 
-from cuma_model import metrics as M
+from cuma_model.survey import metrics as M
 
 
 def test_accuracy_hand():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import cuma_model
-from cuma_model import preference as P
+from cuma_model.survey import preference as P
 from cuma_model.context import active_state, is_disabled, pending_embeds
-from cuma_model.data import SurveyExample
+from cuma_model.survey.data import SurveyExample
 from tiny_models import randomize_experts, tiny_decoder
 
 D = 6
@@ -114,7 +114,7 @@ def test_survey_pairs_chosen_is_the_answer_rejected_is_another_option():
 
 
 def test_survey_pairs_on_real_gss_spending():
-    from cuma_model.data import load_survey
+    from cuma_model.survey.data import load_survey
 
     examples = load_survey("gss_spending", max_respondents=20, seed=0)
     pairs = P.survey_preference_pairs(examples, seed=0, tokenizer=char_tokenizer())
@@ -304,7 +304,7 @@ def test_cli_dpo_from_sft_checkpoint_saves_final_adapter(tmp_path):
 
 
 def test_training_script_dispatches_preference_stages(monkeypatch):
-    from cuma_model import train
+    from cuma_model.survey import train
 
     seen = []
     monkeypatch.setattr(P, "main", lambda argv: seen.append(argv) or 0)

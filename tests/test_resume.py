@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuma_model import data as D
-from cuma_model import run_checkpoint as R
-from cuma_model import train as T
+from cuma_model.survey import data as D
+from cuma_model.survey import run_checkpoint as R
+from cuma_model.survey import train as T
 from test_train import options, parts, survey
 
 

@@ -1,4 +1,4 @@
-"""cuma_model.train on tiny random decoders: learning, exact resume, atomic checkpoints, the base path, bad options."""
+"""cuma_model.survey.train on tiny random decoders: learning, exact resume, atomic checkpoints, the base path, bad options."""
 import json
 from pathlib import Path
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cuma_model import run_checkpoint as R
-from cuma_model import train as T
-from cuma_model.data import SurveyExample
+from cuma_model.survey import run_checkpoint as R
+from cuma_model.survey import train as T
+from cuma_model.survey.data import SurveyExample
 from tiny_models import CHAT_TEMPLATE, tiny_decoder, word_tokenizer
 
 WORDS = ["you", "are", "a", "democrat", "republican", "independent", "which", "one", "?", "answer", "with", "letter",
@@ -210,7 +210,7 @@ def test_floors_at_equal_data(tmp_path):
     assert set(res["paired"]) == set(res["floors"])
     # fitted on 12 examples, the question-majority floor can only know what those 12 said
     splits = T.make_splits(survey(), T._args_from(options(tmp_path, train_examples=12, eval_examples=24)))
-    from cuma_model import evaluate as E
+    from cuma_model.survey import evaluate as E
 
     small = E.QuestionMajority().fit(splits.train).predict(splits.eval)
     assert res["floors"]["question_majority@12"]["accuracy"] == E.evaluate_predictions(
@@ -258,7 +258,7 @@ def test_a_checkpoint_older_than_an_option_resumes_at_its_default():
 
 
 def test_group_distributions_by_hand():
-    from cuma_model.data import group_distributions
+    from cuma_model.survey.data import group_distributions
 
     ex = survey(n_resp=60)
     groups, targets = group_distributions(ex, ["party"], min_count=5)
@@ -292,8 +292,8 @@ def test_the_distribution_loss_is_the_forward_kl_over_the_vocabulary():
 
 
 def test_distribution_objective_learns_each_groups_answers(tmp_path):
-    from cuma_model import data as D
-    from cuma_model import evaluate as E
+    from cuma_model.survey import data as D
+    from cuma_model.survey import evaluate as E
 
     splits = T.make_splits(survey(), T._args_from(options(tmp_path, objective="distribution", group_by=["party"],
                                                           group_min_count=5)))

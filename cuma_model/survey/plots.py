@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 def plot_routing_heatmap(usage: pd.DataFrame, dimension: str, path: str | Path, max_panels: int = 4) -> Path:
     """Expert-usage heatmaps for one demographic dimension: rows = its groups, columns = experts.
 
-    usage: the table from `cuma_model.evaluate.routing_usage_table` (columns dimension, group, router, expert,
+    usage: the table from `cuma_model.survey.evaluate.routing_usage_table` (columns dimension, group, router, expert,
     share). Draws the mean over routers first, then up to `max_panels - 1` routers spread evenly over the model.
     """
     df = usage[usage["dimension"] == dimension]

@@ -7,7 +7,7 @@ Pieces, in the order a run uses them:
 - Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`; each
   `predict(examples)` returns `Predictions(choice_idx, choice_logits)`, the same form as a model's.
 - `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None)`: one JSON-safe dict with every metric of
-  `cuma_model.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
+  `cuma_model.survey.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
   entropy, per-group distribution gaps and between-group spread).
 - `format_report` / `write_markdown_table`: methods side by side; `paired_differences` / `format_intervals`: 95%
   intervals from a bootstrap over respondents, and differences between methods scored on the same examples.
@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cuma_model import metrics as M
-from cuma_model.data import SurveyExample
-from cuma_model.intervals import (
+from cuma_model.survey import metrics as M
+from cuma_model.survey.data import SurveyExample
+from cuma_model.survey.intervals import (
     SET_RESAMPLES,
     basic_interval,
     respondent_bootstrap,
@@ -750,7 +750,7 @@ def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = No
     """DIR/predictions.jsonl -> DIR/metrics.json, DIR/answer_shares_<dim>.png per dimension (default: all), and
     DIR/routing_<dim>.png when DIR/routing_usage.csv (a `routing_usage_table` saved with `to_csv(index=False)`)
     exists. Returns the metrics dict."""
-    from cuma_model import plots
+    from cuma_model.survey import plots
 
     run_dir = Path(run_dir)
     examples, pred, logits = read_predictions_jsonl(run_dir / "predictions.jsonl")
@@ -793,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baselines", action="store_true", help="fit the floors on --train and evaluate on --test")
     p.add_argument("--train", help="train examples JSONL (one SurveyExample per line)")
     p.add_argument("--test", help="test examples JSONL")
-    p.add_argument("--survey", help="instead of --train/--test: a survey name of cuma_model.data.load_survey, "
+    p.add_argument("--survey", help="instead of --train/--test: a survey name of cuma_model.survey.data.load_survey, "
                                     "split by respondent with --test-fraction and --seed")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -808,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not a.out or not (a.survey or (a.train and a.test)):
             p.error("--baselines needs --out and either --survey or --train and --test")
         if a.survey:
-            from cuma_model.data import load_survey, split_by_respondent
+            from cuma_model.survey.data import load_survey, split_by_respondent
 
             train, test = split_by_respondent(load_survey(a.survey), a.test_fraction, a.seed)
         else:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import recover_folders, replace_folder
-from .checkpoint import differing_tensors, load_adapter_tensors, read_adapter_weights, write_adapter
+from ..atomic import recover_folders, replace_folder
+from ..checkpoint import differing_tensors, load_adapter_tensors, read_adapter_weights, write_adapter
 
 STATE_NAME = "training_state.pt"
 RUN_ARGS_NAME = "train_args.json"

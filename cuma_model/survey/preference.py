@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import save_pretrained
-from .context import adapters_disabled, conditioning
-from .patch import forward_scope
+from ..checkpoint import save_pretrained
+from ..context import adapters_disabled, conditioning
+from ..patch import forward_scope
 from .data import DEFAULT_SURVEY, SurveyExample, build_messages, render_prompts
 
 logger = logging.getLogger(__name__)

