@@ -4,7 +4,15 @@ from .context import adapters_disabled, conditioning, record_routing
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .handle import is_patched
-from .patch import cuma_layers, forward_scope, from_pretrained, patch_model, routers, unpatch_model
+from .patch import (
+    cuma_layers,
+    fit_demographic_norm,
+    forward_scope,
+    from_pretrained,
+    patch_model,
+    routers,
+    unpatch_model,
+)
 from .router import DemographicRouter, load_balancing_loss
 from .integrations.peft import register as _register_peft_method
 
@@ -12,6 +20,6 @@ _register_peft_method()  # PEFT finds CuMA by its peft_type: get_peft_model, Pef
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",
-    "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
+    "fit_demographic_norm", "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
     "save_pretrained", "unpatch_model",
 ]

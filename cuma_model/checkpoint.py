@@ -22,11 +22,13 @@ MODEL_CARD_NAME = "README.md"
 
 
 def adapter_state_dict(model) -> dict:
-    """Every adapter and router tensor of a patched model, keyed by its qualified parameter name."""
+    """Every adapter and router tensor of a patched model, keyed by its qualified name: the parameters, and the
+    routers' z statistics (buffers, with `demographic_norm`)."""
     handle = handle_of(model)
     owned = {id(p) for layer in handle.layers.values() for p in (layer.lora_A, layer.lora_B)}
-    owned |= {id(p) for router in handle.routers.values() for p in router.parameters()}
-    return {name: p for name, p in model.named_parameters() if id(p) in owned}
+    owned |= {id(t) for router in handle.routers.values() for t in (*router.parameters(), *router.buffers())}
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: t for name, t in named if id(t) in owned}
 
 
 def write_adapter(model, directory: str | Path) -> None:
@@ -152,5 +154,5 @@ def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | 
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
-            if requires_grad is not None:
+            if requires_grad is not None and isinstance(p, torch.nn.Parameter):
                 p.requires_grad_(requires_grad)

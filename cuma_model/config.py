@@ -25,7 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 #   1: the CuMA options, "peft_type": "CuMA"; a target_modules list was a substring test on qualified names.
 #   2: version 1 plus PEFT's own keys (_PEFT_KEYS), "peft_type": "CUMA" (PEFT's PeftType.CUMA); target_modules
 #      follows PEFT (a list matches name suffixes, a string is a regular expression over the whole name).
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 PEFT_TYPE_NAME = "CUMA"
 LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
 # Keys every PeftConfig carries (PEFT's bookkeeping, no effect on the adapter's math): absent from version 1 files.
@@ -34,7 +34,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "router_num_layers")
 _FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
 _BOOLS = ("shared_A", "share_router_qkv", "share_router_gate_up")
-_STRS = ("routing_mode", "adapter_dtype")
+_STRS = ("routing_mode", "adapter_dtype", "demographic_norm")
+# Options added by a version: files of an earlier version lack them and read as their defaults.
+_ADDED_IN = {3: ("demographic_norm",)}
+DEMOGRAPHIC_NORMS = ("none", "center", "whiten")
 
 
 def cuma_peft_type() -> PeftType:
@@ -107,6 +110,13 @@ class CuMAConfig(PeftConfig):
         metadata={"help": "z is multiplied by this at every router input: puts a unit-norm z on the scale of the "
                           "hidden states it is concatenated with (the published code fed an unnormalised z)."},
     )
+    demographic_norm: str = field(
+        default="none",
+        metadata={"help": "What the routers do to z before it: 'none'; 'center' (minus the mean of the profiles "
+                          "`fit_demographic_norm` is given); 'whiten' (centred, then scaled to unit variance along "
+                          "each principal direction, shrunk where the profiles hardly vary). The statistics are saved "
+                          "with the adapter."},
+    )
     router_hidden_dim: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
     router_num_layers: int = field(default=2, metadata={"help": "Linear layers in the router MLP (1, 2 or more)."})
     share_router_qkv: bool = field(default=True, metadata={"help": "q/k/v of one layer share one router."})
@@ -162,6 +172,10 @@ class CuMAConfig(PeftConfig):
             raise ValueError(f"demographic_dim must be >= 0, got {self.demographic_dim}")
         if not (math.isfinite(self.demographic_scale) and self.demographic_scale > 0):
             raise ValueError(f"demographic_scale must be a finite number > 0, got {self.demographic_scale}")
+        if self.demographic_norm not in DEMOGRAPHIC_NORMS:
+            raise ValueError(f"demographic_norm must be one of {DEMOGRAPHIC_NORMS}, got {self.demographic_norm!r}")
+        if self.demographic_norm != "none" and self.demographic_dim == 0:
+            raise ValueError("demographic_norm needs a z (demographic_dim > 0)")
         if self.router_hidden_dim < 1:
             raise ValueError(f"router_hidden_dim must be >= 1, got {self.router_hidden_dim}")
         if self.router_num_layers < 1:
@@ -249,7 +263,8 @@ class CuMAConfig(PeftConfig):
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"{source} has unknown keys {unknown}")
-        required = [name for name in fields if version >= 2 or name not in _PEFT_KEYS]
+        added_later = {name for v, names in _ADDED_IN.items() if v > version for name in names}
+        required = [name for name in fields if (version >= 2 or name not in _PEFT_KEYS) and name not in added_later]
         missing = [name for name in required if name not in d]
         if missing:
             raise ValueError(f"{source} lacks the keys {missing} (a saved config names every option, so that the "

@@ -24,7 +24,7 @@ from .context import (
 )
 from .handle import CuMAHandle, handle_of
 from .layer import CuMALinear
-from .router import DemographicRouter
+from .router import DemographicRouter, demographic_statistics
 from .targets import execution_device, features, find_targets
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -134,7 +134,8 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
     router = DemographicRouter(features(base)[0], cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
                                dropout=cfg.dropout, mode=cfg.routing_mode,
-                               demographic_scale=cfg.demographic_scale, dtype=dtype, device=execution_device(base))
+                               demographic_scale=cfg.demographic_scale, demographic_norm=cfg.demographic_norm,
+                               dtype=dtype, device=execution_device(base))
     router.key = key
     if shared:
         setattr(parent, attr, router)
@@ -314,6 +315,20 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 def routers(model: nn.Module) -> list[DemographicRouter]:
     """The model's routers, in layer order; each has `.key` (its qualified name), `.logits(x, z)`, `.route(x, z)`."""
     return list(handle_of(model).routers.values())
+
+
+def fit_demographic_norm(model: nn.Module, demographic_embeds: torch.Tensor) -> nn.Module:
+    """Set the z statistics of a model patched with `demographic_norm` "center" or "whiten" from
+    `demographic_embeds` [N, D]: one row per distinct training profile (rows repeated per answer would weight the
+    people who answered more). Every router gets the same statistics; they are saved with the adapter."""
+    handle = handle_of(model)
+    if handle.config.demographic_norm == "none":
+        raise ValueError("this adapter has demographic_norm 'none': patch it with demographic_norm='center' or "
+                         "'whiten' to give its routers z statistics")
+    mean, whiten = demographic_statistics(demographic_embeds, handle.config.demographic_norm == "whiten")
+    for router in handle.routers.values():
+        router.set_demographic_norm(mean, whiten)
+    return model
 
 
 def cuma_layers(model: nn.Module) -> dict[str, CuMALinear]:

@@ -30,6 +30,7 @@ class DemographicRouter(nn.Module):
         dropout: float = 0.0,
         mode: str = "cuma",
         demographic_scale: float = 1.0,
+        demographic_norm: str = "none",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
@@ -43,6 +44,18 @@ class DemographicRouter(nn.Module):
             nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(widths[:-1], widths[1:])
         )
         self.dropout = nn.Dropout(dropout)
+        # z statistics (see `set_demographic_norm`): saved with the adapter, never trained. Identity until set.
+        if demographic_norm != "none" and demographic_dim:
+            self.register_buffer("z_mean", torch.zeros(demographic_dim, dtype=torch.float32, device=device))
+        if demographic_norm == "whiten" and demographic_dim:
+            self.register_buffer("z_whiten", torch.eye(demographic_dim, dtype=torch.float32, device=device))
+
+    def set_demographic_norm(self, mean: torch.Tensor, whiten: torch.Tensor | None = None) -> None:
+        """The router then routes on (z - mean) @ whiten.T (times `demographic_scale`)."""
+        with torch.no_grad():
+            self.z_mean.copy_(mean)
+            if whiten is not None:
+                self.z_whiten.copy_(whiten)
 
     def _check(self, x: torch.Tensor, z: torch.Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
@@ -80,6 +93,10 @@ class DemographicRouter(nn.Module):
             h = F.linear(self.dropout(x.to(dtype)), w[:, : self.in_features])
             if self.demographic_dim:
                 z = z.to(dtype)
+                if hasattr(self, "z_mean"):
+                    z = z - self.z_mean.to(dtype)
+                if hasattr(self, "z_whiten"):
+                    z = z @ self.z_whiten.to(dtype).T
                 if self.demographic_scale != 1.0:
                     z = z * self.demographic_scale
                 per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias.to(dtype))
@@ -109,6 +126,30 @@ class DemographicRouter(nn.Module):
         scale = f", demographic_scale={self.demographic_scale}" if self.demographic_scale != 1.0 else ""
         return (f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode!r}, "
                 f"demographic_dim={self.demographic_dim}{scale}")
+
+
+def demographic_statistics(demographic_embeds: torch.Tensor, whiten: bool, shrinkage: float = 0.01
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean [D], whitening [D, D] or None) of the rows of `demographic_embeds` (one per distinct profile).
+
+    Whitening is V diag((lambda + eps)^-1/2) V^T over the eigenpairs of the rows' covariance, with eps = `shrinkage`
+    times the mean eigenvalue: directions along which the profiles vary get unit variance, and the near-constant
+    ones (a sentence encoder's 384 dimensions against a few thousand profiles) are not blown up into noise."""
+    z = demographic_embeds.detach().to(torch.float64)
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"the statistics of z need at least 2 rows of shape [N, D], got {tuple(z.shape)}")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("demographic_embeds contains NaN or inf; every z must be finite")
+    mean = z.mean(dim=0)
+    if not whiten:
+        return mean.float(), None
+    centred = z - mean
+    cov = centred.T @ centred / (z.shape[0] - 1)
+    eigenvalues, vectors = torch.linalg.eigh(cov)
+    eigenvalues = eigenvalues.clamp(min=0.0)
+    eps = shrinkage * float(eigenvalues.mean()) + 1e-12
+    transform = vectors @ torch.diag((eigenvalues + eps).rsqrt()) @ vectors.T
+    return mean.float(), transform.float()
 
 
 def load_balancing_loss(gates: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

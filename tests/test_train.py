@@ -316,3 +316,16 @@ def test_distribution_objective_learns_each_groups_answers(tmp_path):
     z, index = p["encoder"].encode_unique([g.profile for g in splits.train])
     after, hits = kl_to_targets(p["model"], z[index])
     assert after < 0.4 * before and hits >= 8, (before, after, hits)  # each group's own majority, mostly
+
+
+def test_whitened_z_statistics_come_from_the_training_profiles_and_reach_the_checkpoint(tmp_path):
+    res = T.train(options(tmp_path, method="cuma", demographic_norm="whiten", max_steps=2, save_steps=1,
+                          train_examples=30, do_eval=False), **parts())
+    assert res["train"]["steps"] == 2
+    splits = T.make_splits(survey(), T._args_from(options(tmp_path, train_examples=30)))
+    table, _ = PartyEncoder().encode_unique(sorted({e.profile for e in splits.train}))
+    for folder in ("checkpoint-1", "final"):
+        saved = load_file(str(tmp_path / "run" / folder / "adapter_model.safetensors"))
+        means = [v for k, v in saved.items() if k.endswith("z_mean")]
+        assert means and all(torch.allclose(m, table.mean(0)) for m in means)
+        assert any(k.endswith("z_whiten") for k in saved)

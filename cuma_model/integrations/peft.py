@@ -197,4 +197,4 @@ def _adapter_keys(model: nn.Module) -> list[str]:
 def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     from ..checkpoint import adapter_state_dict
 
-    return list(adapter_state_dict(model).values())
+    return [t for t in adapter_state_dict(model).values() if isinstance(t, nn.Parameter)]

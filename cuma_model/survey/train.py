@@ -62,9 +62,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cuma_model
+from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
-from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.survey.run_checkpoint import (
     RUN_ARGS_NAME,
     data_fingerprint,
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--router-hidden-dim", type=int, default=256)
     g.add_argument("--demographic-scale", type=float, default=1.0,
                    help="cuma: z (unit norm) is multiplied by this at the routers' input")
+    g.add_argument("--demographic-norm", choices=("none", "center", "whiten"), default="none",
+                   help="cuma: z at the routers' input centred (or whitened) over the distinct training profiles; "
+                        "the statistics are saved with the adapter")
     g.add_argument("--dropout", type=float, default=0.0)
 
     g = p.add_argument_group("checkpoints and evaluation")
@@ -299,14 +303,13 @@ def apply_method(model, args: argparse.Namespace, demographic_dim: int):
         cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=list(args.target_modules),
                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
-    import cuma_model
-
     shared_a = {"cuma": args.shared_A, "hydralora": True, "mixlora": False}[args.method]
     return cuma_model.patch_model(
         model, demographic_dim=demographic_dim if args.method == "cuma" else 0, shared_A=shared_a,
         num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=args.lora_alpha,
         target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
         router_hidden_dim=args.router_hidden_dim, dropout=args.dropout, demographic_scale=args.demographic_scale,
+        demographic_norm=args.demographic_norm if args.method == "cuma" else "none",
         base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
 
 
@@ -584,6 +587,8 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
         z_table = z_table.float()
         index_train, index_eval = index[: len(splits.train)], index[len(splits.train):]
     model = apply_method(model, args, demographic_dim=encoder.dim if needs_z else 0)
+    if needs_z and args.demographic_norm != "none":  # over the distinct profiles trained on
+        cuma_model.fit_demographic_norm(model, z_table[index_train.unique()])
     if resume_dir is not None:
         load_adapter_weights(model, args.method, resume_dir)
     timings["load_s"] = time.perf_counter() - t
@@ -805,8 +810,6 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     with contextlib.ExitStack() as stack:
         on_batch = usage = None
         if args.method in ROUTED and args.routing_examples:
-            import cuma_model
-
             # the routing report comes from the scoring pass itself: no second forward over the examples
             usage, trace = E.RoutingUsage(), stack.enter_context(cuma_model.record_routing(model))
             on_batch = lambda batch, mask: _add_routing(usage, trace, batch, mask, ev, args.routing_examples)

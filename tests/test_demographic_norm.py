@@ -1,0 +1,96 @@
+"""z statistics at the routers' input (`demographic_norm`): what the routers compute, how the statistics are fitted,
+and that they travel with the adapter through both save paths and resume."""
+import json
+
+import pytest
+import torch
+
+import cuma_model
+from cuma_model.router import DemographicRouter, demographic_statistics
+from tiny_models import randomize_experts, tiny_decoder
+
+D = 6
+
+
+def correlated_profiles(n=200, seed=0):
+    """Profiles like a sentence encoder's: a large common part, a small variable part in a few directions."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(3, D, generator=g)
+    return 2.0 + torch.randn(n, 3, generator=g) @ basis * 0.1 + 1e-4 * torch.randn(n, D, generator=g)
+
+
+def test_statistics_centre_and_whiten_the_profiles():
+    z = correlated_profiles()
+    mean, whiten = demographic_statistics(z, whiten=True)
+    torch.testing.assert_close(mean, z.mean(0))
+    white = (z - mean) @ whiten.T
+    cov = white.T @ white / (len(z) - 1)
+    eigenvalues = torch.linalg.eigvalsh(cov)
+    assert eigenvalues.max() < 1.0 and eigenvalues[-3:].min() > 0.9  # the three real directions: unit variance
+    assert eigenvalues[:-3].max() < 0.01  # the near-constant ones are shrunk, not blown up to 1
+    assert demographic_statistics(z, whiten=False)[1] is None
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        demographic_statistics(z[:1], whiten=True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        demographic_statistics(torch.full((3, D), float("nan")), whiten=False)
+
+
+@pytest.mark.parametrize("norm", ["center", "whiten"])
+def test_the_router_routes_on_the_transformed_z(norm):
+    torch.manual_seed(0)
+    plain = DemographicRouter(8, D, 4, 2, hidden_dim=16, demographic_scale=3.0)
+    normed = DemographicRouter(8, D, 4, 2, hidden_dim=16, demographic_scale=3.0, demographic_norm=norm)
+    normed.load_state_dict(plain.state_dict(), strict=False)
+    z, x = correlated_profiles(5), torch.randn(5, 7, 8)
+    mean, whiten = demographic_statistics(correlated_profiles(), whiten=norm == "whiten")
+    normed.set_demographic_norm(mean, whiten)
+    expected = (z - mean) @ whiten.T if whiten is not None else z - mean
+    torch.testing.assert_close(normed.logits(x, z), plain.logits(x, expected))
+    assert not torch.allclose(normed.logits(x, z), plain.logits(x, z))
+
+
+def patched(norm="whiten", seed=0):
+    model = tiny_decoder("llama", seed=seed)
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8,
+                           demographic_norm=norm)
+    randomize_experts(model, std=0.5)
+    return model
+
+
+def test_the_statistics_are_saved_with_the_adapter_on_both_paths(tmp_path):
+    from peft import PeftModel
+
+    model = cuma_model.fit_demographic_norm(patched(), correlated_profiles())
+    ids, z = torch.randint(3, 97, (2, 5)), correlated_profiles(2, seed=3)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids, demographic_embeds=z).logits
+    cuma_model.save_pretrained(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["demographic_norm"] == "whiten"
+    for loaded in (cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "a"),
+                   PeftModel.from_pretrained(tiny_decoder("llama"), tmp_path / "a")):
+        loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids, demographic_embeds=z).logits, expected)
+    trained = cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "a", is_trainable=True)
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable and not any("z_mean" in n or "z_whiten" in n for n in trainable)
+    assert not any(b.requires_grad for n, b in trained.named_buffers() if "z_" in n)
+
+
+def test_an_adapter_without_statistics_refuses_to_fit_and_a_version_2_file_reads_as_none(tmp_path):
+    with pytest.raises(ValueError, match="demographic_norm 'none'"):
+        cuma_model.fit_demographic_norm(patched("none"), correlated_profiles())
+    with pytest.raises(ValueError, match="needs a z"):
+        cuma_model.CuMAConfig(demographic_dim=0, demographic_norm="center")
+    cuma_model.save_pretrained(patched("none"), tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert d["cuma_config_version"] == 3
+    del d["demographic_norm"]
+    d["cuma_config_version"] = 2  # written before the option existed
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    assert cuma_model.CuMAConfig.load(tmp_path).demographic_norm == "none"
+    d["cuma_config_version"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"lacks the keys \['demographic_norm'\]"):
+        cuma_model.CuMAConfig.load(tmp_path)
