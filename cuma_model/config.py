@@ -38,6 +38,7 @@ _STRS = ("routing_mode", "adapter_dtype", "demographic_norm")
 # Options added by a version: files of an earlier version lack them and read as their defaults.
 _ADDED_IN = {3: ("demographic_norm",)}
 DEMOGRAPHIC_NORMS = ("none", "center", "whiten")
+_DEFAULTS = {"demographic_norm": "none"}
 
 
 def cuma_peft_type() -> PeftType:
@@ -237,14 +238,22 @@ class CuMAConfig(PeftConfig):
         return self.lora_alpha / self.r
 
     def to_dict(self) -> dict:
-        """The adapter_config.json form (current version): every CuMA option and PEFT's keys, plain JSON values."""
+        """The adapter_config.json form: every CuMA option and PEFT's keys, plain JSON values, in the lowest version
+        that holds them (an option at the default of a version that added it is left out)."""
         d = dataclasses.asdict(self)
         if not isinstance(self.target_modules, str):
             d["target_modules"] = list(self.target_modules)
         d["peft_type"] = PEFT_TYPE_NAME
         if isinstance(self.task_type, TaskType):
             d["task_type"] = self.task_type.value
+        # the lowest version that holds every option in use, so that earlier releases read what they can
         d["cuma_config_version"] = CONFIG_VERSION
+        for version in sorted(_ADDED_IN, reverse=True):
+            if any(d[name] != _DEFAULTS[name] for name in _ADDED_IN[version]):
+                break
+            for name in _ADDED_IN[version]:
+                del d[name]
+            d["cuma_config_version"] = version - 1
         return d
 
     @classmethod

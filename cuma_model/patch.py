@@ -198,8 +198,11 @@ class ConditionedForward:
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + (aux * _batch_share(kwargs)).to(out["loss"].dtype)
             elif self.backbone and out.get("last_hidden_state") is not None:
-                # called directly (TRL's fused LM head): the caller's own loss carries the aux gradient
-                out["last_hidden_state"] = attach_aux_loss(out["last_hidden_state"], aux, handle)
+                # called directly (TRL's fused LM head): the caller's own loss carries the aux gradient, so the
+                # aux_loss handed back is detached (a caller adding it as well would count it twice)
+                hidden = attach_aux_loss(out["last_hidden_state"], aux, handle)
+                if hidden is not out["last_hidden_state"]:
+                    out["last_hidden_state"], out["aux_loss"] = hidden, aux.detach()
         return out
 
 

@@ -44,11 +44,21 @@ class DemographicRouter(nn.Module):
             nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(widths[:-1], widths[1:])
         )
         self.dropout = nn.Dropout(dropout)
-        # z statistics (see `set_demographic_norm`): saved with the adapter, never trained. Identity until set.
+        # z statistics (see `set_demographic_norm`): saved with the adapter, never trained. NaN until set, so that an
+        # adapter whose statistics were never fitted refuses to route instead of routing on raw z
         if demographic_norm != "none" and demographic_dim:
-            self.register_buffer("z_mean", torch.zeros(demographic_dim, dtype=torch.float32, device=device))
+            self.register_buffer("z_mean", torch.full((demographic_dim,), float("nan"), device=device))
         if demographic_norm == "whiten" and demographic_dim:
             self.register_buffer("z_whiten", torch.eye(demographic_dim, dtype=torch.float32, device=device))
+
+    def _check_fitted(self) -> None:
+        message = ("this adapter's z statistics were never fitted (demographic_norm): call "
+                   "cuma_model.fit_demographic_norm(model, z_of_the_training_profiles) before training")
+        unset = torch.isnan(self.z_mean[:1])
+        if self.z_mean.is_cuda or torch.compiler.is_compiling():
+            torch._assert_async(~unset.squeeze(0), message)  # no host sync per call
+        elif bool(unset):
+            raise ValueError(message)
 
     def set_demographic_norm(self, mean: torch.Tensor, whiten: torch.Tensor | None = None) -> None:
         """The router then routes on (z - mean) @ whiten.T (times `demographic_scale`)."""
@@ -94,6 +104,7 @@ class DemographicRouter(nn.Module):
             if self.demographic_dim:
                 z = z.to(dtype)
                 if hasattr(self, "z_mean"):
+                    self._check_fitted()
                     z = z - self.z_mean.to(dtype)
                 if hasattr(self, "z_whiten"):
                     z = z @ self.z_whiten.to(dtype).T
@@ -128,18 +139,22 @@ class DemographicRouter(nn.Module):
                 f"demographic_dim={self.demographic_dim}{scale}")
 
 
-def demographic_statistics(demographic_embeds: torch.Tensor, whiten: bool, shrinkage: float = 0.01
+def demographic_statistics(demographic_embeds: torch.Tensor, whiten: bool, shrinkage: float = 0.5
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean [D], whitening [D, D] or None) of the rows of `demographic_embeds` (one per distinct profile).
 
-    Whitening is V diag((lambda + eps)^-1/2) V^T over the eigenpairs of the rows' covariance, with eps = `shrinkage`
-    times the mean eigenvalue: directions along which the profiles vary get unit variance, and the near-constant
-    ones (a sentence encoder's 384 dimensions against a few thousand profiles) are not blown up into noise."""
+    Whitening is C'^(-1/2) for the rows' covariance C shrunk towards its mean eigenvalue m, C' = (1 - s) C + s m I
+    (s = `shrinkage`): directions along which the profiles vary get (nearly) equal variance, and those along which
+    the training profiles happen not to vary are scaled at most 1/sqrt(s) times as much as an average one, so a
+    new profile that differs there is not blown up (a sentence encoder has 384 dimensions; a survey has a few
+    thousand profiles, often fewer)."""
     z = demographic_embeds.detach().to(torch.float64)
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f"the statistics of z need at least 2 rows of shape [N, D], got {tuple(z.shape)}")
     if not bool(torch.isfinite(z).all()):
         raise ValueError("demographic_embeds contains NaN or inf; every z must be finite")
+    if not 0.0 < shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
     mean = z.mean(dim=0)
     if not whiten:
         return mean.float(), None
@@ -147,9 +162,11 @@ def demographic_statistics(demographic_embeds: torch.Tensor, whiten: bool, shrin
     cov = centred.T @ centred / (z.shape[0] - 1)
     eigenvalues, vectors = torch.linalg.eigh(cov)
     eigenvalues = eigenvalues.clamp(min=0.0)
-    eps = shrinkage * float(eigenvalues.mean()) + 1e-12
-    transform = vectors @ torch.diag((eigenvalues + eps).rsqrt()) @ vectors.T
-    return mean.float(), transform.float()
+    average = float(eigenvalues.mean())
+    if average <= 1e-12 * max(float(z.abs().max()) ** 2, 1e-30):
+        raise ValueError("the rows of demographic_embeds are all alike: there is no variance to whiten")
+    shrunk = (1.0 - shrinkage) * eigenvalues + shrinkage * average
+    return mean.float(), (vectors @ torch.diag(shrunk.rsqrt()) @ vectors.T).float()
 
 
 def load_balancing_loss(gates: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -65,17 +65,47 @@ def test_generation_with_z_through_a_compiled_forward_does_not_recompile_across_
     torch._dynamo.reset()
     model = patched().eval()
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    calls = [batch(seed) for seed in (10, 11, 12)]
+    calls = [batch(seed) for seed in (10, 11, 12, 13)]
     with torch.no_grad():
         expected = [model.generate(c["input_ids"], attention_mask=c["attention_mask"],
                                    demographic_embeds=c["demographic_embeds"], **kw) for c in calls]
         counter = CompileCounterWithBackend("eager")
         model.forward = torch.compile(model.forward, backend=counter, fullgraph=True)
         seen = []
-        for c, want in zip(calls, expected):
-            with cuma_model.conditioning(model, c["demographic_embeds"]):  # z through the context this time
-                got = model.generate(c["input_ids"], attention_mask=c["attention_mask"], **kw)
+        for i, (c, want) in enumerate(zip(calls, expected)):
+            if i % 2:  # z through the context
+                with cuma_model.conditioning(model, c["demographic_embeds"]):
+                    got = model.generate(c["input_ids"], attention_mask=c["attention_mask"], **kw)
+            else:  # z as the keyword
+                got = model.generate(c["input_ids"], attention_mask=c["attention_mask"],
+                                     demographic_embeds=c["demographic_embeds"], **kw)
             assert torch.equal(got, want)
             seen.append(counter.frame_count)
-    assert seen[0] >= 1 and seen[1] == seen[0] and seen[2] == seen[0]  # prefill and decode shapes compiled once
+    # the keyword and the context are two states of the conditioning: each compiles once (prefill and decode
+    # shapes), and later calls of either do not recompile
+    assert seen[0] >= 1 and seen[2] == seen[1] and seen[3] == seen[1]
     assert not torch.equal(expected[0], expected[1])  # the calls really differ
+
+
+def test_a_compiled_direct_backbone_call_is_one_graph_and_carries_the_aux_gradient():
+    """TRL's route: the backbone called with z, the aux loss handed to the caller's backward (its warning about the
+    missing accumulation steps stays out of the graph)."""
+    torch._dynamo.reset()
+    model = patched().train()
+    inputs = batch(5)
+    probe = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(run):
+        model.zero_grad()
+        hidden = run(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     demographic_embeds=inputs["demographic_embeds"]).last_hidden_state
+        (hidden * probe).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = loss_of(torch.compile(model.model, backend=counter, fullgraph=True))  # first: its warning not yet given
+    eager = loss_of(model.model)
+    assert counter.frame_count == 1
+    for n in eager:
+        torch.testing.assert_close(got[n], eager[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert any(g.abs().sum() > 0 for n, g in got.items() if "router" in n)

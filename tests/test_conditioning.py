@@ -249,7 +249,9 @@ def test_a_direct_backbone_call_puts_the_aux_loss_into_the_callers_gradient():
     model = patched().train()
     model.cuma.accumulation_steps = 3  # what CuMACallback hands over from the trainer
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D) * 3
-    hidden = model.model(ids, demographic_embeds=z).last_hidden_state
+    out = model.model(ids, demographic_embeds=z)
+    hidden = out.last_hidden_state
+    assert out.aux_loss > 0 and not out.aux_loss.requires_grad  # in the gradient already: adding it changes nothing
     caller_loss(hidden).backward()
     direct = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     model.zero_grad()

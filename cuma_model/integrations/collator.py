@@ -42,8 +42,9 @@ class CuMACollator:
         if self.encoder is not None and all(self.text_column in e for e in examples):
             return torch.as_tensor(self.encoder([e[self.text_column] for e in examples])).float()
         wanted = f"'{EMBEDS_KEY}'" + (f" or '{self.text_column}'" if self.encoder is not None else "")
+        lacking = next(e for e in examples if EMBEDS_KEY not in e)
         raise ValueError(
-            f"CuMACollator: an example has no {wanted} (keys: {sorted(examples[0])}); keep the column with "
+            f"CuMACollator: an example has no {wanted} (its keys: {sorted(lacking)}); keep the column with "
             "remove_unused_columns=False in the trainer's config, and do not pack examples (packing merges rows)")
 
     @staticmethod

@@ -12,8 +12,8 @@ Pieces, in the order a run uses them:
 - `format_report` / `write_markdown_table`: methods side by side; `paired_differences` / `format_intervals`: 95%
   intervals from a bootstrap over respondents, and differences between methods scored on the same examples.
 - `RoutingUsage` / `routing_usage_table`: expert usage per demographic group per router from routing records.
-- `python -m cuma_model.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
-  `python -m cuma_model.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR` (or
+- `python -m cuma_model.survey.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
+  `python -m cuma_model.survey.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR` (or
   `--survey gss_spending` for a seeded respondent split): the floors, one run directory each under DIR.
 
 File formats. An examples file is JSONL, one `SurveyExample` per line with its dataclass fields. A predictions file
@@ -160,7 +160,8 @@ def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping
     for name, pr in predictions.items():
         scorer = _SetScorer(ex, pr, min_group_rows)
         values[name] = (scorer(everything), np.array([scorer(idx) for idx in resamples]).reshape(-1, len(SET_METRICS)))
-    intervals = {name: {m: basic_interval(point[j], draws[:, j]) for j, m in enumerate(SET_METRICS)}
+    # every set metric is >= 0: the basic interval's reflected lower end is clipped there (differences are not)
+    intervals = {name: {m: _at_least_zero(basic_interval(point[j], draws[:, j])) for j, m in enumerate(SET_METRICS)}
                  for name, (point, draws) in values.items()}
     paired = {}
     if reference is not None:
@@ -173,6 +174,10 @@ def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping
                 iv = basic_interval(ref_point[j] - point[j], ref_draws[:, j] - draws[:, j])
                 paired[name][m] = {**iv, "verdict": _set_verdict(iv, lower_better)}
     return _json_safe(intervals), _json_safe(paired)
+
+
+def _at_least_zero(interval: dict) -> dict:
+    return {**interval, "lo": max(interval["lo"], 0.0)} if math.isfinite(interval["lo"]) else interval
 
 
 def _set_verdict(interval: dict, lower_is_better: bool | None) -> str:
@@ -746,15 +751,19 @@ def read_predictions_jsonl(path: str | Path) -> tuple[list[SurveyExample], np.nd
     return examples, pred, logits
 
 
-def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = None,
+                 set_intervals: bool = True) -> dict:
     """DIR/predictions.jsonl -> DIR/metrics.json, DIR/answer_shares_<dim>.png per dimension (default: all), and
     DIR/routing_<dim>.png when DIR/routing_usage.csv (a `routing_usage_table` saved with `to_csv(index=False)`)
-    exists. Returns the metrics dict."""
+    exists. Returns the metrics dict, with the set metrics' intervals unless `set_intervals` is False (a caller
+    that has them already)."""
     from cuma_model.survey import plots
 
     run_dir = Path(run_dir)
     examples, pred, logits = read_predictions_jsonl(run_dir / "predictions.jsonl")
     metrics = evaluate_predictions(examples, pred, logits)
+    if set_intervals:
+        metrics["intervals"].update(set_metric_intervals(examples, {"run": Predictions(pred, logits)})[0]["run"])
     path = run_dir / "metrics.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     if "metrics" in saved:  # a training run's summary: refresh its metrics, keep the rest (config, timings, floors)
@@ -784,7 +793,7 @@ def _safe(name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cuma_model.evaluate", description=(
+    p = argparse.ArgumentParser(prog="python -m cuma_model.survey.evaluate", description=(
         "Evaluate saved runs (DIR/predictions.jsonl -> DIR/metrics.json + PNGs) and compare them, "
         "or compute the statistical floors for a train/test split of examples."))
     p.add_argument("--run-dir", action="append", default=[], help="a run directory (repeatable)")

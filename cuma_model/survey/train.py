@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("method and model")
     g.add_argument("--stage", choices=("sft", "dpo", "grpo"), default="sft",
-                   help="sft: this script; dpo/grpo continue from --sft-checkpoint (see python -m cuma_model.preference "
+                   help="sft: this script; dpo/grpo continue from --sft-checkpoint (see python -m cuma_model.survey.preference "
                         "--help for their options)")
     g.add_argument("--method", choices=METHODS, default="cuma")
     g.add_argument("--model", default=None,
@@ -134,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default="answer",
                    help="answer: each respondent's own answer (cross-entropy, the published objective); "
                         "distribution: one example per (group, question) of the training split, its target the "
-                        "group's answer distribution (forward KL), its profile and z naming the group")
+                        "group's answer distribution (forward KL), its profile and z naming the group "
+                        "('party: Democrat; ideology: liberal'; evaluation keeps each respondent's own profile)")
     g.add_argument("--group-by", nargs="+", default=None, metavar="DIM",
-                   help="the groups of --objective distribution (default: the survey's first two dimensions)")
+                   help="the demographic dimensions whose combinations are the groups of --objective distribution "
+                        "(required with it: e.g. party ideology)")
     g.add_argument("--group-min-count", type=int, default=20,
                    help="the fewest answers a (group, question) needs to become a distribution example")
 
@@ -222,6 +224,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
     if args.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {args.objective!r}; choose from {OBJECTIVES}")
+    if args.objective == "distribution" and not args.group_by:
+        raise ValueError("--objective distribution needs --group-by DIM [DIM ...]: the dimensions whose groups' "
+                         "answer distributions it trains on")
     positive = ("batch_size", "grad_accum", "eval_batch_size", "num_experts", "top_k", "r", "router_hidden_dim",
                 "max_length", "group_min_count")
     for name in positive:
@@ -338,7 +343,7 @@ def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -
     train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=seed + 1)
     targets = None
     if getattr(args, "objective", "answer") == "distribution":
-        dims = args.group_by or list(dict.fromkeys(d for e in train_all for d in e.groups))[:2]
+        dims = args.group_by
         train, targets = D.group_distributions(train_all, dims, args.group_min_count)
         if not train:
             raise ValueError(f"no (group, question) of {dims} has --group-min-count {args.group_min_count} answers")
@@ -820,7 +825,8 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
     floor_predictions = E.run_baselines(splits.train_all, ev)
-    # fair floors: fitted on exactly the answers the adapter saw (the distribution objective sees every one)
+    # fair floors: fitted on exactly the answers the adapter saw (the distribution objective's examples summarise
+    # the whole training split's answers, so the floors fitted on all of them are its equal-data floors)
     if splits.targets is None and len(splits.train) < len(splits.train_all):
         floor_predictions.update({f"{name}@{len(splits.train)}": p
                                   for name, p in E.run_baselines(splits.train, ev).items()})
@@ -840,7 +846,7 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
         usage.table(args.num_experts).to_csv(out_dir / "routing_usage.csv", index=False)
         routing = {"csv": "routing_usage.csv", "n_examples": min(len(ev), args.routing_examples)}
     if args.plots:
-        E.evaluate_run(out_dir)  # answer-share (and routing) PNGs from the files just written
+        E.evaluate_run(out_dir, set_intervals=False)  # answer-share (and routing) PNGs from the files just written
     report = E.format_report({args.method: metrics, **floors}) + "\n" + E.format_intervals(args.method, metrics, paired)
     return {"metrics": metrics, "floors": floors, "paired": paired, "report": report, "routing": routing,
             "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
