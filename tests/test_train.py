@@ -334,3 +334,18 @@ def test_whitened_z_statistics_come_from_the_training_profiles_and_reach_the_che
         whitens = [v for k, v in saved.items() if k.endswith("z_whiten")]
         assert means and all(torch.allclose(m, mean) for m in means)
         assert whitens and all(torch.allclose(w, whiten) for w in whitens)
+
+
+def test_param_groups_give_the_routers_their_own_learning_rate():
+    p = parts()
+    args = T._args_from(dict(method="cuma", lr=1e-3, lr_ratio_B=4.0, lr_ratio_router=0.5, num_experts=4, r=4,
+                             router_hidden_dim=16))
+    model = T.apply_method(p["model"], args, demographic_dim=PartyEncoder.dim)
+    names = {id(q): n for n, q in model.named_parameters() if q.requires_grad}
+    rest, b, routers = T.param_groups(model, args)
+    assert b["lr"] == 4e-3 and routers["lr"] == 5e-4 and "lr" not in rest
+    router_params = {id(q) for r in T.cuma_model.routers(model) for q in r.parameters()}
+    assert {id(q) for q in routers["params"]} == router_params
+    assert rest["params"] and all("lora_A" in names[id(q)] for q in rest["params"])
+    only = T.param_groups(model, T._args_from(dict(method="cuma", lr=1e-3, lr_ratio_router=2.0)))
+    assert len(only) == 2 and only[1]["lr"] == 2e-3 and {id(q) for q in only[1]["params"]} == router_params

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-ratio-B", dest="lr_ratio_B", type=float, default=1.0,
                    help="learning rate of the LoRA B matrices = lr x this (LoRA+ gives B, which starts at zero, a "
                         "larger step than A); 1 = one learning rate for everything")
+    g.add_argument("--lr-ratio-router", type=float, default=1.0,
+                   help="learning rate of the routers = lr x this (cuma and the routed baselines)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--scheduler", choices=SCHEDULERS, default="linear")
     g.add_argument("--warmup-steps", type=int, default=10)
@@ -237,7 +239,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in non_negative:
         if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
-    for name in ("lr", "lora_alpha", "lr_ratio_B", "demographic_scale", "aux_loss_coef", "weight_decay",
+    for name in ("lr", "lora_alpha", "lr_ratio_B", "lr_ratio_router", "demographic_scale", "aux_loss_coef", "weight_decay",
                  "max_grad_norm", "dropout"):
         if not math.isfinite(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
@@ -249,7 +251,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    for name in ("lr_ratio_B", "demographic_scale", "lora_alpha"):
+    for name in ("lr_ratio_B", "lr_ratio_router", "demographic_scale", "lora_alpha"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("test_fraction", "val_fraction"):
@@ -441,13 +443,19 @@ def _make_scheduler(optimizer, args, total_steps: int, num_processes: int):
 
 
 def param_groups(model, args: argparse.Namespace) -> list[dict]:
-    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, everything else at lr."""
+    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, the routers at
+    lr x lr_ratio_router, everything else at lr. Ratios of 1 keep one group, in model order (optimizer state is
+    matched to parameters by position when a run resumes, so the runs before these options resume as they were)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    b = [p for n, p in named if "lora_B" in n]
-    if args.lr_ratio_B == 1.0 or not b:
-        # model order: optimizer state is matched to parameters by position when a run resumes
+    ratios = {"lora_B": args.lr_ratio_B, "router": getattr(args, "lr_ratio_router", 1.0)}
+    router_ids = ({id(q) for router in cuma_model.routers(model) for q in router.parameters()}
+                  if cuma_model.is_patched(model) else set())
+    kinds = {n: "lora_B" if "lora_B" in n else "router" if id(p) in router_ids else "rest" for n, p in named}
+    split = [k for k, ratio in ratios.items() if ratio != 1.0 and any(v == k for v in kinds.values())]
+    if not split:
         return [{"params": [p for _, p in named]}]
-    return [{"params": [p for n, p in named if "lora_B" not in n]}, {"params": b, "lr": args.lr * args.lr_ratio_B}]
+    groups = [{"params": [p for n, p in named if kinds[n] not in split]}]
+    return groups + [{"params": [p for n, p in named if kinds[n] == k], "lr": args.lr * ratios[k]} for k in split]
 
 
 def check_output_dir(out_dir: Path) -> None:
