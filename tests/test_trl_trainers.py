@@ -172,3 +172,46 @@ def test_dpo_trainer_with_a_cuma_peft_config_sees_z_for_chosen_and_rejected_rows
     assert len(logged) == 2 and all(h["aux_loss"] > 0 for h in logged)
     after = trainable(trainer.model)
     assert before and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dpo_gradient_holds_the_aux_loss_once_per_batch_under_gradient_accumulation(tmp_path):
+    """DPO's loss is a mean that Trainer divides by the accumulation steps itself (unlike SFT's token sum): the aux
+    part of the gradient is still sum over micro-batches of aux / steps."""
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = tokenizer()
+    grads, calls, model = {}, None, None
+    for coef in (0.0, 0.5):
+        model = tiny_decoder("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+        config = cuma_model.CuMAConfig(num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8,
+                                       aux_loss_coef=coef, task_type="CAUSAL_LM")
+        capture = Capture(model)
+        args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, learning_rate=0.0, logging_steps=1, report_to=[],
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False, bf16=False,
+                         train_sampling_strategy="sequential")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs(), processing_class=tok, peft_config=config,
+                             data_collator=CuMACollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id)),
+                             callbacks=[capture, CuMACallback()])
+        trainer.train()
+        capture.hook.remove()
+        grads[coef] = {n.replace("base_model.model.", ""): g for n, g in capture.grads.items()}
+        calls = [c for c in capture.calls if c.get("fused_lm_head")]
+    inner = trainer.model.get_base_model()
+    inner.zero_grad()
+    seen = set()
+    for c in calls:  # the reference and the policy see one batch each micro-batch: the aux counts once
+        key = (c["input_ids"].data_ptr(), c["demographic_embeds"].sum().item())
+        if key in seen:
+            continue
+        seen.add(key)
+        with cuma_model.forward_scope(inner, c["demographic_embeds"], c["attention_mask"], compute_aux=True) as s:
+            inner.model(input_ids=c["input_ids"], attention_mask=c["attention_mask"])
+        (s.aux_loss() / 2).backward()
+    assert len(seen) == 2
+    for n, g in grads[0.5].items():
+        extra = inner.get_parameter(n).grad
+        expected = grads[0.0][n] + (extra if extra is not None else 0)
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7, msg=n)
+    assert any(inner.get_parameter(n).grad.abs().sum() > 0 for n in grads[0.5] if "router" in n)
