@@ -247,15 +247,16 @@ def test_seeds_train_one_split_and_report_the_spread(tmp_path):
         [r["metrics"]["nll"] for r in runs]
 
 
-def test_a_checkpoint_older_than_an_option_resumes_at_its_default():
+def test_a_checkpoint_older_than_an_option_resumes_as_it_ran():
+    """An option absent from a checkpoint is compared as what it was before it existed, not as today's default."""
     saved = {"seed": 0, "lr": 0.002}
-    defaults = {"seed": 0, "lr": 0.002, "data_seed": None, "objective": "answer"}
-    assert R.resume_differences(saved, {**defaults, "seeds": None}, {**defaults, "seeds": None}) == []
-    assert R.resume_differences(saved, {**defaults, "data_seed": 5, "objective": "distribution"}, defaults) == [
-        "--data-seed: '(absent)' in the checkpoint, 5 now",
-        "--objective: '(absent)' in the checkpoint, 'distribution' now"]
-    assert R.resume_differences(saved, defaults) == [  # without the defaults, absent is a difference
-        "--data-seed: '(absent)' in the checkpoint, None now", "--objective: '(absent)' in the checkpoint, 'answer' now"]
+    assert R.resume_differences(saved, {**saved, "data_seed": None, "demographic_norm": "none"}) == []
+    assert R.resume_differences(saved, {**saved, "data_seed": 5, "demographic_norm": "whiten"}) == [
+        "--data-seed: None in the checkpoint, 5 now",
+        "--demographic-norm: 'none' in the checkpoint, 'whiten' now"]
+    assert T.build_parser().parse_args([]).demographic_norm == "whiten"  # today's default differs: still refused
+    assert R.resume_differences(saved, {**saved, "unknown_option": 1}) == [
+        "--unknown-option: '(absent)' in the checkpoint, 1 now"]
 
 
 def test_group_distributions_by_hand():

@@ -26,6 +26,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Options a resume may change: where outputs go and how the run is evaluated, none of which the training math sees.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "save_steps", "do_eval", "plots", "eval_batch_size",
                                "routing_examples", "eval_split", "eval_examples"})
+# What an option newer than a checkpoint meant before it existed: a checkpoint without it ran with this value
+# (not with today's default, which may differ: --demographic-norm came as "none" and is "whiten" by default now).
+ABSENT_MEANS = {"data_seed": None, "seeds": None, "objective": "answer", "group_by": None, "group_min_count": 20,
+                "demographic_norm": "none", "lr_ratio_router": 1.0}
 
 
 def save_adapter(model, method: str, directory: Path) -> None:
@@ -118,17 +122,16 @@ def saved_args(directory: Path, state: Mapping) -> dict | None:
     return None
 
 
-def resume_differences(saved: Mapping, now: Mapping, defaults: Mapping | None = None) -> list[str]:
+def resume_differences(saved: Mapping, now: Mapping, absent_means: Mapping = ABSENT_MEANS) -> list[str]:
     """'--name: saved -> now' for every option that changes the training math and differs between the two runs.
 
-    An option newer than the checkpoint (absent from it) at its default in `defaults` is no difference: defaults
-    of new options keep the math of the runs before them."""
-    defaults = defaults or {}
+    An option absent from the checkpoint (newer than it) is compared as the value it had before it existed
+    (`absent_means`)."""
     out = []
     for name in sorted((set(saved) | set(now)) - RESUMABLE_CHANGES):
         a, b = saved.get(name, "(absent)"), now.get(name, "(absent)")
-        if a == "(absent)" and name in defaults and _normal(b) == _normal(defaults[name]):
-            continue
+        if a == "(absent)" and name in absent_means:
+            a = absent_means[name]
         if _normal(a) != _normal(b):
             out.append(f"--{name.replace('_', '-')}: {a!r} in the checkpoint, {b!r} now")
     return out

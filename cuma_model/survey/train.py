@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--router-hidden-dim", type=int, default=256)
     g.add_argument("--demographic-scale", type=float, default=1.0,
                    help="cuma: z (unit norm) is multiplied by this at the routers' input")
-    g.add_argument("--demographic-norm", choices=("none", "center", "whiten"), default="none",
-                   help="cuma: z at the routers' input centred (or whitened) over the distinct training profiles; "
-                        "the statistics are saved with the adapter")
+    g.add_argument("--demographic-norm", choices=("none", "center", "whiten"), default="whiten",
+                   help="cuma: z at the routers' input centred, or whitened, over the distinct training profiles "
+                        "(chosen on validation, docs/results.md); the statistics are saved with the adapter; none: "
+                        "raw z, as published")
     g.add_argument("--dropout", type=float, default=0.0)
 
     g = p.add_argument_group("checkpoints and evaluation")
@@ -476,7 +477,7 @@ def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> Non
     saved = saved_args(resume_dir, state)
     if saved is None:
         raise ValueError(f"cannot resume from {resume_dir}: it records no options ({RUN_ARGS_NAME} is missing)")
-    differences = resume_differences(saved, vars(args), vars(build_parser().parse_args([])))
+    differences = resume_differences(saved, vars(args))
     if differences:
         raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
                          "(resume with the same options, or start a new run in another --output-dir):\n  "
