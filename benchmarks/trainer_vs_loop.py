@@ -35,7 +35,6 @@ def main(argv=None) -> int:
     import datasets
     from transformers import Trainer, TrainingArguments
 
-    import cuma_model
     from cuma_model.survey import data as D
     from cuma_model.survey import evaluate as E
     from cuma_model.survey import train as T

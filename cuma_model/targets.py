@@ -32,7 +32,7 @@ def execution_device(module: nn.Module) -> torch.device:
         return device
     hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
     if hook_device is None:
-        raise ValueError(f"a target layer's weight is on the meta device and no accelerate hook says where it runs; "
+        raise ValueError("a target layer's weight is on the meta device and no accelerate hook says where it runs; "
                          "load the model's adapted layers onto a real device")
     return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
 

@@ -37,7 +37,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import re
 import sys
 import time
