@@ -20,6 +20,6 @@ _register_peft_method()  # PEFT finds CuMA by its peft_type: get_peft_model, Pef
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",
-    "fit_demographic_norm", "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model", "record_routing", "routers",
-    "save_pretrained", "unpatch_model",
+    "fit_demographic_norm", "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model",
+    "record_routing", "routers", "save_pretrained", "unpatch_model",
 ]

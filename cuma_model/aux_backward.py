@@ -9,9 +9,9 @@ returns is then detached, so adding it as well changes nothing.
 
 `weight` follows TRL's weighting of a MoE model's aux loss: each micro-batch's counts 1 / (gradient accumulation
 steps). Only the trainer knows that number, so `CuMACallback` hands it to the model while it trains (a loop of
-one's own sets `model.cuma.accumulation_steps`); without either the weight is 1 and a warning says so. A loss that is scaled before its backward
-(fp16 `GradScaler`) would shrink the aux gradient by the scale once unscaled, so under fp16 autocast nothing is
-attached and a warning says so; bf16 and fp32 need no scaler.
+one's own sets `model.cuma.accumulation_steps`); without either the weight is 1 and a warning says so. A loss that
+is scaled before its backward (fp16 `GradScaler`) would shrink the aux gradient by the scale once unscaled, so
+under fp16 autocast nothing is attached and a warning says so; bf16 and fp32 need no scaler.
 """
 from __future__ import annotations
 

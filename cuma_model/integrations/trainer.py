@@ -45,8 +45,8 @@ class CuMACallback(TrainerCallback):
 def add_demographic_embeds(dataset, encoder, text_column: str = "profile", batch_size: int = 256):
     """`dataset` (a `datasets.Dataset`) with a `demographic_embeds` column: `encoder` applied to `text_column`.
 
-    `encoder` is a `cuma_model.survey.encoder.DemographicEncoder` or anything with `encode_unique(texts) -> (table, index)`;
-    each distinct profile is encoded once.
+    `encoder` is a `cuma_model.survey.encoder.DemographicEncoder` or anything with
+    `encode_unique(texts) -> (table, index)`; each distinct profile is encoded once.
     """
     def encode(batch):
         table, index = encoder.encode_unique(list(batch[text_column]))
