@@ -75,13 +75,7 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
     pred = np.asarray(pred_choice_idx, dtype=np.int64)
     if pred.shape != (len(ex),):
         raise ValueError(f"{len(ex)} examples but predictions of shape {pred.shape}")
-    n_choices = np.array([len(e.choices) for e in ex], dtype=np.int64)
-    if np.any(pred < 0) or np.any(pred >= n_choices):
-        raise ValueError("a predicted choice index is out of range for its example")
-    true = np.array([e.target for e in ex], dtype=np.int64)
-    qids = np.array([e.question_id for e in ex], dtype=object)
-    true_scaled = np.array([_scaled(e, e.target) for e in ex])
-    pred_scaled = np.array([_scaled(e, int(p)) for e, p in zip(ex, pred)])
+    qids, true, n_choices, true_scaled, pred_scaled = _answer_arrays(ex, pred)
     groups = example_groups(ex)
     correct = true == pred
 
@@ -194,13 +188,8 @@ class _SetScorer:
     """One method's `SET_METRICS` on any multiset of its answers (an index array, repeats allowed)."""
 
     def __init__(self, examples: Sequence[SurveyExample], prediction: Predictions, min_group_rows: int):
-        pred = np.asarray(prediction.choice_idx, dtype=np.int64)
-        self.q = np.array([e.question_id for e in examples], dtype=object)
-        self.true = np.array([e.target for e in examples], dtype=np.int64)
-        self.pred = pred
-        self.n_choices = np.array([len(e.choices) for e in examples], dtype=np.int64)
-        self.true_scaled = np.array([_scaled(e, e.target) for e in examples])
-        self.pred_scaled = np.array([_scaled(e, int(p)) for e, p in zip(examples, pred)])
+        self.pred = np.asarray(prediction.choice_idx, dtype=np.int64)
+        self.q, self.true, self.n_choices, self.true_scaled, self.pred_scaled = _answer_arrays(examples, self.pred)
         self.groups = {d: np.array(v, dtype=object) for d, v in example_groups(examples).items()}
         self.proba = (M.softmax_rows(prediction.choice_logits) if prediction.choice_logits is not None else None)
         self.min_rows = min_group_rows
@@ -249,6 +238,18 @@ def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:
     """{dimension: labels [N]} over every dimension seen in the examples (None where an example lacks it)."""
     dims = list(dict.fromkeys(d for e in examples for d in e.groups))
     return {d: [e.groups.get(d) for e in examples] for d in dims}
+
+
+def _answer_arrays(examples: Sequence[SurveyExample], pred: np.ndarray) -> tuple:
+    """(question ids, true choice indices, numbers of choices, true and predicted scaled scores) of the answers;
+    a predicted index out of its example's range is an error."""
+    n_choices = np.array([len(e.choices) for e in examples], dtype=np.int64)
+    if np.any(pred < 0) or np.any(pred >= n_choices):
+        raise ValueError("a predicted choice index is out of range for its example")
+    return (np.array([e.question_id for e in examples], dtype=object),
+            np.array([e.target for e in examples], dtype=np.int64), n_choices,
+            np.array([_scaled(e, e.target) for e in examples]),
+            np.array([_scaled(e, int(p)) for e, p in zip(examples, pred)]))
 
 
 def _scaled(e: SurveyExample, i: int) -> float:
