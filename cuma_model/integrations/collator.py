@@ -37,15 +37,7 @@ class CuMACollator:
         return batch
 
     def _embeds(self, examples: list[dict]) -> torch.Tensor:
-        if all(EMBEDS_KEY in e for e in examples):
-            return torch.stack([torch.as_tensor(e[EMBEDS_KEY], dtype=torch.float32) for e in examples])
-        if self.encoder is not None and all(self.text_column in e for e in examples):
-            return torch.as_tensor(self.encoder([e[self.text_column] for e in examples])).float()
-        wanted = f"'{EMBEDS_KEY}'" + (f" or '{self.text_column}'" if self.encoder is not None else "")
-        lacking = next(e for e in examples if EMBEDS_KEY not in e)
-        raise ValueError(
-            f"CuMACollator: an example has no {wanted} (its keys: {sorted(lacking)}); keep the column with "
-            "remove_unused_columns=False in the trainer's config, and do not pack examples (packing merges rows)")
+        return embeds_of(examples, self.encoder, self.text_column)
 
     @staticmethod
     def _rows(z: torch.Tensor, batch: dict, examples: list[dict]) -> torch.Tensor:
@@ -57,3 +49,17 @@ class CuMACollator:
         raise ValueError(
             f"CuMACollator: the wrapped collator made {rows} rows from {n} examples; CuMA conditions each row on one "
             "z, so it needs one row per example (padding_free / packing put several examples in one row)")
+
+
+def embeds_of(examples: list[dict], encoder: Callable | None = None, text_column: str = "profile") -> torch.Tensor:
+    """z [N, D] float32 of a list of rows: each row's `demographic_embeds`, or `encoder` on each row's
+    `text_column` (a `DemographicEncoder`: texts -> [N, D])."""
+    if all(EMBEDS_KEY in e for e in examples):
+        return torch.stack([torch.as_tensor(e[EMBEDS_KEY], dtype=torch.float32) for e in examples])
+    if encoder is not None and all(text_column in e for e in examples):
+        return torch.as_tensor(encoder([e[text_column] for e in examples])).float()
+    wanted = f"'{EMBEDS_KEY}'" + (f" or '{text_column}'" if encoder is not None else "")
+    lacking = next(e for e in examples if EMBEDS_KEY not in e)
+    raise ValueError(
+        f"an example has no {wanted} (its keys: {sorted(lacking)}); keep the column with "
+        "remove_unused_columns=False in the trainer's config, and do not pack examples (packing merges rows)")

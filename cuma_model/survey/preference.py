@@ -50,6 +50,7 @@ from torch import nn
 
 from ..checkpoint import save_pretrained
 from ..context import adapters_disabled, conditioning
+from ..integrations.collator import EMBEDS_KEY, embeds_of
 from ..patch import forward_scope
 from .data import DEFAULT_SURVEY, SurveyExample, build_messages, render_prompts
 
@@ -58,7 +59,6 @@ logger = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFERENCES = ("base", "sft")
 REJECTED_MODES = ("farthest", "random")
-EMBEDS_KEY = "demographic_embeds"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -264,12 +264,7 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 
 def _embed_rows(encoder: Callable, examples: Sequence[Mapping], dim: int) -> torch.Tensor:
     """z [N, D] float32 for a list of rows: each row's `demographic_embeds` if present, else encoder(profile)."""
-    if EMBEDS_KEY in examples[0]:
-        z = torch.as_tensor([list(e[EMBEDS_KEY]) for e in examples], dtype=torch.float32)
-    else:
-        if encoder is None:
-            raise ValueError(f"rows carry a profile but no encoder was given (or give each row {EMBEDS_KEY})")
-        z = torch.as_tensor(encoder([e["profile"] for e in examples]), dtype=torch.float32)
+    z = embeds_of(list(examples), encoder)
     if z.dim() != 2 or z.shape[1] != dim:
         raise ValueError(f"demographic embeddings must be [rows, {dim}], got {tuple(z.shape)}")
     return z
