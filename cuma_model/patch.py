@@ -180,14 +180,19 @@ class ConditionedForward:
         self.__doc__ = getattr(base_forward, "__doc__", None)
         self.takes_attention_mask = "attention_mask" in inspect.signature(base_forward).parameters
 
-    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None,
+                 aux_token_weights: torch.Tensor | None = None, **kwargs):
         handle = self.model.cuma
         if self.backbone and demographic_embeds is None and active_state(handle) is not None:
             return self.base_forward(*args, **kwargs)  # inside the model's own forward: already conditioned
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle, _batch_of(args, kwargs))
         if not is_disabled(handle):  # the frozen base needs no z
             _check_embeds(handle.config, z, args, kwargs)
-        mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
+        # [B, S] weights of the tokens in the load-balancing loss (default: the 2-D attention mask); packed rows
+        # whose shared prefix stands for several sequences weight it by their number (cuma_model.survey.packing)
+        mask = aux_token_weights
+        if mask is None:
+            mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
         with forward_scope(self.model, z, mask) as state:
             out = self.base_forward(*args, **kwargs)
         aux = state.aux_loss()
@@ -234,7 +239,8 @@ class ConditionedGenerate:
         self.__signature__ = inspect.signature(base_generate)
         self.__doc__ = getattr(base_generate, "__doc__", None)
 
-    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None,
+                 aux_token_weights: torch.Tensor | None = None, **kwargs):
         handle = self.model.cuma
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
         if z is None:

@@ -173,12 +173,13 @@ def load_balancing_loss(gates: torch.Tensor, top_k: int, token_mask: torch.Tenso
     """Published per-router loss E * sum_e freq_e * prop_e on the dense gates G [T, E] (balanced minimum: 1).
 
     freq_e: share of the top-k slots given to e (through sign(G), so it carries no gradient);
-    prop_e: mean gate weight of e. `token_mask` [T] excludes padding, as the published attention-mask weighting does.
+    prop_e: mean gate weight of e. `token_mask` [T] excludes padding, as the published attention-mask weighting does;
+    a float mask weights each token (a token standing for w tokens counts w times).
     """
     num_experts = gates.shape[-1]
     m = gates.new_ones(gates.shape[0]) if token_mask is None else token_mask.to(gates.dtype)
     n = m.sum().clamp_min(1.0)
     gm = gates * m[:, None]
-    freq = torch.sign(gm).sum(0) / (n * top_k)
+    freq = (torch.sign(gates) * m[:, None]).sum(0) / (n * top_k)
     prop = gm.sum(0) / n
     return num_experts * (freq * prop).sum()
