@@ -145,12 +145,18 @@ def test_base_and_routing_report(tmp_path):
     assert set(usage["dimension"]) == {"all", "party"}
     shares = usage.groupby(["dimension", "group", "router"])["share"].sum()
     np.testing.assert_allclose(shares.to_numpy(), 1.0, rtol=1e-6)
-    # recorded during scoring, for the first routing_examples (16) evaluated examples only: top_k (2) selections
-    # for every real prompt token of those examples, per router
+    # recorded during scoring, for the respondents of the first routing_examples (16) evaluated examples (scoring
+    # packs a respondent's questions in one row): top_k (2) selections for every prompt token of their examples,
+    # per router, a shared profile prefix counted once per example
     splits = T.make_splits(survey(), T._args_from(options(tmp_path, eval_examples=24)))
-    prompt_ids = T.tokenize_prompts(parts()["tokenizer"], splits.eval[:16], True, 256)
+    first = {}
+    for i, e in enumerate(splits.eval):
+        first.setdefault(e.respondent_id, i)
+    counted = [e for e in splits.eval if first[e.respondent_id] < 16]
+    assert 16 <= len(counted) < 24
+    prompt_ids = T.tokenize_prompts(parts()["tokenizer"], counted, True, 256)
     per_router = usage[usage["dimension"] == "all"].groupby("router")["count"].sum()
-    assert res["routing"]["n_examples"] == 16
+    assert res["routing"]["n_examples"] == len(counted)
     np.testing.assert_allclose(per_router.to_numpy(), 2 * sum(len(p) for p in prompt_ids))
     for png in ("loss_curve.png", "routing_party.png", "answer_shares_party.png"):
         assert (run / png).stat().st_size > 0
@@ -287,7 +293,7 @@ def test_the_distribution_loss_is_the_forward_kl_over_the_vocabulary():
     ids, probs = torch.tensor([[2, 5, 7], [2, 5, 0], [4, 1, 9]]), torch.tensor([[.2, .3, .5], [.6, .4, 0.], [1., 0, 0]])
     batch = {"input_ids": torch.zeros(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2),
              "position_ids": torch.zeros(3, 2), "target_ids": ids, "target_probs": probs}
-    kl, _ = T._forward_loss(model, batch, None, {}, False)
+    kl, _ = T._forward_loss(model, batch, None, {}, False, False)
     full = torch.zeros(3, 11).scatter_add(1, ids, probs)  # the target as a distribution over the vocabulary
     expected = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), full, reduction="batchmean")
     torch.testing.assert_close(kl, expected)

@@ -886,6 +886,26 @@ def subsample_respondents(examples: Sequence[SurveyExample], n: int, seed: int =
     return [e for e in examples if e.respondent_id in keep]
 
 
+def subsample_questions_of_respondents(examples: Sequence[SurveyExample], n: int, per_respondent: int,
+                                       seed: int = 0) -> list[SurveyExample]:
+    """About `n` examples as `per_respondent` seeded random questions of each of n / per_respondent seeded random
+    respondents (all of a respondent's questions where it has fewer), in input order; all examples if n covers
+    every respondent's share. Questions of one respondent share the profile prefix that packing computes once."""
+    by_respondent: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_respondent.setdefault(e.respondent_id, []).append(i)
+    rng = np.random.default_rng(seed)
+    ids = list(by_respondent)
+    keep: list[int] = []
+    for j in rng.permutation(len(ids)):
+        rows = by_respondent[ids[j]]
+        take = min(per_respondent, len(rows), n - len(keep))
+        keep += [rows[i] for i in rng.choice(len(rows), size=take, replace=False)]
+        if len(keep) >= n:
+            break
+    return [examples[i] for i in sorted(keep)]
+
+
 def group_distributions(examples: Sequence[SurveyExample], dimensions: Sequence[str], min_count: int = 20
                         ) -> tuple[list[SurveyExample], list[np.ndarray]]:
     """One example per (group, question) with at least `min_count` answers, and its target: the group's answer

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cuma_model.survey import metrics as M
 from cuma_model.survey.data import SurveyExample
+from cuma_model.survey.packing import attention_mask_for, indices_by_key, pack
 from cuma_model.survey.intervals import (
     SET_RESAMPLES,
     basic_interval,
@@ -548,7 +549,7 @@ def _accepts_logits_to_keep(model) -> bool:
 def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example: Sequence[Sequence[str]],
                   demographic_embeds: torch.Tensor | None = None, batch_size: int = 16,
                   letter_ids: Mapping[str, int] | None = None, add_special_tokens: bool = False,
-                  progress: bool = True, on_batch=None) -> list[np.ndarray]:
+                  progress: bool = True, on_batch=None, prefix_groups: Sequence | None = None) -> list[np.ndarray]:
     """Logits of each example's answer letters at its last prompt token.
 
     prompts: N fully formatted prompt strings (e.g. `apply_chat_template(..., add_generation_prompt=True,
@@ -557,17 +558,23 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
     aligned with `prompts`, passed to the model as `demographic_embeds=` with the rows of each batch (for a
     CuMA-patched model; leave None for a plain or PEFT model). Returns N float32 arrays [len(letters_i)].
 
-    Prompts are sorted by length and batched; each batch is LEFT padded, so the last column is every row's last real
-    token, and `position_ids` count from each row's first real token, so a padded row sees exactly what it would see
-    alone. The head runs on the last position only (`logits_to_keep=1`) when the model's forward accepts it.
-    Letter ids come from `letter_token_ids` (computed once) unless `letter_ids` is given. `on_batch(indices,
-    attention_mask)`, when given, is called after each forward pass with the batch's prompt indices and its [B, S]
-    mask (e.g. to read what `cuma_model.record_routing` recorded for that batch).
+    Prompts are sorted by length and batched, about `batch_size` prompts a batch; each batch is LEFT padded, so the
+    last column is every row's last real token, and `position_ids` count from each row's first real token, so a
+    padded row sees exactly what it would see alone. The head runs on the last position only (`logits_to_keep=1`)
+    when the model's forward accepts it. prefix_groups: N keys (e.g. respondent ids); the prompts of one key share
+    a row that computes their common token prefix once (`cuma_model.survey.packing`: same logits, up to float
+    rounding), and their rows of `demographic_embeds` must be equal. Letter ids come from `letter_token_ids`
+    (computed once) unless `letter_ids` is given. `on_batch(rows, token_weights)`, when given, is called after each
+    forward pass with the prompt indices of each of its B rows and a [B, S] float tensor saying how many prompts
+    each token stands for (0 on padding, the number of the row's prompts on a shared prefix), e.g. to read what
+    `cuma_model.record_routing` recorded for that batch.
     """
     if len(prompts) != len(letters_per_example):
         raise ValueError(f"{len(prompts)} prompts but {len(letters_per_example)} letter lists")
     if demographic_embeds is not None and demographic_embeds.shape[0] != len(prompts):
         raise ValueError(f"demographic_embeds has {demographic_embeds.shape[0]} rows for {len(prompts)} prompts")
+    if prefix_groups is not None and len(prefix_groups) != len(prompts):
+        raise ValueError(f"{len(prefix_groups)} prefix_groups for {len(prompts)} prompts")
     all_letters = [l for ls in letters_per_example for l in ls]
     ids = dict(letter_ids) if letter_ids is not None else letter_token_ids(tokenizer, all_letters)
     missing = set(all_letters) - set(ids)
@@ -575,29 +582,63 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
         raise ValueError(f"no token id for letters {sorted(missing)}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    keep_kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    keeps = _accepts_logits_to_keep(model)
 
     encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("an empty prompt cannot be scored")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    rows = [[i] for i in range(len(prompts))] if prefix_groups is None else indices_by_key(prefix_groups)
+    if demographic_embeds is not None:
+        for row in rows:
+            if any(not torch.equal(demographic_embeds[i], demographic_embeds[row[0]]) for i in row[1:]):
+                raise ValueError(f"prompts {row} share a prefix group but not their demographic_embeds")
+    width = [sum(len(encoded[i]) for i in row) for row in rows]  # an upper bound of the packed width, to sort by
+    order = sorted(range(len(rows)), key=lambda r: -width[r])
     out: list[np.ndarray | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="scoring", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start: start + batch_size]
-            input_ids, mask, position_ids = left_pad([encoded[i] for i in batch], pad_id)
-            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                          position_ids=position_ids.to(device), use_cache=False, **keep_kw)
+        for batch_rows in _batches_of(order, rows, batch_size):
+            prompts_in = [i for r in batch_rows for i in rows[r]]
+            firsts = [rows[r][0] for r in batch_rows]
+            if prefix_groups is None:
+                input_ids, mask, position_ids = left_pad([encoded[i] for i in prompts_in], pad_id)
+                kwargs = {"logits_to_keep": 1} if keeps else {}
+                at_rows, at_columns = torch.arange(len(prompts_in)), torch.full((len(prompts_in),), -1)
+            else:
+                packed = pack([[encoded[i] for i in rows[r]] for r in batch_rows], pad_id)
+                input_ids, position_ids = packed.input_ids, packed.position_ids
+                mask = attention_mask_for(model, packed.attention_mask)
+                columns, index = packed.logit_columns()
+                kwargs = {"logits_to_keep": columns.to(device)} if keeps else {}
+                at_rows, at_columns = packed.ends[:, 0], index if keeps else columns[index]
+            kwargs.update(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=position_ids.to(device), use_cache=False)
             if demographic_embeds is not None:
-                kwargs["demographic_embeds"] = demographic_embeds[torch.as_tensor(batch)].to(device)
-            last = model(**kwargs).logits[:, -1, :].float()
+                kwargs["demographic_embeds"] = demographic_embeds[torch.as_tensor(firsts if prefix_groups is not None
+                                                                                  else prompts_in)].to(device)
+            logits = model(**kwargs).logits
+            last = logits[at_rows.to(logits.device), at_columns.to(logits.device)].float()
             if on_batch is not None:
-                on_batch(batch, mask)
-            for row, i in enumerate(batch):
+                on_batch([rows[r] for r in batch_rows],
+                         packed.token_weights if prefix_groups is not None else mask.float())
+            for j, i in enumerate(prompts_in):
                 sel = torch.tensor([ids[l] for l in letters_per_example[i]], device=last.device)
-                out[i] = last[row, sel].cpu().numpy()
-            bar.update(len(batch))
+                out[i] = last[j, sel].cpu().numpy()
+            bar.update(len(prompts_in))
     return out
+
+
+def _batches_of(order: Sequence[int], rows: Sequence[Sequence[int]], batch_size: int):
+    """Consecutive rows of `order` holding about `batch_size` prompts together (a larger row goes alone)."""
+    batch: list[int] = []
+    n = 0
+    for r in order:
+        if batch and n + len(rows[r]) > batch_size:
+            yield batch
+            batch, n = [], 0
+        batch.append(r)
+        n += len(rows[r])
+    if batch:
+        yield batch
 
 
 def predict_from_logits(choice_logits: Sequence[np.ndarray]) -> np.ndarray:
@@ -617,7 +658,7 @@ class RoutingUsage:
       has `.router_key` (str), `.topk_idx` [B, S, k] int (torch or numpy) and, for `weighted=True`,
       `.topk_weights` [B, S, k] float. Plain tuples `(router_key, topk_idx[, topk_weights])` work too.
     - token_mask: [B, S] bool/int, the tokens to count (the attention mask drops padding; a narrower mask can keep
-      only the profile or the answer position).
+      only the profile or the answer position), or float weights: a token of weight w counts w times.
     - groups: B dicts {dimension: label}, the batch's examples' `groups`.
     Every token contributes its k selections (or, when `weighted`, its k gate weights). Counts are also kept under
     the dimension/group "all". `table()` gives the shares.
@@ -628,7 +669,8 @@ class RoutingUsage:
         self._counts: dict[tuple[str, str, str], np.ndarray] = {}
 
     def add(self, records: Iterable, token_mask, groups: Sequence[Mapping[str, str]]) -> None:
-        mask = _to_numpy(token_mask).astype(bool)
+        weight = _to_numpy(token_mask).astype(np.float64)
+        mask = weight != 0
         if mask.ndim != 2 or mask.shape[0] != len(groups):
             raise ValueError(f"token_mask {mask.shape} does not match {len(groups)} examples")
         dims = list(dict.fromkeys(d for g in groups for d in g))
@@ -641,6 +683,7 @@ class RoutingUsage:
             b, s = np.nonzero(mask)
             per_ex = np.zeros((mask.shape[0], n_exp))
             vals = w[b, s].reshape(-1) if w is not None else np.ones(b.size * idx.shape[2])
+            vals = vals * np.repeat(weight[b, s], idx.shape[2])
             np.add.at(per_ex, (np.repeat(b, idx.shape[2]), idx[b, s].reshape(-1)), vals)
             self._accumulate(("all", "all", key), per_ex.sum(0))
             for d, lab in labels.items():
