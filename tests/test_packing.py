@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 import torch
+from test_train import curve, options, parts, survey
+from tiny_models import randomize_experts, tiny_decoder
 
 import cuma_model
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import train as T
 from cuma_model.survey.packing import common_prefix_length, indices_by_key, pack
-from test_train import curve, options, parts, survey
-from tiny_models import randomize_experts, tiny_decoder
 
 
 def test_pack_layout():

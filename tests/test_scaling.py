@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from test_train import parts
 
 from cuma_model.survey import scaling as S
 from cuma_model.survey import train as T
-from test_train import parts
 
 TRAIN = ["--train-examples", "0", "--eval-examples", "24", "--batch-size", "8", "--lr", "1e-2", "--epochs", "1",
          "--num-experts", "4", "--r", "4", "--router-hidden-dim", "16", "--routing-examples", "0", "--no-plots",

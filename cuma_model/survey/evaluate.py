@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from cuma_model.survey import metrics as M
 from cuma_model.survey.data import SurveyExample
-from cuma_model.survey.packing import attention_mask_for, indices_by_key, pack
 from cuma_model.survey.intervals import (
     SET_RESAMPLES,
     basic_interval,
@@ -46,6 +45,7 @@ from cuma_model.survey.intervals import (
     respondent_resamples,
     verdict,
 )
+from cuma_model.survey.packing import attention_mask_for, indices_by_key, pack
 
 
 class Predictions(NamedTuple):

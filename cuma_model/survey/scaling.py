@@ -48,30 +48,39 @@ def train_grid(sizes: Sequence[int], methods: Sequence[str], out_dir: str | Path
 
 
 def summarize(sizes: Sequence[int], methods: Sequence[str], out_dir: str | Path) -> dict:
-    """{size: {"metrics": {method: {metric: {mean, lo, hi}}}, "paired": {other: {metric: {..., verdict}}}}}: the
-    first method minus each other one, on the evaluation answers every run at that size shares."""
+    """{size: {"metrics": {method: {metric: {mean, lo, hi}}}, "paired": {other: {metric: {..., verdict}}},
+    "missing": [methods]}}: the first method minus each other one, on the evaluation answers every run at that size
+    shares. Runs not trained yet are listed as missing (and a size without the first method has no differences)."""
     reference, out = methods[0], {}
     for size in sizes:
-        predictions, examples = {}, None
+        predictions, examples, missing = {}, None, []
         for method in methods:
-            ex, pred, logits = E.read_predictions_jsonl(run_dir(out_dir, method, size) / "predictions.jsonl")
+            path = run_dir(out_dir, method, size) / "predictions.jsonl"
+            if not path.exists():
+                missing.append(method)
+                continue
+            ex, pred, logits = E.read_predictions_jsonl(path)
             if examples is not None and [(e.respondent_id, e.question_id) for e in ex] != \
                     [(e.respondent_id, e.question_id) for e in examples]:
-                raise ValueError(f"{method}-{size} was scored on other answers than {reference}-{size}: "
+                raise ValueError(f"{method}-{size} was scored on other answers than {next(iter(predictions))}-{size}: "
                                  "the runs of a curve need one data seed and one evaluation subset")
             examples, predictions[method] = ex, E.Predictions(pred, logits)
+        if not predictions:
+            continue
         metrics = {}
         for method, pr in predictions.items():
             m = E.evaluate_predictions(examples, pr.choice_idx, pr.choice_logits)
             metrics[method] = {"accuracy": m["intervals"]["accuracy"], "nll": m["intervals"].get("nll")}
-        set_iv, set_paired = E.set_metric_intervals(examples, predictions, reference=reference)
+        has_reference = reference in predictions
+        set_iv, set_paired = E.set_metric_intervals(examples, predictions,
+                                                    reference=reference if has_reference else None)
         paired = E.paired_differences(examples, predictions[reference],
-                                      {k: v for k, v in predictions.items() if k != reference})
-        for method in methods:
+                                      {k: v for k, v in predictions.items() if k != reference}) if has_reference else {}
+        for method in predictions:
             metrics[method].update({k: set_iv[method][k] for k in ("emd", "group_js", "spread")})
         for other in paired:
             paired[other].update({k: set_paired[other][k] for k in ("emd", "group_js", "spread")})
-        out[str(size)] = {"n_eval": len(examples), "metrics": metrics, "paired": paired}
+        out[str(size)] = {"n_eval": len(examples), "metrics": metrics, "paired": paired, "missing": missing}
     return E._json_safe(out)
 
 
@@ -87,7 +96,7 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
     head = "| training answers | method | " + " | ".join(METRICS.values()) + " |"
     lines = [head, "|" + "---|" * (2 + len(METRICS))]
     for size, s in summary.items():
-        for method in methods:
+        for method in s["metrics"]:
             m = s["metrics"][method]
             lines.append(f"| {size} | {method} | " + " | ".join(
                 _cell(m.get(k), 100 if k == "accuracy" else 1) for k in METRICS) + " |")
@@ -116,7 +125,7 @@ def plot(summary: dict, methods: Sequence[str], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
     for ax, metric in zip(axes, panels):
         for j, method in enumerate(methods):
-            ivs = [_finite(summary[s]["metrics"][method].get(metric)) for s in summary]
+            ivs = [_finite((summary[s]["metrics"].get(method) or {}).get(metric)) for s in summary]
             mean = [iv["mean"] for iv in ivs]
             err = [[iv["mean"] - iv["lo"] for iv in ivs], [iv["hi"] - iv["mean"] for iv in ivs]]
             shift = [x * (1 + 0.03 * (j - (len(methods) - 1) / 2)) for x in sizes]  # side by side, not on top
@@ -153,6 +162,8 @@ def main(argv: Sequence[str] | None = None, train_one: Callable | None = None) -
         train_grid(a.sizes, a.methods, out, train_argv, train_one)
     summary = summarize(a.sizes, a.methods, out)
     atomic_write_bytes(out / "scaling.json", (json.dumps(summary, indent=1) + "\n").encode())
+    if not summary:
+        p.error(f"no finished run in {out}")
     table = markdown(summary, a.methods)
     atomic_write_bytes(out / "scaling.md", table.encode())
     plot(summary, a.methods, out / "scaling.png")

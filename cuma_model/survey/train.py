@@ -887,7 +887,7 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
             # the routing report comes from the scoring pass itself: no second forward over the examples
             usage, trace = E.RoutingUsage(), stack.enter_context(cuma_model.record_routing(model))
             counted: list[int] = []
-            on_batch = lambda rows, weights: counted.extend(  # noqa: E731
+            on_batch = lambda rows, weights: counted.extend(
                 _add_routing(usage, trace, rows, weights, ev, args.routing_examples))
         logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
                                  batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
