@@ -610,204 +610,243 @@ def train(args_or_config=None, *, model=None, tokenizer=None, encoder=None, exam
     template), `encoder` (anything with `.dim` and `encode_unique(texts) -> (table [U, D], index [B])`, such as
     DemographicEncoder), `examples` (SurveyExamples to split instead of loading --survey).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    run = _Run(_args_from(args_or_config))
+    resume = _resume_point(run)
+    splits = _load_data(run, examples)
+    model, tokenizer, z = _adapted_model(run, splits, resume, model, tokenizer, encoder)
+    letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in splits.train + splits.eval for l in e.letters}))
+    history, step = _fit(run, splits, resume, model, tokenizer, z, letter_ids) if run.args.method != "base" else ([], 0)
+    return _evaluate_and_write(run, splits, model, tokenizer, z, letter_ids, history, step)
 
-    args = _args_from(args_or_config)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
-    main = accelerator.is_main_process
-    out_dir = Path(args.output_dir or f"runs/{args.method}")
-    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-    check_output_dir(out_dir)  # before anything slow: a bad folder should not cost a whole run
 
-    resume_dir = resume_state = None
-    if args.resume is not None:
-        resume_dir = find_latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
-        recover_folder(resume_dir)  # a crash between two renames may have left the name empty
-        resume_state = read_training_state(resume_dir)
-        check_resume(resume_dir, resume_state, args)
+class _Run:
+    """What every step of `train` shares: the options, the process (accelerate), the output folder, the log and
+    the timings."""
 
-    # ---- data
+    def __init__(self, args: argparse.Namespace):
+        from accelerate import Accelerator
+
+        self.args, self.t_start, self.timings = args, time.perf_counter(), {}
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+        self.main = self.accelerator.is_main_process
+        self.out_dir = Path(args.output_dir or f"runs/{args.method}")
+        check_output_dir(self.out_dir)  # before anything slow: a bad folder should not cost a whole run
+
+    def log(self, *parts) -> None:
+        if self.main:
+            print(*parts, flush=True)
+
+
+@dataclasses.dataclass
+class ProfileEmbeddings:
+    """z of the distinct profiles (`table` [U, D]) and each training and evaluation example's row of it."""
+
+    table: torch.Tensor
+    train_index: torch.Tensor
+    eval_index: torch.Tensor
+
+
+def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
+    """The checkpoint folder and training state to continue from (--resume), checked against this run's options."""
+    args = run.args
+    if args.resume is None:
+        return None, None
+    resume_dir = find_latest_checkpoint(run.out_dir) if args.resume == "latest" else Path(args.resume)
+    recover_folder(resume_dir)  # a crash between two renames may have left the name empty
+    state = read_training_state(resume_dir)
+    check_resume(resume_dir, state, args)
+    return resume_dir, state
+
+
+def _load_data(run: _Run, examples) -> Splits:
     t = time.perf_counter()
     if examples is None:
-        examples = D.load_survey(args.survey)
-    splits = make_splits(examples, args)
-    timings["data_s"] = time.perf_counter() - t
-    log(f"data: {len(splits.train)} training examples (of {len(splits.train_all)}), {len(splits.val)} validation, "
-        f"{len(splits.test)} test; evaluating {len(splits.eval)} {args.eval_split} examples")
+        examples = D.load_survey(run.args.survey)
+    splits = make_splits(examples, run.args)
+    run.timings["data_s"] = time.perf_counter() - t
+    run.log(f"data: {len(splits.train)} training examples (of {len(splits.train_all)}), {len(splits.val)} validation, "
+            f"{len(splits.test)} test; evaluating {len(splits.eval)} {run.args.eval_split} examples")
+    return splits
 
-    # ---- model
-    t = time.perf_counter()
+
+def _adapted_model(run: _Run, splits: Splits, resume, model, tokenizer, encoder):
+    """(model with the method's adapter, tokenizer, ProfileEmbeddings or None): z is encoded for cuma only, and its
+    statistics fitted over the distinct training profiles; a resume loads the checkpoint's adapter weights."""
+    from accelerate.utils import set_seed
+
+    args, t = run.args, time.perf_counter()
     set_seed(args.seed)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
     elif tokenizer is None:
         raise ValueError("pass tokenizer= with model=")
-    needs_z, routed = args.method == "cuma", args.method in ROUTED
-    z_table = index_train = index_eval = None
-    if needs_z:
+    z = None
+    if args.method == "cuma":
         if encoder is None:
             from cuma_model.survey.encoder import DemographicEncoder
 
             encoder = DemographicEncoder(args.encoder)
-        profiles = [e.profile for e in splits.train] + [e.profile for e in splits.eval]
-        z_table, index = encoder.encode_unique(profiles)
-        z_table = z_table.float()
-        index_train, index_eval = index[: len(splits.train)], index[len(splits.train):]
-    model = apply_method(model, args, demographic_dim=encoder.dim if needs_z else 0)
-    if needs_z and args.demographic_norm != "none":  # over the distinct profiles trained on
-        cuma_model.fit_demographic_norm(model, z_table[index_train.unique()])
-    if resume_dir is not None:
-        load_adapter_weights(model, args.method, resume_dir)
-    timings["load_s"] = time.perf_counter() - t
+        table, index = encoder.encode_unique([e.profile for e in splits.train] + [e.profile for e in splits.eval])
+        z = ProfileEmbeddings(table.float(), index[: len(splits.train)], index[len(splits.train):])
+    model = apply_method(model, args, demographic_dim=encoder.dim if z is not None else 0)
+    if z is not None and args.demographic_norm != "none":  # over the distinct profiles trained on
+        cuma_model.fit_demographic_norm(model, z.table[z.train_index.unique()])
+    if resume[0] is not None:
+        load_adapter_weights(model, args.method, resume[0])
+    run.timings["load_s"] = time.perf_counter() - t
+    return model, tokenizer, z
 
-    letters = sorted({l for e in splits.train + splits.eval for l in e.letters})
-    letter_ids = E.letter_token_ids(tokenizer, letters)
+
+def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddings | None, letter_ids
+         ) -> tuple[list[dict], int]:
+    """The training loop: (loss history, optimizer steps done). Checkpoints every --save-steps and at the end; a
+    signal checkpoints the step in flight and raises TrainingInterrupted."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, out_dir, main = run.args, run.accelerator, run.out_dir, run.main
+    resume_dir, resume_state = resume
+    t = time.perf_counter()
+    needs_z, routed = z is not None, args.method in ROUTED
     pad_id = pad_token_id(tokenizer)
     keep_kw = {"logits_to_keep": 2} if E._accepts_logits_to_keep(model) else {}
+    prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
+    labels = [letter_ids[e.target_letter] for e in splits.train]
+    targets = None
+    if splits.targets is not None:
+        targets = [([letter_ids[l] for l in e.letters], [float(x) for x in p])
+                   for e, p in zip(splits.train, splits.targets)]
+    z_index = z.train_index.tolist() if needs_z else [0] * len(splits.train)
+    # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
+    fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
+                                   z.table[z.train_index] if needs_z else [])
+    shared = prefix_groups([e.respondent_id for e in splits.train], args.questions_per_respondent)
+    dataset = TrainSet(prompt_ids, labels, z_index, targets, shared)
+    packed_for = model if args.questions_per_respondent > 1 else None  # a respondent's questions share a prefix
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed, shared)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         collate_fn=make_collate(pad_id, packed_for))
+    groups = param_groups(model, args)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    scheduler = _make_scheduler(optimizer, args, total_steps, accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+    z_table = z.table.to(accelerator.device) if needs_z else None
 
-    # ---- training
     history: list[dict] = []
-    step = 0
-    if args.method != "base":
-        t = time.perf_counter()
-        prompt_ids = tokenize_prompts(tokenizer, splits.train, args.profile_in_prompt, args.max_length)
-        labels = [letter_ids[e.target_letter] for e in splits.train]
-        targets = None
-        if splits.targets is not None:
-            targets = [([letter_ids[l] for l in e.letters], [float(x) for x in t])
-                       for e, t in zip(splits.train, splits.targets)]
-        z_index = index_train.tolist() if needs_z else [0] * len(splits.train)
-        # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
-        fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
-                                       z_table[index_train] if needs_z else [])
-        shared = prefix_groups([e.respondent_id for e in splits.train], args.questions_per_respondent)
-        dataset = TrainSet(prompt_ids, labels, z_index, targets, shared)
-        packed_for = model if args.questions_per_respondent > 1 else None  # a respondent's questions share a prefix
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed, shared)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                             collate_fn=make_collate(pad_id, packed_for))
-        groups = param_groups(model, args)
-        params = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=args.weight_decay)
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
-        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-        scheduler = _make_scheduler(optimizer, args, total_steps, accelerator.num_processes)
-        scheduler = accelerator.prepare(scheduler)
-        if needs_z:
-            z_table = z_table.to(accelerator.device)
+    step, epoch, batches_done = 0, 0, 0
+    if resume_state is not None:
+        state = resume_state
+        if state["total_steps"] != total_steps or state.get("data_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"cannot resume from {resume_dir}: its run trained {state['total_steps']} steps on "
+                             f"other training data; this run has {total_steps} steps (same options, other "
+                             "examples, model, tokenizer or encoder?)")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        history = list(state["history"])
+        run.log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
 
-        epoch, batches_done = 0, 0
-        if resume_state is not None:
-            state = resume_state
-            if state["total_steps"] != total_steps or state.get("data_fingerprint", fingerprint) != fingerprint:
-                raise ValueError(f"cannot resume from {resume_dir}: its run trained {state['total_steps']} steps on "
-                                 f"other training data; this run has {total_steps} steps (same options, other "
-                                 "examples, model, tokenizer or encoder?)")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-            history = list(state["history"])
-            log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
+    def state_dict_now(epoch_, batches_done_):
+        if batches_done_ >= len(loader):
+            epoch_, batches_done_ = epoch_ + 1, 0
+        return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
+                "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history, "seed": args.seed,
+                "args": vars(args), "data_fingerprint": fingerprint}
 
-        def state_dict_now(epoch_, batches_done_):
-            if batches_done_ >= len(loader):
-                epoch_, batches_done_ = epoch_ + 1, 0
-            return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
-                    "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "seed": args.seed,
-                    "args": vars(args), "data_fingerprint": fingerprint}
+    def checkpoint(name, epoch_, batches_done_):
+        accelerator.wait_for_everyone()
+        if main:
+            write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
+                             state_dict_now(epoch_, batches_done_), args)
+        return out_dir / name
 
-        def checkpoint(name, epoch_, batches_done_):
-            accelerator.wait_for_everyone()
-            if main:
-                write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
-                                 state_dict_now(epoch_, batches_done_), args)
-            return out_dir / name
-
-        model.train()
-        bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
-        acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
-        stop_now = False  # agreed by every process at the same step
-        with stop_requests() as stop:
-            while step < total_steps and not stop_now:
-                if batches_done >= len(loader):
-                    epoch, batches_done = epoch + 1, 0
-                sampler.set_epoch(epoch)
-                epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-                epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
-                for batch in epoch_loader:
-                    # randomness (dropout) is a function of the batch's place in the run, so a resume anywhere,
-                    # an epoch boundary included, draws exactly what the uninterrupted run drew
-                    torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batches_done))
-                    with accelerator.accumulate(model):
-                        ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z, routed)
-                        loss = ce + aux if aux is not None else ce
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                    batches_done += 1
-                    acc_ce += float(ce.detach())
-                    acc_aux += float(aux.detach()) if aux is not None else 0.0
-                    acc_n += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    # a stop request reaches every process through the loss reduction, so all stop at one step
-                    asked = 1.0 if stop.signum is not None else 0.0
-                    mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, asked],
-                                                           device=accelerator.device), "mean").tolist()
-                    stop_now = mean[2] > 0
-                    history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
-                                    "lr": scheduler.get_last_lr()[0]})
-                    acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{mean[0]:.3f}")
-                    if step >= total_steps or stop_now:
-                        break
-                    if args.save_steps and step % args.save_steps == 0:
-                        checkpoint(f"checkpoint-{step}", epoch, batches_done)
-            bar.close()
-            # stopped early by a signal: keep every step done so far
-            saved = checkpoint("final" if step >= total_steps else f"checkpoint-{step}", epoch, batches_done)
-        timings["train_s"] = time.perf_counter() - t
-        timings["train_steps"] = step
-        # a signal during the last step or the final write counts too (alone: other processes would not know)
-        if stop_now or (stop.signum is not None and accelerator.num_processes == 1):
-            signum = stop.signum or signal.SIGTERM  # another process's signal
-            log(f"{signal.Signals(signum).name} at step {step} of {total_steps}: checkpoint written to {saved}; "
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"training {args.method}", disable=not main)
+    acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+    stop_now = False  # agreed by every process at the same step
+    with stop_requests() as stop:
+        while step < total_steps and not stop_now:
+            if batches_done >= len(loader):
+                epoch, batches_done = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+            epoch_loader.set_epoch(epoch)  # the prepared loader re-applies its own epoch counter on every pass
+            for batch in epoch_loader:
+                # randomness (dropout) is a function of the batch's place in the run, so a resume anywhere,
+                # an epoch boundary included, draws exactly what the uninterrupted run drew
+                torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batches_done))
+                with accelerator.accumulate(model):
+                    ce, aux = _forward_loss(model, batch, z_table, keep_kw, needs_z, routed)
+                    loss = ce + aux if aux is not None else ce
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                batches_done += 1
+                acc_ce += float(ce.detach())
+                acc_aux += float(aux.detach()) if aux is not None else 0.0
+                acc_n += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                # a stop request reaches every process through the loss reduction, so all stop at one step
+                asked = 1.0 if stop.signum is not None else 0.0
+                mean = accelerator.reduce(torch.tensor([acc_ce / acc_n, acc_aux / acc_n, asked],
+                                                       device=accelerator.device), "mean").tolist()
+                stop_now = mean[2] > 0
+                history.append({"step": step, "loss": mean[0], "aux_loss": mean[1],
+                                "lr": scheduler.get_last_lr()[0]})
+                acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean[0]:.3f}")
+                if step >= total_steps or stop_now:
+                    break
+                if args.save_steps and step % args.save_steps == 0:
+                    checkpoint(f"checkpoint-{step}", epoch, batches_done)
+        bar.close()
+        # stopped early by a signal: keep every step done so far
+        saved = checkpoint("final" if step >= total_steps else f"checkpoint-{step}", epoch, batches_done)
+    run.timings["train_s"] = time.perf_counter() - t
+    run.timings["train_steps"] = step
+    # a signal during the last step or the final write counts too (alone: other processes would not know)
+    if stop_now or (stop.signum is not None and accelerator.num_processes == 1):
+        signum = stop.signum or signal.SIGTERM  # another process's signal
+        run.log(f"{signal.Signals(signum).name} at step {step} of {total_steps}: checkpoint written to {saved}; "
                 "continue with --resume latest")
-            raise TrainingInterrupted(signum, saved, step)
-        log(f"trained {step} steps in {timings['train_s']:.0f}s")
+        raise TrainingInterrupted(signum, saved, step)
+    run.log(f"trained {step} steps in {run.timings['train_s']:.0f}s")
+    return history, step
 
-    # ---- evaluation (main process)
-    result = {"method": args.method, "config": vars(args), "output_dir": str(out_dir),
+
+def _evaluate_and_write(run: _Run, splits: Splits, model, tokenizer, z: ProfileEmbeddings | None, letter_ids,
+                        history: list[dict], step: int) -> dict:
+    """Score the evaluation examples against the floors (main process), write metrics.json and the loss curve."""
+    args, accelerator = run.args, run.accelerator
+    result = {"method": args.method, "config": vars(args), "output_dir": str(run.out_dir),
               "data": {"survey": args.survey, "split": args.split, "eval_split": args.eval_split,
                        "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
                        "n_test": len(splits.test), "n_eval": len(splits.eval)},
-              "train": {"steps": step, "history": history}, "timings": timings,
+              "train": {"steps": step, "history": history}, "timings": run.timings,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if args.do_eval and main:
-        result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, out_dir,
-                                   z_table[index_eval.to(z_table.device)].cpu() if needs_z else None,
-                                   letter_ids))
-    timings["total_s"] = time.perf_counter() - t_start
-    if main:
-        atomic_write_bytes(out_dir / "metrics.json",
+    if args.do_eval and run.main:
+        result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, run.out_dir,
+                                   z.table[z.eval_index] if z is not None else None, letter_ids))
+    run.timings["total_s"] = time.perf_counter() - run.t_start
+    if run.main:
+        atomic_write_bytes(run.out_dir / "metrics.json",
                            (json.dumps(E._json_safe(result), indent=1, default=str) + "\n").encode())
         if args.plots and history:
-            plot_loss_curve(history, out_dir / "loss_curve.png", args.method)
+            plot_loss_curve(history, run.out_dir / "loss_curve.png", args.method)
         if "report" in result:
-            log(result["report"])
-        log(f"wall time {timings['total_s']:.0f}s; outputs in {out_dir}")
+            run.log(result["report"])
+        run.log(f"wall time {run.timings['total_s']:.0f}s; outputs in {run.out_dir}")
     accelerator.wait_for_everyone()
     return result
 
