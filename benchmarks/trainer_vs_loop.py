@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     from cuma_model.survey.encoder import DemographicEncoder
     from cuma_model.survey.preference import _drop_gguf_quantizer
 
-    args = T._args_from({"max_steps": a.steps, "do_eval": False, "plots": False})
+    # padded rows on both sides (the Trainer path has no packing collator): the loops compare, not the layouts
+    args = T._args_from({"max_steps": a.steps, "do_eval": False, "plots": False, "questions_per_respondent": 0})
     base, tokenizer = T.load_model_and_tokenizer()
     _drop_gguf_quantizer(base)  # de-quantized at load, still marked quantized: Trainer would refuse it
     encoder = DemographicEncoder()
