@@ -182,3 +182,55 @@ def test_js_divergence_equal_distributions_is_zero_not_nan():
     for _ in range(20):
         a, b = rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(4))
         assert M.js_divergence(a, b) == pytest.approx(jensenshannon(a, b, base=2) ** 2, rel=1e-9)
+
+
+def _loop_gaps(q, t, p, nc, ts, ps, groups, min_rows, proba):
+    """Every cell and every pair of groups one at a time, with scipy: the oracle of group_distribution_gaps."""
+    def js(a, b):
+        return jensenshannon(a, b, base=2) ** 2
+
+    cells, spread = [], []
+    for labels in groups.values():
+        labels = np.array([None if x is None or x == "Unknown" else x for x in labels], dtype=object)
+        for qid in dict.fromkeys(q):
+            rows, k, dists = np.flatnonzero(q == qid), None, []
+            k = nc[rows[0]]
+            for g in dict.fromkeys(labels[rows]):
+                r = rows[labels[rows] == g]
+                if g is None or r.size < min_rows:
+                    continue
+                td, pd_ = np.bincount(t[r], minlength=k) / r.size, np.bincount(p[r], minlength=k) / r.size
+                sd = np.mean([proba[i] for i in r], axis=0)
+                cells.append((r.size, wasserstein_distance(ts[r], ps[r]), js(td, pd_), js(td, sd)))
+                dists.append((r.size, td, pd_, sd))
+            if len(dists) >= 2:
+                pairs = [(a, b) for a in range(len(dists)) for b in range(a + 1, len(dists))]
+                spread.append([sum(d[0] for d in dists)] + [np.mean([js(dists[a][j], dists[b][j]) for a, b in pairs])
+                                                            for j in (2, 1, 3)])
+    cells, spread = np.array(cells), np.array(spread)
+    w = cells[:, 0]
+    pj, tj, sj = (np.average(spread[:, j], weights=spread[:, 0]) for j in (1, 2, 3))
+    return {"emd": np.average(cells[:, 1], weights=w), "js": np.average(cells[:, 2], weights=w),
+            "js_soft": np.average(cells[:, 3], weights=w), "n_cells": len(cells), "pred_js": pj, "true_js": tj,
+            "ratio": pj / tj, "ratio_soft": sj / tj}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_gaps_equal_the_cell_by_cell_computation(seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    q = rng.choice(["q1", "q2", "q3", "q4"], n)
+    nc = np.where(q == "q2", 2, np.where(q == "q4", 5, 4))  # questions with 2, 4 and 5 choices
+    t, p = rng.integers(0, 10**6, n) % nc, rng.integers(0, 10**6, n) % nc
+    ts, ps = t / (nc - 1), p / (nc - 1)
+    groups = {"party": rng.choice(["a", "b", "c", None], n, p=[0.4, 0.3, 0.2, 0.1]),
+              "age": rng.choice(["young", "old", "Unknown"], n)}
+    proba = [rng.dirichlet(np.ones(k)) for k in nc]
+    got = M.group_distribution_gaps(q, t, p, nc, ts, ps, groups, min_rows=8, pred_proba=proba)
+    want = _loop_gaps(q, t, p, nc, ts, ps, groups, 8, proba)
+    spread = got["between_group_spread"]
+    for key in ("emd", "js", "js_soft"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert got["n_cells"] == want["n_cells"]
+    for key in ("pred_js", "true_js", "ratio", "ratio_soft"):
+        assert spread[key] == pytest.approx(want[key], rel=1e-9), key

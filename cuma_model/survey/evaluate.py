@@ -191,16 +191,19 @@ class _SetScorer:
     def __init__(self, examples: Sequence[SurveyExample], prediction: Predictions, min_group_rows: int):
         self.pred = np.asarray(prediction.choice_idx, dtype=np.int64)
         self.q, self.true, self.n_choices, self.true_scaled, self.pred_scaled = _answer_arrays(examples, self.pred)
-        self.groups = {d: np.array(v, dtype=object) for d, v in example_groups(examples).items()}
-        self.proba = (M.softmax_rows(prediction.choice_logits) if prediction.choice_logits is not None else None)
+        # codes once, not per resample
+        self.q_codes = M._codes(self.q)[0]
+        self.groups = {d: M._codes(M._label_array(v), missing=None) for d, v in example_groups(examples).items()}
+        self.proba = (M._padded_rows(M.softmax_rows(prediction.choice_logits), self.n_choices, len(examples))
+                      if prediction.choice_logits is not None else None)
         self.min_rows = min_group_rows
 
     def __call__(self, idx: np.ndarray) -> list[float]:
         emd = M.emd_summary(M.emd_per_question(self.q[idx], self.true_scaled[idx], self.pred_scaled[idx]))["mean"]
-        gaps = M.group_distribution_gaps(
-            self.q[idx], self.true[idx], self.pred[idx], self.n_choices[idx], self.true_scaled[idx],
-            self.pred_scaled[idx], {d: v[idx] for d, v in self.groups.items()}, min_rows=self.min_rows,
-            pred_proba=[self.proba[i] for i in idx] if self.proba is not None else None)
+        gaps = M.gaps_of_codes(
+            self.q_codes[idx], self.true[idx], self.pred[idx], self.n_choices[idx], self.true_scaled[idx],
+            self.pred_scaled[idx], {d: (codes[idx], n) for d, (codes, n) in self.groups.items()},
+            min_rows=self.min_rows, proba=self.proba[idx] if self.proba is not None else None)
         spread = gaps["between_group_spread"]
         return [emd, gaps["js"], spread["ratio"], spread["ratio_soft"]]
 

@@ -12,7 +12,6 @@ against scipy. Conventions shared by all of them:
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -210,57 +209,112 @@ def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pre
     mean predicted probabilities instead and are the fairer comparison for a model. Finite samples give `true_js` a
     positive noise floor.
     """
-    q = np.asarray(question_ids)
+    codes = {dim: _codes(_label_array(labels), missing=None) for dim, labels in groups.items()}
+    proba = _padded_rows(pred_proba, n_choices, len(question_ids)) if pred_proba is not None else None
+    return gaps_of_codes(_codes(question_ids)[0], true_idx, pred_idx, n_choices, true_scaled, pred_scaled, codes,
+                         min_rows, proba)
+
+
+def gaps_of_codes(q_index: np.ndarray, true_idx, pred_idx, n_choices, true_scaled, pred_scaled,
+                  groups: Mapping[str, tuple[np.ndarray, int]], min_rows: int = 5,
+                  proba: np.ndarray | None = None) -> dict:
+    """`group_distribution_gaps` on integer codes: question codes [N], {dimension: (group codes [N] with -1 where
+    missing, number of groups)} and the predicted probabilities as one zero-padded [N, K] matrix. For callers that
+    score many subsets of one set of answers (bootstrap resamples): the codes are computed once."""
     t = np.asarray(true_idx, dtype=np.int64)
     p = np.asarray(pred_idx, dtype=np.int64)
     nc = np.asarray(n_choices, dtype=np.int64)
     ts = np.asarray(true_scaled, dtype=np.float64)
     ps = np.asarray(pred_scaled, dtype=np.float64)
-    qrows = {qid: np.flatnonzero(q == qid) for qid in _unique_in_order(q)}
-    proba = list(pred_proba) if pred_proba is not None else None
-    if proba is not None and len(proba) != q.size:
-        raise ValueError(f"{len(proba)} probability rows for {q.size} examples")
+    width = int(max(nc.max(initial=0), t.max(initial=-1) + 1, p.max(initial=-1) + 1, 1))
+    if proba is not None and proba.shape[1] < width:
+        proba = np.pad(proba, ((0, 0), (0, width - proba.shape[1])))
 
     per_dim = {}
-    all_cells, all_spread = [], []  # (n, emd, js, js_soft), (weight, pred_js, true_js, pred_js_soft)
-    for dim, labels in groups.items():
-        lab = _label_array(labels)
-        cells, spread = [], []
-        for qid, rows in qrows.items():
-            k = int(nc[rows[0]])
-            dists = []  # (n, true_dist, pred_dist, soft_pred_dist | None)
-            for g in _unique_in_order(lab[rows]):
-                if g is None:
-                    continue
-                r = rows[lab[rows] == g]
-                if r.size < min_rows:
-                    continue
-                td, pd_ = answer_distribution(t[r], k), answer_distribution(p[r], k)
-                sd = np.mean([proba[i] for i in r], axis=0) if proba is not None else None
-                cells.append((r.size, float(wasserstein_distance(ts[r], ps[r])), js_divergence(td, pd_),
-                              js_divergence(td, sd) if sd is not None else float("nan")))
-                dists.append((r.size, td, pd_, sd))
-            if len(dists) >= 2:
-                pairs = list(itertools.combinations(range(len(dists)), 2))
-                pj = np.mean([js_divergence(dists[a][2], dists[b][2]) for a, b in pairs])
-                tj = np.mean([js_divergence(dists[a][1], dists[b][1]) for a, b in pairs])
-                sj = (np.mean([js_divergence(dists[a][3], dists[b][3]) for a, b in pairs])
-                      if proba is not None else float("nan"))
-                spread.append((sum(d[0] for d in dists), float(pj), float(tj), float(sj)))
-        all_cells += cells
+    all_cells, all_spread = [], []  # arrays of (n, emd, js, js_soft) and (weight, pred_js, true_js, pred_js_soft)
+    for dim, (g_index, n_groups) in groups.items():
+        keep = np.flatnonzero(g_index >= 0)
+        # a cell is one (question, group); rows without the dimension's label belong to none
+        cell = q_index[keep] * max(n_groups, 1) + g_index[keep]
+        cell_ids, cell_of, n = np.unique(cell, return_inverse=True, return_counts=True)
+        true_d = _row_sums(cell_of, np.eye(width)[t[keep]], len(cell_ids))
+        pred_d = _row_sums(cell_of, np.eye(width)[p[keep]], len(cell_ids))
+        soft_d = _row_sums(cell_of, proba[keep], len(cell_ids)) if proba is not None else None
+        # W1 of two samples of one size: the mean gap between their sorted values
+        by_true, by_pred = np.lexsort((ts[keep], cell_of)), np.lexsort((ps[keep], cell_of))
+        emd = np.bincount(cell_of[by_true], np.abs(ts[keep][by_true] - ps[keep][by_pred]), len(cell_ids)) / n
+        big = n >= min_rows
+        cells = np.stack([n, emd, _js_rows(true_d, pred_d),
+                          _js_rows(true_d, soft_d) if soft_d is not None else np.full(n.shape, np.nan)], 1)[big]
+        spread = _spread_rows(cell_ids[big] // max(n_groups, 1), n[big], pred_d[big], true_d[big],
+                              soft_d[big] if soft_d is not None else None)
+        all_cells.append(cells)
         all_spread += spread
         per_dim[dim] = {**_weighted_cells(cells), "between_group_spread": _weighted_spread(spread)}
-    return {**_weighted_cells(all_cells), "between_group_spread": _weighted_spread(all_spread),
+    cells = np.concatenate(all_cells) if all_cells else np.zeros((0, 4))
+    return {**_weighted_cells(cells), "between_group_spread": _weighted_spread(all_spread),
             "per_dimension": per_dim}
 
 
-def _weighted_cells(cells: list) -> dict:
-    if not cells:
+def _spread_rows(question_of: np.ndarray, n: np.ndarray, pred_d, true_d, soft_d) -> list:
+    """(rows, mean pairwise JS of the predicted, true and soft distributions) of each question with >= 2 cells."""
+    a, b = np.nonzero(np.triu(question_of[:, None] == question_of[None, :], 1))
+    if not a.size:
+        return []
+    questions, pair_of, pairs = np.unique(question_of[a], return_inverse=True, return_counts=True)
+    rows = np.bincount(np.searchsorted(questions, question_of[np.isin(question_of, questions)]),
+                       n[np.isin(question_of, questions)], len(questions))
+
+    def mean_js(d):
+        if d is None:
+            return np.full(len(questions), np.nan)
+        return np.bincount(pair_of, _js_rows(d[a], d[b]), len(questions)) / pairs
+
+    return list(zip(rows.tolist(), mean_js(pred_d).tolist(), mean_js(true_d).tolist(), mean_js(soft_d).tolist()))
+
+
+def _padded_rows(rows: Sequence[np.ndarray], n_choices, n: int) -> np.ndarray:
+    """The per-example probability rows as one [N, K] matrix, zero-padded to the widest."""
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} probability rows for {n} examples")
+    out = np.zeros((n, max([len(r) for r in rows] + [int(np.max(n_choices, initial=1))])))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+_NOTHING = object()  # a `missing` that no value is
+
+
+def _codes(values, missing=_NOTHING) -> tuple[np.ndarray, int]:
+    """(int64 [N] codes in order of first appearance, number of distinct values); `missing` values get -1."""
+    codes, out = {}, np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        out[i] = -1 if v is missing else codes.setdefault(v, len(codes))
+    return out, len(codes)
+
+
+def _row_sums(cell_of: np.ndarray, rows: np.ndarray, n_cells: int) -> np.ndarray:
+    """[n_cells, K]: the sum of the rows [N, K] of each cell."""
+    out = np.zeros((n_cells, rows.shape[1]))
+    np.add.at(out, cell_of, rows)
+    return out
+
+
+def _js_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """`js_divergence` of each row pair of p and q ([M, K] counts or weights, each row normalised)."""
+    p = p / p.sum(1, keepdims=True)
+    q = q / q.sum(1, keepdims=True)
+    m = (p + q) / 2
+    return np.maximum(0.5 * (rel_entr(p, m).sum(1) + rel_entr(q, m).sum(1)) / np.log(2), 0.0)
+
+
+def _weighted_cells(cells: np.ndarray) -> dict:
+    if not len(cells):
         return {"emd": float("nan"), "js": float("nan"), "js_soft": float("nan"), "n_cells": 0}
-    w = np.array([c[0] for c in cells], dtype=np.float64)
-    return {"emd": float(np.average([c[1] for c in cells], weights=w)),
-            "js": float(np.average([c[2] for c in cells], weights=w)),
-            "js_soft": float(np.average([c[3] for c in cells], weights=w)), "n_cells": len(cells)}
+    w = cells[:, 0]
+    return {"emd": float(np.average(cells[:, 1], weights=w)), "js": float(np.average(cells[:, 2], weights=w)),
+            "js_soft": float(np.average(cells[:, 3], weights=w)), "n_cells": len(cells)}
 
 
 def _weighted_spread(spread: list) -> dict:
