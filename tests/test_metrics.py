@@ -234,3 +234,15 @@ def test_group_gaps_equal_the_cell_by_cell_computation(seed):
     assert got["n_cells"] == want["n_cells"]
     for key in ("pred_js", "true_js", "ratio", "ratio_soft"):
         assert spread[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+def test_group_gaps_take_probabilities_padded_wider_than_the_subset():
+    # a bootstrap resample can miss the widest question the probabilities were padded for
+    inputs = _gap_inputs([0] * 5 + [1] * 5)
+    proba = np.array([[0.75, 0.25, 0.0]] * 5 + [[0.1, 0.9, 0.0]] * 5)
+    codes = {"party": M._codes(inputs["groups"]["party"], missing=None)}
+    got = M.gaps_of_codes(M._codes(inputs["question_ids"])[0], inputs["true_idx"], inputs["pred_idx"],
+                          inputs["n_choices"], inputs["true_scaled"], inputs["pred_scaled"], codes, proba=proba)
+    want = M.group_distribution_gaps(**inputs, pred_proba=[p[:2] for p in proba])
+    assert got["js_soft"] == pytest.approx(want["js_soft"]) and want["js_soft"] > 0
+    assert got["between_group_spread"]["ratio_soft"] == pytest.approx(want["between_group_spread"]["ratio_soft"])

@@ -179,3 +179,14 @@ def test_packing_refuses_an_attention_without_4d_masks():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2.*questions-per-respondent 0"):
         attention_mask_for(model, torch.ones(1, 1, 2, 2, dtype=torch.bool))
+
+
+def test_a_subset_the_respondents_cannot_fill_is_refused_and_flash_attention_cannot_pack(tmp_path):
+    # 3 questions per respondent: 2 of each cannot make 150 answers from the training split's respondents
+    with pytest.raises(ValueError, match="only .* answers.*questions-per-respondent"):
+        T.make_splits(survey(), T._args_from(options(tmp_path, train_examples=150, questions_per_respondent=2)))
+    assert len(T.make_splits(survey(), T._args_from(options(tmp_path, train_examples=100))).train) == 100
+    p = parts()
+    p["model"].config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        T.train(options(tmp_path, method="lora", train_examples=30, questions_per_respondent=3), **p)

@@ -888,9 +888,9 @@ def subsample_respondents(examples: Sequence[SurveyExample], n: int, seed: int =
 
 def subsample_questions_of_respondents(examples: Sequence[SurveyExample], n: int, per_respondent: int,
                                        seed: int = 0) -> list[SurveyExample]:
-    """About `n` examples as `per_respondent` seeded random questions of each of n / per_respondent seeded random
-    respondents (all of a respondent's questions where it has fewer), in input order; all examples if n covers
-    every respondent's share. Questions of one respondent share the profile prefix that packing computes once."""
+    """At most `n` examples: `per_respondent` seeded random questions (all of them where it has fewer) of each of
+    seeded random respondents, until `n` are taken or the respondents run out; in input order. Questions of one
+    respondent share the profile prefix that packing computes once."""
     by_respondent: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
         by_respondent.setdefault(e.respondent_id, []).append(i)

@@ -227,7 +227,8 @@ def gaps_of_codes(q_index: np.ndarray, true_idx, pred_idx, n_choices, true_scale
     ts = np.asarray(true_scaled, dtype=np.float64)
     ps = np.asarray(pred_scaled, dtype=np.float64)
     width = int(max(nc.max(initial=0), t.max(initial=-1) + 1, p.max(initial=-1) + 1, 1))
-    if proba is not None and proba.shape[1] < width:
+    if proba is not None:  # padded to the widest question of a larger set, or to be padded to this subset's
+        width = max(width, proba.shape[1])
         proba = np.pad(proba, ((0, 0), (0, width - proba.shape[1])))
 
     per_dim = {}

@@ -96,16 +96,24 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], pad_id: int, own_tokens: int
     return PackedBatch(input_ids, visible[:, None], position_ids, weights, torch.tensor(ends, dtype=torch.long))
 
 
+def _attention(model) -> str:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
+def takes_4d_mask(model) -> bool:
+    """Whether `model`'s attention takes a 4-D mask as it is (SDPA, eager), which packing needs."""
+    return _attention(model) in ("sdpa", "eager")
+
+
 def attention_mask_for(model, visible: torch.Tensor) -> torch.Tensor:
     """`visible` (bool [B, 1, S, S]) as the 4-D mask `model`'s attention takes as it is: bool for SDPA, an additive
     float mask (0 or the dtype's minimum) for eager attention. Other kernels (flash attention) take no 4-D mask."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    impl = _attention(model)
     if impl == "sdpa":
         return visible
     if impl == "eager":
         dtype = model.get_input_embeddings().weight.dtype
         return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
     raise ValueError(f"packing shared prefixes needs a 4-D attention mask, which {impl!r} attention does not take: "
-                     "load the model with attn_implementation='sdpa' or 'eager', or do not pack (training: "
-                     "--questions-per-respondent 0)")
+                     "load the model with attn_implementation='sdpa' or 'eager', or train without packing "
+                     "(--questions-per-respondent 0; scoring then packs nothing either)")

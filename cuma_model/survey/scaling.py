@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None, train_one: Callable | None = None) -
     a, train_argv = p.parse_known_args(argv)
     if any(s < 1 for s in a.sizes) or len(set(a.methods)) != len(a.methods) or "base" in a.methods:
         p.error("--sizes take positive numbers; --methods distinct trained methods")
-    if any(x in ("--method", "--train-examples", "--output-dir", "--seeds") for x in train_argv):
+    if any(x.split("=")[0] in ("--method", "--train-examples", "--output-dir", "--seeds") for x in train_argv):
         p.error("--method, --train-examples, --output-dir and --seeds are set per run by the curve")
     out = Path(a.output_dir)
     if a.train:

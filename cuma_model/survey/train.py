@@ -29,7 +29,7 @@ test examples. A batch packs each respondent's questions into one row that compu
 once (`cuma_model.survey.packing`; the same losses), which makes a step about twice as fast as padded rows, and
 scoring packs each respondent's evaluation questions the same way. Chosen on the validation split
 (docs/results.md): this recipe beat the previous one (432 answers drawn one by one, the same 3 passes) on every
-metric, accuracy +3.9 points [+0.4, +7.3], in less training time.
+metric but the spread (a tie), accuracy +3.9 points [+0.4, +7.3], in less training time.
 Larger runs: `--train-examples 0 --eval-examples 0 --epochs N`.
 
 Loss: the prompt (chat template with the generation prompt) followed by the answer letter's token, the letter
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the training subset takes M random questions of each of its random respondents, and a "
                         "batch packs each respondent's questions into one row that computes their shared profile "
                         "prefix once (same losses; about twice the examples per second at M=4); 0: the subset is "
-                        "drawn example by example and nothing is shared")
+                        "drawn example by example and nothing is shared. --objective distribution packs a group's "
+                        "(group, question) examples, M at a time, the same way")
     g.add_argument("--eval-examples", type=int, default=2000,
                    help="seeded random subset of evaluation examples (by example; scoring packs the questions of "
                         "each respondent); 0 = all")
@@ -368,6 +369,11 @@ def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -
     elif args.questions_per_respondent:
         train = D.subsample_questions_of_respondents(train_all, args.train_examples, args.questions_per_respondent,
                                                      seed=seed)
+        if len(train) < min(args.train_examples, len(train_all)):
+            raise ValueError(f"--train-examples {args.train_examples} with --questions-per-respondent "
+                             f"{args.questions_per_respondent} finds only {len(train)} answers in the training split "
+                             "(too few respondents): raise --questions-per-respondent, or use 0 to draw answers one "
+                             "by one")
     else:
         train = D.subsample(train_all, args.train_examples, seed=seed)
     pool = test if args.eval_split == "test" else val
@@ -725,6 +731,8 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
     shared = prefix_groups([e.respondent_id for e in splits.train], args.questions_per_respondent)
     dataset = TrainSet(prompt_ids, labels, z_index, targets, shared)
     packed_for = model if args.questions_per_respondent > 1 else None  # a respondent's questions share a prefix
+    if packed_for is not None:
+        P.attention_mask_for(model, torch.ones(1, 1, 1, 1, dtype=torch.bool))  # refuses a flash attention now
     sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed, shared)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          collate_fn=make_collate(pad_id, packed_for))
@@ -933,7 +941,8 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
                 _add_routing(usage, trace, rows, weights, ev, args.routing_examples))
         logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
                                  batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
-                                 on_batch=on_batch, prefix_groups=[e.respondent_id for e in ev])
+                                 on_batch=on_batch,
+                                 prefix_groups=[e.respondent_id for e in ev] if P.takes_4d_mask(model) else None)
     pred = E.predict_from_logits(logits)
     metrics = E.evaluate_predictions(ev, pred, logits)
     eval_s = time.perf_counter() - t
