@@ -37,6 +37,9 @@ def test_scaling_curve_trains_each_run_once_and_compares_the_first_method(tmp_pa
         assert {"emd", "group_js", "spread"} <= set(s["paired"]["lora"])
     assert "| 48 | lora |" in (out / "scaling.md").read_text()
     assert (out / "scaling.png").stat().st_size > 0
+    # an interval that does not contain its point estimate (basic bootstrap) still plots
+    summary["16"]["metrics"]["cuma"]["emd"] = {"mean": 0.3, "lo": 0.1, "hi": 0.2}
+    assert S.plot(summary, ["cuma", "lora"], tmp_path / "odd.png").stat().st_size > 0
     # run again: nothing is trained twice; a run without its predictions (interrupted) is trained again
     (out / "lora-48" / "predictions.jsonl").unlink()
     S.main(argv, train_one=train_one)

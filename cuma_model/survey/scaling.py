@@ -84,10 +84,11 @@ def summarize(sizes: Sequence[int], methods: Sequence[str], out_dir: str | Path)
     return E._json_safe(out)
 
 
-def _cell(iv, scale: float = 1.0, sign: str = "") -> str:
+def _cell(iv, metric: str, sign: str = "") -> str:
     if not iv or iv.get("mean") is None:
         return "-"
-    text = f"{iv['mean'] * scale:{sign}.3f} [{iv['lo'] * scale:{sign}.3f}, {iv['hi'] * scale:{sign}.3f}]"
+    scale, f = (100, ".1f") if metric == "accuracy" else (1, ".2f" if metric == "spread" else ".3f")
+    text = f"{iv['mean'] * scale:{sign}{f}} [{iv['lo'] * scale:{sign}{f}}, {iv['hi'] * scale:{sign}{f}}]"
     return text + (f": {iv['verdict']}" if "verdict" in iv else "")
 
 
@@ -98,14 +99,15 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
     for size, s in summary.items():
         for method in s["metrics"]:
             m = s["metrics"][method]
-            lines.append(f"| {size} | {method} | " + " | ".join(
-                _cell(m.get(k), 100 if k == "accuracy" else 1) for k in METRICS) + " |")
+            lines.append(f"| {size} | {method} | " + " | ".join(_cell(m.get(k), k) for k in METRICS) + " |")
     lines += ["", f"| training answers | {methods[0]} minus | " + " | ".join(METRICS.values()) + " |",
               "|" + "---|" * (2 + len(METRICS))]
     for size, s in summary.items():
         for other, d in s["paired"].items():
-            lines.append(f"| {size} | {other} | " + " | ".join(
-                _cell(d.get(k), 100 if k == "accuracy" else 1, "+") for k in METRICS) + " |")
+            lines.append(f"| {size} | {other} | " + " | ".join(_cell(d.get(k), k, "+") for k in METRICS) + " |")
+    missing = [f"{m}-{size}" for size, s in summary.items() for m in s.get("missing", [])]
+    if missing:
+        lines += ["", "Not trained yet: " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -126,10 +128,10 @@ def plot(summary: dict, methods: Sequence[str], path: str | Path) -> Path:
     for ax, metric in zip(axes, panels):
         for j, method in enumerate(methods):
             ivs = [_finite((summary[s]["metrics"].get(method) or {}).get(metric)) for s in summary]
-            mean = [iv["mean"] for iv in ivs]
-            err = [[iv["mean"] - iv["lo"] for iv in ivs], [iv["hi"] - iv["mean"] for iv in ivs]]
             shift = [x * (1 + 0.03 * (j - (len(methods) - 1) / 2)) for x in sizes]  # side by side, not on top
-            ax.errorbar(shift, mean, yerr=err, marker="o", capsize=3, label=method)
+            line, = ax.plot(shift, [iv["mean"] for iv in ivs], marker="o", label=method)
+            # drawn as bars of their own: a basic-bootstrap interval need not contain its point estimate
+            ax.vlines(shift, [iv["lo"] for iv in ivs], [iv["hi"] for iv in ivs], color=line.get_color(), alpha=0.6)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(s) for s in sizes], fontsize=7)
         ax.minorticks_off()
