@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from cuma_model.survey import evaluate as E
     from cuma_model.survey import train as T
     from cuma_model.survey.encoder import DemographicEncoder
+    from cuma_model.survey.packing import prefix_groups
 
     args = T._args_from({"do_eval": False, "plots": False})
     model, tokenizer = T.load_model_and_tokenizer()
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                 param.normal_(0, 0.02)
     letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in rows + splits.eval for l in e.letters}))
     prompt_ids = T.tokenize_prompts(tokenizer, rows, args.profile_in_prompt, args.max_length)
-    groups = T.prefix_groups([e.respondent_id for e in rows], args.questions_per_respondent)
+    groups = prefix_groups([e.respondent_id for e in rows], args.questions_per_respondent)
     dataset = T.TrainSet(prompt_ids, [letter_ids[e.target_letter] for e in rows], index_train.tolist(), None, groups)
     sampler = T.EpochBatchSampler(len(dataset), args.batch_size, args.seed, groups)
     batches = [[dataset[i] for i in b] for _, b in zip(range(a.batches), sampler)]

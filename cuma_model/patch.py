@@ -239,8 +239,7 @@ class ConditionedGenerate:
         self.__signature__ = inspect.signature(base_generate)
         self.__doc__ = getattr(base_generate, "__doc__", None)
 
-    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None,
-                 aux_token_weights: torch.Tensor | None = None, **kwargs):
+    def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
         handle = self.model.cuma
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
         if z is None:

@@ -9,7 +9,12 @@ import cuma_model
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import train as T
-from cuma_model.survey.packing import common_prefix_length, indices_by_key, pack
+from cuma_model.survey.packing import (
+    common_prefix_length,
+    indices_by_key,
+    pack,
+    prefix_groups,
+)
 
 
 def test_pack_layout():
@@ -155,7 +160,7 @@ def test_questions_of_respondents_subset():
     assert picked == D.subsample_questions_of_respondents(examples, 30, per_respondent=2, seed=1)
     assert picked != D.subsample_questions_of_respondents(examples, 30, per_respondent=2, seed=2)
     assert [examples.index(e) for e in picked] == sorted(examples.index(e) for e in picked)  # input order
-    assert T.prefix_groups(["a", "b", "a", "a", "a"], 3) == [[0, 2, 3], [4], [1]]
+    assert prefix_groups(["a", "b", "a", "a", "a"], 3) == [[0, 2, 3], [4], [1]]
 
 
 def test_a_packed_run_trains_and_scores_as_the_padded_run(tmp_path, monkeypatch):

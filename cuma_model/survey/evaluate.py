@@ -45,7 +45,8 @@ from cuma_model.survey.intervals import (
     respondent_resamples,
     verdict,
 )
-from cuma_model.survey.packing import attention_mask_for, indices_by_key, pack
+from cuma_model.survey.packing import attention_mask_for, pack
+from cuma_model.survey.packing import prefix_groups as groups_of
 
 
 class Predictions(NamedTuple):
@@ -590,8 +591,8 @@ def score_choices(model, tokenizer, prompts: Sequence[str], letters_per_example:
     encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("an empty prompt cannot be scored")
-    rows = ([[i] for i in range(len(prompts))] if prefix_groups is None else  # a row holds at most a batch
-            [r[j: j + batch_size] for r in indices_by_key(prefix_groups) for j in range(0, len(r), batch_size)])
+    # a row holds at most a batch
+    rows = [[i] for i in range(len(prompts))] if prefix_groups is None else groups_of(prefix_groups, batch_size)
     if demographic_embeds is not None:
         for row in rows:
             if any(not torch.equal(demographic_embeds[i], demographic_embeds[row[0]]) for i in row[1:]):

@@ -263,8 +263,7 @@ def _spread_rows(question_of: np.ndarray, n: np.ndarray, pred_d, true_d, soft_d)
     if not a.size:
         return []
     questions, pair_of, pairs = np.unique(question_of[a], return_inverse=True, return_counts=True)
-    rows = np.bincount(np.searchsorted(questions, question_of[np.isin(question_of, questions)]),
-                       n[np.isin(question_of, questions)], len(questions))
+    rows = np.bincount(question_of, n)[questions]
 
     def mean_js(d):
         if d is None:

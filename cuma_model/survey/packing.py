@@ -45,6 +45,14 @@ def indices_by_key(keys: Sequence) -> list[list[int]]:
     return list(rows.values())
 
 
+def prefix_groups(keys: Sequence, size: int) -> list[list[int]]:
+    """The indices of equal keys (e.g. one respondent's prompts, which share their profile prefix), in pieces of at
+    most `size`; each index alone when `size` is 1 or less."""
+    if size <= 1:
+        return [[i] for i in range(len(keys))]
+    return [rows[j: j + size] for rows in indices_by_key(keys) for j in range(0, len(rows), size)]
+
+
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix all sequences share."""
     first, n = sequences[0], min(len(s) for s in sequences)
@@ -105,15 +113,21 @@ def takes_4d_mask(model) -> bool:
     return _attention(model) in ("sdpa", "eager")
 
 
-def attention_mask_for(model, visible: torch.Tensor) -> torch.Tensor:
-    """`visible` (bool [B, 1, S, S]) as the 4-D mask `model`'s attention takes as it is: bool for SDPA, an additive
-    float mask (0 or the dtype's minimum) for eager attention. Other kernels (flash attention) take no 4-D mask."""
+def require_4d_mask(model) -> None:
+    """Refuse, before any work, a model whose attention takes no 4-D mask (flash attention): it cannot be packed."""
+    if takes_4d_mask(model):
+        return
     impl = _attention(model)
-    if impl == "sdpa":
-        return visible
-    if impl == "eager":
-        dtype = model.get_input_embeddings().weight.dtype
-        return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
     raise ValueError(f"packing shared prefixes needs a 4-D attention mask, which {impl!r} attention does not take: "
                      "load the model with attn_implementation='sdpa' or 'eager', or train without packing "
                      "(--questions-per-respondent 0; scoring then packs nothing either)")
+
+
+def attention_mask_for(model, visible: torch.Tensor) -> torch.Tensor:
+    """`visible` (bool [B, 1, S, S]) as the 4-D mask `model`'s attention takes as it is: bool for SDPA, an additive
+    float mask (0 or the dtype's minimum) for eager attention. Other kernels (flash attention) take no 4-D mask."""
+    require_4d_mask(model)
+    if _attention(model) == "sdpa":
+        return visible
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)

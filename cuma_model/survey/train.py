@@ -413,14 +413,6 @@ class TrainSet(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def prefix_groups(keys: Sequence, size: int) -> list[list[int]]:
-    """Indices of equal keys (e.g. one respondent's examples, which share their profile prefix), in pieces of at
-    most `size`; each index alone when `size` is 1 or less."""
-    if size <= 1:
-        return [[i] for i in range(len(keys))]
-    return [rows[j: j + size] for rows in P.indices_by_key(keys) for j in range(0, len(rows), size)]
-
-
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled batches of indices whose order is a function of (seed, epoch) only.
 
@@ -728,11 +720,11 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
     # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
     fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
                                    z.table[z.train_index] if needs_z else [])
-    shared = prefix_groups([e.respondent_id for e in splits.train], args.questions_per_respondent)
+    shared = P.prefix_groups([e.respondent_id for e in splits.train], args.questions_per_respondent)
     dataset = TrainSet(prompt_ids, labels, z_index, targets, shared)
     packed_for = model if args.questions_per_respondent > 1 else None  # a respondent's questions share a prefix
     if packed_for is not None:
-        P.attention_mask_for(model, torch.ones(1, 1, 1, 1, dtype=torch.bool))  # refuses a flash attention now
+        P.require_4d_mask(model)
     sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed, shared)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          collate_fn=make_collate(pad_id, packed_for))
