@@ -56,10 +56,14 @@ def load_adapter_weights(model, method: str, directory: Path) -> None:
     set_peft_model_state_dict(model, tensors)
 
 
-def write_checkpoint(directory: Path, model, method: str, state: dict, args) -> Path:
-    """Write the adapter + training state into `directory`, replacing any previous one as a unit."""
+def write_checkpoint(directory: Path, model, method: str, state: dict, args,
+                     files: Mapping[str, str] | None = None) -> Path:
+    """Write the adapter + training state (+ `files`, name -> text) into `directory`, replacing any previous one as
+    a unit."""
     def build(tmp: Path) -> None:
         save_adapter(model, method, tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         buf = io.BytesIO()
         torch.save(state, buf)
         (tmp / STATE_NAME).write_bytes(buf.getvalue())

