@@ -52,3 +52,15 @@ def test_without_the_profile_in_the_prompt_field_z_carries_who_is_asking(tmp_pat
     assert routed >= 0.75 and routed > blind + 0.25, (routed, blind)
     saved = FieldEncoder.from_json(json.loads((tmp_path / "run" / "final" / T.FIELD_ENCODER_NAME).read_text()))
     assert saved.vocabulary == [("party", "democrat"), ("party", "independent"), ("party", "republican")]
+
+
+def test_preference_training_refuses_an_adapter_trained_on_field_z(tmp_path):
+    from cuma_model.survey import preference as P
+
+    p = parts()
+    del p["encoder"]
+    T.train(options(tmp_path, method="cuma", encoder=T.FIELDS, max_steps=1, do_eval=False), **p)
+    argv = ["--stage", "dpo", "--sft-checkpoint", str(tmp_path / "run" / "final"), "--max-steps", "1",
+            "--output-dir", str(tmp_path / "dpo")]
+    with pytest.raises(ValueError, match="--encoder fields"):
+        P.run_preference(argv, model=parts()["model"], tokenizer=p["tokenizer"], encoder=lambda texts: None)
