@@ -25,7 +25,7 @@ Reference model (DPO `--reference`):
   (TRL's `precompute_ref_log_probs`), so no second copy either; with precomputing off, a frozen copy of the SFT model
   is kept.
 
-CLI: `python -m cuma_model.survey.preference --stage dpo|grpo --sft-checkpoint DIR [--model PATH] [--survey gss_spending]
+CLI: `python -m cuma_model.survey.preference --stage dpo|grpo --sft-checkpoint DIR [--model PATH] [--survey gss_abortion]
 [--max-steps N] [--output-dir DIR]`; the adapter is saved with `cuma_model.save_pretrained` to OUTPUT_DIR/final.
 """
 from __future__ import annotations
