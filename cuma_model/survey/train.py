@@ -652,7 +652,7 @@ class ProfileEmbeddings:
     table: torch.Tensor
     train_index: torch.Tensor
     eval_index: torch.Tensor
-    files: dict[str, str] = dataclasses.field(default_factory=dict)  # what a user needs to make z again (name -> text)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> text
 
 
 def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
@@ -691,14 +691,14 @@ def _adapted_model(run: _Run, splits: Splits, resume, model, tokenizer, encoder)
         raise ValueError("pass tokenizer= with model=")
     z = None
     if args.method == "cuma":
-        files = {}
         if encoder is None and args.encoder == FIELDS:
             encoder = FieldEncoder.fit(e.groups for e in splits.train)
-            files[FIELD_ENCODER_NAME] = json.dumps(encoder.to_json(), indent=1) + "\n"
         elif encoder is None:
             from cuma_model.survey.encoder import DemographicEncoder
 
             encoder = DemographicEncoder(args.encoder)
+        files = ({FIELD_ENCODER_NAME: json.dumps(encoder.to_json(), indent=1) + "\n"}
+                 if isinstance(encoder, FieldEncoder) else {})
         read = getattr(encoder, "example_field", "profile")  # the field encoder reads .groups
         table, index = encoder.encode_unique([getattr(e, read) for e in splits.train + splits.eval])
         z = ProfileEmbeddings(table.float(), index[: len(splits.train)], index[len(splits.train):], files)
