@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+FIELD_ENCODER_NAME = "field_encoder.json"  # its file in a checkpoint folder
+
 
 class FieldEncoder:
     """z [B, D] float32 from `groups` mappings (dimension -> label, as `SurveyExample.groups` holds them).

@@ -592,7 +592,9 @@ def run_preference(argv: Sequence[str] | None = None, model=None, tokenizer=None
     if cuma_model.is_patched(model):
         pass
     elif a.sft_checkpoint:
-        if (Path(a.sft_checkpoint) / "field_encoder.json").is_file():
+        from .field_encoder import FIELD_ENCODER_NAME
+
+        if (Path(a.sft_checkpoint) / FIELD_ENCODER_NAME).is_file():
             raise ValueError(f"{a.sft_checkpoint} was trained on z from field values (--encoder fields); preference "
                              "training encodes profile texts and needs an adapter trained with a sentence encoder")
         cuma_model.from_pretrained(model, a.sft_checkpoint)

@@ -71,7 +71,7 @@ from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
-from cuma_model.survey.field_encoder import FieldEncoder
+from cuma_model.survey.field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from cuma_model.survey.run_checkpoint import (
     RUN_ARGS_NAME,
     data_fingerprint,
@@ -89,7 +89,6 @@ SCHEDULERS = ("constant", "linear", "cosine")
 OBJECTIVES = ("answer", "distribution")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIELDS = "fields"  # --encoder value: z from the demographic field values (FieldEncoder), not a sentence encoder
-FIELD_ENCODER_NAME = "field_encoder.json"
 
 
 # --------------------------------------------------------------------------------------------------------------------
