@@ -21,6 +21,7 @@ class CuMAHandle:
         self.disabled = False  # the whole adapter switched off (PEFT's disable_adapter); adapters_disabled is per call
         self.overrides: list[tuple] = []  # (object, attribute, had it, its value) for every attribute patched
         self.warned_backbone_aux = False
+        self.warned_4d_mask_aux = False
         self.accumulation_steps: int | None = None  # a trainer's, set by CuMACallback while it trains
 
 

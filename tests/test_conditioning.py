@@ -347,3 +347,26 @@ def test_threads_keep_their_conditioning_apart():
     for i in range(2):
         assert all(torch.equal(g, expected[i]) for g in got[i])
     assert not torch.equal(expected[0], expected[1])
+
+
+def test_a_4d_mask_needs_aux_token_weights_to_leave_padding_out_of_the_aux_loss():
+    model = patched()
+    model.train()
+    ids = torch.randint(3, 97, (2, 6))
+    z = torch.randn(2, D)
+    mask2d = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    real = mask2d.bool()
+    visible = torch.ones(6, 6, dtype=torch.bool).tril() & real[:, None, :]
+    visible |= torch.eye(6, dtype=torch.bool) & ~real[:, :, None]  # padding sees itself: no empty softmax row
+    mask4d = visible[:, None]
+    expected = model(ids, demographic_embeds=z, attention_mask=mask2d).aux_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weighted = model(ids, demographic_embeds=z, attention_mask=mask4d, aux_token_weights=mask2d).aux_loss
+    torch.testing.assert_close(weighted, expected)
+    with pytest.warns(UserWarning, match="aux_token_weights"):
+        unweighted = model(ids, demographic_embeds=z, attention_mask=mask4d).aux_loss
+    assert not torch.allclose(unweighted, expected)  # the padding tokens were counted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model
+        model(ids, demographic_embeds=z, attention_mask=mask4d)
