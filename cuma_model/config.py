@@ -25,20 +25,23 @@ CONFIG_NAME = "adapter_config.json"
 #   1: the CuMA options, "peft_type": "CuMA"; a target_modules list was a substring test on qualified names.
 #   2: version 1 plus PEFT's own keys (_PEFT_KEYS), "peft_type": "CUMA" (PEFT's PeftType.CUMA); target_modules
 #      follows PEFT (a list matches name suffixes, a string is a regular expression over the whole name).
-CONFIG_VERSION = 3
+#   3: version 2 plus demographic_norm.
+#   4: version 3 plus demographic_projection_layers.
+CONFIG_VERSION = 4
 PEFT_TYPE_NAME = "CUMA"
 LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
 # Keys every PeftConfig carries (PEFT's bookkeeping, no effect on the adapter's math): absent from version 1 files.
 _PEFT_KEYS = ("task_type", "auto_mapping", "peft_version", "revision", "inference_mode")
 _DTYPES = ("float32", "bfloat16", "float16")
-_INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "router_num_layers")
+_INTS = ("num_experts", "top_k", "r", "demographic_dim", "router_hidden_dim", "router_num_layers",
+         "demographic_projection_layers")
 _FLOATS = ("lora_alpha", "dropout", "demographic_scale", "aux_loss_coef", "init_A_std")
 _BOOLS = ("shared_A", "share_router_qkv", "share_router_gate_up")
 _STRS = ("routing_mode", "adapter_dtype", "demographic_norm")
 # Options added by a version: files of an earlier version lack them and read as their defaults.
-_ADDED_IN = {3: ("demographic_norm",)}
+_ADDED_IN = {3: ("demographic_norm",), 4: ("demographic_projection_layers",)}
 DEMOGRAPHIC_NORMS = ("none", "center", "whiten")
-_DEFAULTS = {"demographic_norm": "none"}
+_DEFAULTS = {"demographic_norm": "none", "demographic_projection_layers": 0}
 
 
 def cuma_peft_type() -> PeftType:
@@ -118,6 +121,12 @@ class CuMAConfig(PeftConfig):
                           "each principal direction, shrunk where the profiles hardly vary). The statistics are saved "
                           "with the adapter."},
     )
+    demographic_projection_layers: int = field(
+        default=0,
+        metadata={"help": "The published encoder projection of z, one for all routers, after demographic_norm and "
+                          "demographic_scale: 0 none; 1 Linear(D -> D) (xavier-normal, gain 0.01, as published); "
+                          "2 Linear(D -> D), GELU, Linear(D -> D). Trained with the routers."},
+    )
     router_hidden_dim: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
     router_num_layers: int = field(default=2, metadata={"help": "Linear layers in the router MLP (1, 2 or more)."})
     share_router_qkv: bool = field(default=True, metadata={"help": "q/k/v of one layer share one router."})
@@ -177,6 +186,10 @@ class CuMAConfig(PeftConfig):
             raise ValueError(f"demographic_norm must be one of {DEMOGRAPHIC_NORMS}, got {self.demographic_norm!r}")
         if self.demographic_norm != "none" and self.demographic_dim == 0:
             raise ValueError("demographic_norm needs a z (demographic_dim > 0)")
+        if self.demographic_projection_layers not in (0, 1, 2):
+            raise ValueError(f"demographic_projection_layers must be 0, 1 or 2, got {self.demographic_projection_layers}")
+        if self.demographic_projection_layers and self.demographic_dim == 0:
+            raise ValueError("demographic_projection_layers needs a z (demographic_dim > 0)")
         if self.router_hidden_dim < 1:
             raise ValueError(f"router_hidden_dim must be >= 1, got {self.router_hidden_dim}")
         if self.router_num_layers < 1:

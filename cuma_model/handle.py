@@ -15,6 +15,7 @@ class CuMAHandle:
         self.config = config
         self.layers: dict = {}  # qualified name -> CuMALinear
         self.routers: dict = {}  # router key -> DemographicRouter
+        self.projection = None  # the DemographicProjection all routers share (demographic_projection_layers)
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
         self.aux_meter = AuxMeter()

@@ -24,7 +24,7 @@ from .context import (
 )
 from .handle import CuMAHandle, handle_of
 from .layer import CuMALinear
-from .router import DemographicRouter, demographic_statistics
+from .router import DemographicProjection, DemographicRouter, demographic_statistics
 from .targets import execution_device, features, find_targets
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -131,11 +131,14 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
     key = f"{parent_name}.{attr}" if shared else f"{name}.router"
     if key in handle.routers:
         return handle.routers[key], shared
+    if cfg.demographic_projection_layers and handle.projection is None:
+        handle.projection = DemographicProjection(cfg.demographic_dim, cfg.demographic_projection_layers,
+                                                  dtype=dtype, device=execution_device(base))
     router = DemographicRouter(features(base)[0], cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
                                dropout=cfg.dropout, mode=cfg.routing_mode,
                                demographic_scale=cfg.demographic_scale, demographic_norm=cfg.demographic_norm,
-                               dtype=dtype, device=execution_device(base))
+                               projection=handle.projection, dtype=dtype, device=execution_device(base))
     router.key = key
     if shared:
         setattr(parent, attr, router)

@@ -11,6 +11,29 @@ import cuma_kernels
 from cuma_kernels.reference import dense_gates
 
 
+class DemographicProjection(nn.Module):
+    """The published encoder projection of z, one module shared by every router of a model (each applies it after
+    its z statistics): 1 layer, Linear(D -> D) initialised xavier-normal with gain 0.01 and zero bias, as published;
+    2 layers, Linear(D -> D), GELU, Linear(D -> D) at torch's default initialisation."""
+
+    def __init__(self, dim: int, num_layers: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim, dtype=dtype, device=device) for _ in range(num_layers))
+        if num_layers == 1:
+            nn.init.xavier_normal_(self.layers[0].weight, gain=0.01)
+            nn.init.zeros_(self.layers[0].bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z [batch, D] -> [batch, D] in z's dtype and on z's device (routers on other devices share this one)."""
+        h = z.to(self.layers[0].weight.device)
+        for i, layer in enumerate(self.layers):
+            if i:
+                h = F.gelu(h)
+            h = F.linear(h, layer.weight.to(z.dtype), layer.bias.to(z.dtype))
+        return h.to(z.device)
+
+
 class DemographicRouter(nn.Module):
     """Published router: Dropout -> Linear(d_in + D -> H) -> ReLU -> Dropout -> Linear(H -> E), then top-k.
 
@@ -31,6 +54,7 @@ class DemographicRouter(nn.Module):
         mode: str = "cuma",
         demographic_scale: float = 1.0,
         demographic_norm: str = "none",
+        projection: DemographicProjection | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
@@ -44,6 +68,7 @@ class DemographicRouter(nn.Module):
             nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(widths[:-1], widths[1:])
         )
         self.dropout = nn.Dropout(dropout)
+        self.projection = projection  # shared with the model's other routers, saved under the first one's name
         # z statistics (see `set_demographic_norm`): saved with the adapter, never trained. NaN until set, so that an
         # adapter whose statistics were never fitted refuses to route instead of routing on raw z
         if demographic_norm != "none" and demographic_dim:
@@ -110,6 +135,8 @@ class DemographicRouter(nn.Module):
                     z = z @ self.z_whiten.to(dtype).T
                 if self.demographic_scale != 1.0:
                     z = z * self.demographic_scale
+                if self.projection is not None:
+                    z = self.projection(z)
                 per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias.to(dtype))
             else:
                 per_sequence = first.bias.to(dtype)[None]

@@ -356,3 +356,20 @@ def test_param_groups_give_the_routers_their_own_learning_rate():
     assert rest["params"] and all("lora_A" in names[id(q)] for q in rest["params"])
     only = T.param_groups(model, T._args_from(dict(method="cuma", lr=1e-3, lr_ratio_router=2.0)))
     assert len(only) == 2 and only[1]["lr"] == 2e-3 and {id(q) for q in only[1]["params"]} == router_params
+
+
+def test_the_projection_of_z_trains_at_the_routers_rate_and_reaches_the_checkpoint(tmp_path):
+    args = T._args_from(dict(method="cuma", lr=1e-3, lr_ratio_router=0.5, num_experts=4, r=4, router_hidden_dim=16,
+                             demographic_projection_layers=2))
+    model = T.apply_method(parts()["model"], args, demographic_dim=PartyEncoder.dim)
+    _, routers = T.param_groups(model, args)
+    projection = {id(q) for q in model.cuma.projection.parameters()}
+    assert projection and projection <= {id(q) for q in routers["params"]}
+    T.train(options(tmp_path, method="cuma", demographic_projection_layers=2, max_steps=2, save_steps=1,
+                    train_examples=30, do_eval=False), **parts())
+    saved = [load_file(str(tmp_path / "run" / f / "adapter_model.safetensors")) for f in ("checkpoint-1", "final")]
+    keys = [k for k in saved[1] if ".projection." in k]
+    assert len(keys) == 4
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in keys)  # the second step moved it
+    config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert config["demographic_projection_layers"] == 2

@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuma: z at the routers' input centred, or whitened, over the distinct training profiles "
                         "(chosen on validation, docs/results.md); the statistics are saved with the adapter; none: "
                         "raw z, as published")
+    g.add_argument("--demographic-projection-layers", type=int, choices=(0, 1, 2), default=0,
+                   help="cuma: the published encoder projection of z, one for all routers, after --demographic-norm: "
+                        "0 none, 1 a linear map, 2 Linear-GELU-Linear; trained with the routers (their learning "
+                        "rate)")
     g.add_argument("--dropout", type=float, default=0.0)
 
     g = p.add_argument_group("checkpoints and evaluation")
@@ -334,6 +338,7 @@ def apply_method(model, args: argparse.Namespace, demographic_dim: int):
         target_modules=tuple(args.target_modules), routing_mode=args.routing_mode, aux_loss_coef=args.aux_loss_coef,
         router_hidden_dim=args.router_hidden_dim, dropout=args.dropout, demographic_scale=args.demographic_scale,
         demographic_norm=args.demographic_norm if args.method == "cuma" else "none",
+        demographic_projection_layers=args.demographic_projection_layers if args.method == "cuma" else 0,
         base_model_name_or_path=str(args.model) if args.model else "SmolLM2-135M-Instruct")
 
 
