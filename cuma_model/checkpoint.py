@@ -22,11 +22,11 @@ MODEL_CARD_NAME = "README.md"
 
 
 def adapter_state_dict(model) -> dict:
-    """Every adapter and router tensor of a patched model, keyed by its qualified name: the parameters, and the
-    routers' z statistics (buffers, with `demographic_norm`)."""
+    """Every adapter, router and projection tensor of a patched model, keyed by its qualified name: the parameters,
+    and the z statistics (buffers, with `demographic_norm`)."""
     handle = handle_of(model)
     owned = {id(p) for layer in handle.layers.values() for p in (layer.lora_A, layer.lora_B)}
-    owned |= {id(t) for router in handle.routers.values() for t in (*router.parameters(), *router.buffers())}
+    owned |= {id(t) for module in handle.routing_modules() for t in (*module.parameters(), *module.buffers())}
     named = list(model.named_parameters()) + list(model.named_buffers())
     return {name: t for name, t in named if id(t) in owned}
 

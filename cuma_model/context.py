@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -104,11 +103,6 @@ class ForwardState:
     def token_mask(self, batch: int, seq: int) -> torch.Tensor | None:
         """The attention mask of the current tokens (the last `seq` columns: earlier ones belong to the KV cache)."""
         m = self.attention_mask
-        if m is not None and m.dim() == 4 and not self.owner.warned_4d_mask_aux and not torch.compiler.is_compiling():
-            self.owner.warned_4d_mask_aux = True  # once per model; a warning would break a compiled graph
-            warnings.warn("a 4-D attention_mask does not say which tokens are padding, so the load-balancing loss "
-                          "counts every token: pass aux_token_weights= ([batch, seq], 1 for a token, 0 for padding) "
-                          "with it", stacklevel=2)
         if m is None or m.dim() != 2 or m.shape[0] != batch or m.shape[1] < seq:
             return None
         return m[:, -seq:].reshape(-1)

@@ -15,7 +15,7 @@ class CuMAHandle:
         self.config = config
         self.layers: dict = {}  # qualified name -> CuMALinear
         self.routers: dict = {}  # router key -> DemographicRouter
-        self.projection = None  # the DemographicProjection all routers share (demographic_projection_layers)
+        self.projection = None  # the DemographicProjection of z run before the routers (demographic_projection_layers)
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
         self.aux_meter = AuxMeter()
@@ -24,6 +24,10 @@ class CuMAHandle:
         self.warned_backbone_aux = False
         self.warned_4d_mask_aux = False
         self.accumulation_steps: int | None = None  # a trainer's, set by CuMACallback while it trains
+
+    def routing_modules(self) -> list[nn.Module]:
+        """The routers, and the projection of z when there is one: what turns z and the hidden states into routes."""
+        return [*self.routers.values(), *([self.projection] if self.projection is not None else [])]
 
 
 class AuxMeter:

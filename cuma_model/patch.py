@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .targets import execution_device, features, find_targets
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
+PROJECTION_NAME = "cuma_demographic_projection"  # the projection of z, a submodule of the patched model
 
 
 def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
@@ -61,6 +63,13 @@ def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
         handle.base_requires_grad[name] = p.requires_grad
         p.requires_grad_(False)
     dtype = getattr(torch, config.adapter_dtype)
+    if config.demographic_projection_layers:
+        # at the root, outside every decoder layer: it runs once per forward, before them (an FSDP unit per layer
+        # then owns only its own routers and experts)
+        handle.projection = DemographicProjection(
+            config.demographic_dim, config.demographic_projection_layers, demographic_norm=config.demographic_norm,
+            demographic_scale=config.demographic_scale, dtype=dtype, device=execution_device(targets[0][1]))
+        model.add_module(PROJECTION_NAME, handle.projection)
     modules = dict(model.named_modules())
     for name, base in targets:
         parent_name, _, child = name.rpartition(".")
@@ -100,6 +109,8 @@ def _restore(model: nn.Module, handle: CuMAHandle) -> None:
         parent = modules.get(parent_name, model) if parent_name else model
         if attr in parent._modules:
             delattr(parent, attr)
+    if handle.projection is not None and PROJECTION_NAME in model._modules:
+        delattr(model, PROJECTION_NAME)
     for obj, name, had, previous in reversed(handle.overrides):
         if had:
             setattr(obj, name, previous)
@@ -131,14 +142,13 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
     key = f"{parent_name}.{attr}" if shared else f"{name}.router"
     if key in handle.routers:
         return handle.routers[key], shared
-    if cfg.demographic_projection_layers and handle.projection is None:
-        handle.projection = DemographicProjection(cfg.demographic_dim, cfg.demographic_projection_layers,
-                                                  dtype=dtype, device=execution_device(base))
+    with_projection = handle.projection is not None  # then z reaches the routers normalised and scaled already
     router = DemographicRouter(features(base)[0], cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
                                dropout=cfg.dropout, mode=cfg.routing_mode,
-                               demographic_scale=cfg.demographic_scale, demographic_norm=cfg.demographic_norm,
-                               projection=handle.projection, dtype=dtype, device=execution_device(base))
+                               demographic_scale=1.0 if with_projection else cfg.demographic_scale,
+                               demographic_norm="none" if with_projection else cfg.demographic_norm,
+                               dtype=dtype, device=execution_device(base))
     router.key = key
     if shared:
         setattr(parent, attr, router)
@@ -164,6 +174,8 @@ def forward_scope(model: nn.Module, demographic_embeds: torch.Tensor | None,
         compute_aux = model.training
     if demographic_embeds is not None:
         _check_finite(demographic_embeds)
+        if handle.projection is not None and not is_disabled(handle):
+            demographic_embeds = handle.projection(demographic_embeds)
     state = ForwardState(handle, demographic_embeds, attention_mask, compute_aux and handle.config.aux_loss_coef > 0)
     with activate(state):
         yield state
@@ -196,6 +208,8 @@ class ConditionedForward:
         mask = aux_token_weights
         if mask is None:
             mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
+            if mask is not None and mask.dim() == 4 and self.model.training:
+                _warn_4d_mask_once(handle)
         with forward_scope(self.model, z, mask) as state:
             out = self.base_forward(*args, **kwargs)
         aux = state.aux_loss()
@@ -212,6 +226,15 @@ class ConditionedForward:
                 if hidden is not out["last_hidden_state"]:
                     out["last_hidden_state"], out["aux_loss"] = hidden, aux.detach()
         return out
+
+
+def _warn_4d_mask_once(handle) -> None:
+    if handle.warned_4d_mask_aux or handle.config.aux_loss_coef == 0 or torch.compiler.is_compiling():
+        return  # a warning would break a compiled graph
+    handle.warned_4d_mask_aux = True
+    warnings.warn("a 4-D attention_mask does not say which tokens are padding, so the load-balancing loss counts "
+                  "every token: pass aux_token_weights= ([batch, seq], 1 for a token, 0 for padding) with it",
+                  stacklevel=3)
 
 
 def _batch_share(kwargs) -> torch.Tensor | float:
@@ -331,14 +354,15 @@ def routers(model: nn.Module) -> list[DemographicRouter]:
 def fit_demographic_norm(model: nn.Module, demographic_embeds: torch.Tensor) -> nn.Module:
     """Set the z statistics of a model patched with `demographic_norm` "center" or "whiten" from
     `demographic_embeds` [N, D]: one row per distinct training profile (rows repeated per answer would weight the
-    people who answered more). Every router gets the same statistics; they are saved with the adapter."""
+    people who answered more). Every router gets the same statistics (or the projection of z, which runs before
+    the routers, with `demographic_projection_layers`); they are saved with the adapter."""
     handle = handle_of(model)
     if handle.config.demographic_norm == "none":
         raise ValueError("this adapter has demographic_norm 'none': patch it with demographic_norm='center' or "
                          "'whiten' to give its routers z statistics")
     mean, whiten = demographic_statistics(demographic_embeds, handle.config.demographic_norm == "whiten")
-    for router in handle.routers.values():
-        router.set_demographic_norm(mean, whiten)
+    for module in [handle.projection] if handle.projection is not None else handle.routers.values():
+        module.set_demographic_norm(mean, whiten)
     return model
 
 

@@ -11,30 +11,75 @@ import cuma_kernels
 from cuma_kernels.reference import dense_gates
 
 
-class DemographicProjection(nn.Module):
-    """The published encoder projection of z, one module shared by every router of a model (each applies it after
-    its z statistics): 1 layer, Linear(D -> D) initialised xavier-normal with gain 0.01 and zero bias, as published;
-    2 layers, Linear(D -> D), GELU, Linear(D -> D) at torch's default initialisation."""
+class DemographicStatistics(nn.Module):
+    """The first thing done to z: minus the training profiles' mean, times a whitening (`demographic_norm`), times
+    `demographic_scale`. The statistics are buffers, saved with the adapter and never trained; NaN until set, so
+    that an adapter whose statistics were never fitted refuses to route instead of routing on raw z."""
 
-    def __init__(self, dim: int, num_layers: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def _register_statistics(self, dim: int, norm: str, scale: float, device) -> None:
+        self.demographic_scale = scale
+        if norm != "none" and dim:
+            self.register_buffer("z_mean", torch.full((dim,), float("nan"), device=device))
+        if norm == "whiten" and dim:
+            self.register_buffer("z_whiten", torch.eye(dim, dtype=torch.float32, device=device))
+
+    def _check_fitted(self) -> None:
+        message = ("this adapter's z statistics were never fitted (demographic_norm): call "
+                   "cuma_model.fit_demographic_norm(model, z_of_the_training_profiles) before training")
+        unset = torch.isnan(self.z_mean[:1])
+        if self.z_mean.is_cuda or torch.compiler.is_compiling():
+            torch._assert_async(~unset.squeeze(0), message)  # no host sync per call
+        elif bool(unset):
+            raise ValueError(message)
+
+    def set_demographic_norm(self, mean: torch.Tensor, whiten: torch.Tensor | None = None) -> None:
+        """z then becomes (z - mean) @ whiten.T (times `demographic_scale`)."""
+        with torch.no_grad():
+            self.z_mean.copy_(mean)
+            if whiten is not None:
+                self.z_whiten.copy_(whiten)
+
+    def normalized(self, z: torch.Tensor) -> torch.Tensor:
+        """z [batch, D], already in the compute dtype, after the statistics and the scale."""
+        if hasattr(self, "z_mean"):
+            self._check_fitted()
+            z = z - self.z_mean.to(z.dtype)
+        if hasattr(self, "z_whiten"):
+            z = z @ self.z_whiten.to(z.dtype).T
+        if self.demographic_scale != 1.0:
+            z = z * self.demographic_scale
+        return z
+
+
+class DemographicProjection(DemographicStatistics):
+    """The published encoder projection of z, run once per forward for all routers (which then take its output as
+    their z): the z statistics and scale, then 1 layer, Linear(D -> D) initialised xavier-normal with gain 0.01 and
+    zero bias, as published, or 2 layers, Linear(D -> D), GELU, Linear(D -> D) at torch's default initialisation.
+    Like the routers it runs in at least float32 whatever the weights' dtype and any autocast."""
+
+    def __init__(self, dim: int, num_layers: int, demographic_norm: str = "none", demographic_scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(dim, dim, dtype=dtype, device=device) for _ in range(num_layers))
         if num_layers == 1:
             nn.init.xavier_normal_(self.layers[0].weight, gain=0.01)
             nn.init.zeros_(self.layers[0].bias)
+        self._register_statistics(dim, demographic_norm, demographic_scale, device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [batch, D] -> [batch, D] in z's dtype and on z's device (routers on other devices share this one)."""
-        h = z.to(self.layers[0].weight.device)
-        for i, layer in enumerate(self.layers):
-            if i:
-                h = F.gelu(h)
-            h = F.linear(h, layer.weight.to(z.dtype), layer.bias.to(z.dtype))
+        """z [batch, D] -> [batch, D] in float32 (float64 weights: 64), on z's device."""
+        dtype = torch.promote_types(self.layers[0].weight.dtype, torch.float32)
+        device = z.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            h = self.normalized(z.to(self.layers[0].weight.device, dtype))
+            for i, layer in enumerate(self.layers):
+                if i:
+                    h = F.gelu(h)
+                h = F.linear(h, layer.weight.to(dtype), layer.bias.to(dtype))
         return h.to(z.device)
 
 
-class DemographicRouter(nn.Module):
+class DemographicRouter(DemographicStatistics):
     """Published router: Dropout -> Linear(d_in + D -> H) -> ReLU -> Dropout -> Linear(H -> E), then top-k.
 
     The first Linear is stored whole (its weight is [H, d_in + D], initialised like the published one), but applied
@@ -54,43 +99,19 @@ class DemographicRouter(nn.Module):
         mode: str = "cuma",
         demographic_scale: float = 1.0,
         demographic_norm: str = "none",
-        projection: DemographicProjection | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.in_features, self.demographic_dim = in_features, demographic_dim
         self.num_experts, self.top_k, self.mode = num_experts, top_k, mode
-        self.demographic_scale = demographic_scale
         self.key = ""  # qualified name, set by patch_model
         widths = [in_features + demographic_dim] + [hidden_dim] * (num_layers - 1) + [num_experts]
         self.layers = nn.ModuleList(
             nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(widths[:-1], widths[1:])
         )
         self.dropout = nn.Dropout(dropout)
-        self.projection = projection  # shared with the model's other routers, saved under the first one's name
-        # z statistics (see `set_demographic_norm`): saved with the adapter, never trained. NaN until set, so that an
-        # adapter whose statistics were never fitted refuses to route instead of routing on raw z
-        if demographic_norm != "none" and demographic_dim:
-            self.register_buffer("z_mean", torch.full((demographic_dim,), float("nan"), device=device))
-        if demographic_norm == "whiten" and demographic_dim:
-            self.register_buffer("z_whiten", torch.eye(demographic_dim, dtype=torch.float32, device=device))
-
-    def _check_fitted(self) -> None:
-        message = ("this adapter's z statistics were never fitted (demographic_norm): call "
-                   "cuma_model.fit_demographic_norm(model, z_of_the_training_profiles) before training")
-        unset = torch.isnan(self.z_mean[:1])
-        if self.z_mean.is_cuda or torch.compiler.is_compiling():
-            torch._assert_async(~unset.squeeze(0), message)  # no host sync per call
-        elif bool(unset):
-            raise ValueError(message)
-
-    def set_demographic_norm(self, mean: torch.Tensor, whiten: torch.Tensor | None = None) -> None:
-        """The router then routes on (z - mean) @ whiten.T (times `demographic_scale`)."""
-        with torch.no_grad():
-            self.z_mean.copy_(mean)
-            if whiten is not None:
-                self.z_whiten.copy_(whiten)
+        self._register_statistics(demographic_dim, demographic_norm, demographic_scale, device)
 
     def _check(self, x: torch.Tensor, z: torch.Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
@@ -127,16 +148,7 @@ class DemographicRouter(nn.Module):
             w = first.weight.to(dtype)
             h = F.linear(self.dropout(x.to(dtype)), w[:, : self.in_features])
             if self.demographic_dim:
-                z = z.to(dtype)
-                if hasattr(self, "z_mean"):
-                    self._check_fitted()
-                    z = z - self.z_mean.to(dtype)
-                if hasattr(self, "z_whiten"):
-                    z = z @ self.z_whiten.to(dtype).T
-                if self.demographic_scale != 1.0:
-                    z = z * self.demographic_scale
-                if self.projection is not None:
-                    z = self.projection(z)
+                z = self.normalized(z.to(dtype))
                 per_sequence = F.linear(self.dropout(z), w[:, self.in_features :], first.bias.to(dtype))
             else:
                 per_sequence = first.bias.to(dtype)[None]

@@ -30,7 +30,8 @@ def build(aux_loss_coef: float):
     """The tiny patched model, identical on every rank and in the test process."""
     model = tiny_decoder("llama", seed=0)
     cuma_model.patch_model(model, num_experts=8, top_k=1, r=2, demographic_dim=D, router_hidden_dim=8,
-                           routing_mode="soft", aux_loss_coef=aux_loss_coef)
+                           routing_mode="soft", aux_loss_coef=aux_loss_coef,
+                           demographic_projection_layers=2)  # at the root: FSDP's root unit must gather it
     randomize_experts(model, std=0.3, seed=1)
     with torch.no_grad():  # skew routing: experts 0 and 1 take (nearly) every token, 2..7 none
         for router in cuma_model.routers(model):

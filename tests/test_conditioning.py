@@ -370,3 +370,8 @@ def test_a_4d_mask_needs_aux_token_weights_to_leave_padding_out_of_the_aux_loss(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per model
         model(ids, demographic_embeds=z, attention_mask=mask4d)
+    quiet = patched()
+    quiet.eval()  # no load-balancing loss outside training: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(ids, demographic_embeds=z, attention_mask=mask4d)

@@ -137,6 +137,9 @@ def test_anes_prochoice():
     assert first["health"].choices[first["health"].target] == "Oppose"
     assert first["fatal"].choices[first["fatal"].target] == "Favor"
     assert first["sex"].target == 0
+    by_party = {e.groups.get("party"): e.profile for e in anes}
+    assert by_party["Independent"].startswith("You are an independent, ")
+    assert by_party["Republican"].startswith("You are a Republican, ")
     # case 1 answered none of the items; a missing party leaves only the other phrase
     assert "1" not in {e.respondent_id for e in anes}
     assert {e.profile for e in anes if "party" not in e.groups} == {

@@ -1,5 +1,5 @@
-"""The published encoder projection of z (`demographic_projection_layers`): one module for every router, applied
-after the z statistics, trained with the routers, saved with the adapter on both save paths."""
+"""The published encoder projection of z (`demographic_projection_layers`): one module at the model's root, run once
+per forward before the routers, holding the z statistics, trained with the routers, saved on both save paths."""
 import json
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import cuma_model
 from cuma_model.checkpoint import adapter_state_dict
-from cuma_model.router import DemographicProjection, DemographicRouter, demographic_statistics
+from cuma_model.patch import PROJECTION_NAME
+from cuma_model.router import DemographicProjection, demographic_statistics
 from tiny_models import randomize_experts, tiny_decoder
 
 D = 6
@@ -29,24 +30,42 @@ def patched(layers=2, norm="whiten", seed=0):
     return model
 
 
-def test_the_router_routes_on_the_projection_of_the_whitened_z():
+def test_the_projection_whitens_scales_and_maps_z():
     torch.manual_seed(0)
-    projection = DemographicProjection(D, 2, dtype=torch.float64)
+    projection = DemographicProjection(D, 2, demographic_norm="whiten", demographic_scale=2.0, dtype=torch.float64)
     for p in projection.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    router = DemographicRouter(8, D, 4, 2, hidden_dim=16, demographic_scale=2.0, demographic_norm="whiten",
-                               projection=projection, dtype=torch.float64)
+    with pytest.raises(ValueError, match="never fitted"):
+        projection(profiles(2))
     mean, whiten = demographic_statistics(profiles(40), whiten=True)
-    router.set_demographic_norm(mean, whiten)
-    x, z = torch.randn(3, 5, 8, dtype=torch.float64), profiles(3, seed=1).double()
-    # by hand: whiten, scale, Linear, GELU, Linear, then the router's MLP on [x ; z']
-    zn = 2.0 * ((z - mean.double()) @ whiten.double().T)
+    projection.set_demographic_norm(mean, whiten)
+    z = profiles(3, seed=1).double()
+    zn = 2.0 * ((z - mean.double()) @ whiten.double().T)  # by hand: whiten, scale, Linear, GELU, Linear
     l1, l2 = projection.layers
-    zp = F.linear(F.gelu(F.linear(zn, l1.weight, l1.bias)), l2.weight, l2.bias)
-    first, second = router.layers
-    u = torch.cat([x, zp[:, None, :].expand(3, 5, D)], dim=-1)
-    expected = F.linear(F.relu(F.linear(u, first.weight, first.bias)), second.weight, second.bias)
-    torch.testing.assert_close(router.logits(x, z), expected)
+    expected = F.linear(F.gelu(F.linear(zn, l1.weight, l1.bias)), l2.weight, l2.bias)
+    torch.testing.assert_close(projection(z), expected)
+
+
+def test_the_routers_route_on_the_projected_z():
+    model = patched()
+    routers = cuma_model.routers(model)
+    assert len(routers) > 1
+    assert all(not hasattr(r, "z_mean") and r.demographic_scale == 1.0 for r in routers)  # the projection has them
+    with torch.no_grad():
+        for p in model.cuma.projection.parameters():
+            p.normal_(std=0.5)
+    ids, z = torch.randint(3, 97, (2, 5)), profiles(2, seed=2)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids, demographic_embeds=z).logits
+        projected = model.cuma.projection(z)
+        projection, model.cuma.projection = model.cuma.projection, None
+        try:
+            direct = model(ids, demographic_embeds=projected).logits
+        finally:
+            model.cuma.projection = projection
+    torch.testing.assert_close(expected, direct)
+    assert not torch.allclose(expected, model(ids, demographic_embeds=profiles(2, seed=9)).logits)
 
 
 def test_the_one_layer_projection_starts_as_published():
@@ -57,30 +76,25 @@ def test_the_one_layer_projection_starts_as_published():
     assert abs(layer.weight.std().item() / expected_std - 1) < 0.05
 
 
-def test_one_projection_is_shared_trained_and_saved_once():
+def test_the_projection_sits_at_the_root_trains_and_is_saved_once():
     model = patched()
-    routers = cuma_model.routers(model)
-    assert len(routers) > 1 and all(r.projection is model.cuma.projection for r in routers)
-    names = [k for k in adapter_state_dict(model) if ".projection." in k]
-    assert len(names) == 4  # two Linear layers, under one router's name only
+    assert getattr(model, PROJECTION_NAME) is model.cuma.projection
+    names = [k for k in adapter_state_dict(model) if k.startswith(PROJECTION_NAME + ".")]
+    assert sorted(names) == sorted(f"{PROJECTION_NAME}.{k}" for k in (
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "z_mean", "z_whiten"))
     ids, z = torch.randint(3, 97, (2, 5)), profiles(2, seed=2)
     model.train()
     model(ids, demographic_embeds=z, labels=ids).loss.backward()
-    grads = [p.grad for p in model.cuma.projection.parameters()]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    # z reaches the output through the projection: changing it changes the logits
-    model.eval()
-    with torch.no_grad():
-        before = model(ids, demographic_embeds=z).logits
-        model.cuma.projection.layers[1].bias.add_(1.0)
-        after = model(ids, demographic_embeds=z).logits
-    assert not torch.allclose(before, after)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.cuma.projection.parameters())
+    cuma_model.unpatch_model(model)
+    assert not hasattr(model, PROJECTION_NAME)
 
 
-def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path, layers):
     from peft import PeftModel
 
-    model = patched(layers=2)
+    model = patched(layers=layers)
     with torch.no_grad():
         for p in model.cuma.projection.parameters():
             p.normal_(std=0.5)
@@ -90,7 +104,7 @@ def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path):
         expected = model(ids, demographic_embeds=z).logits
     cuma_model.save_pretrained(model, tmp_path / "a")
     d = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert d["cuma_config_version"] == 4 and d["demographic_projection_layers"] == 2
+    assert d["cuma_config_version"] == 4 and d["demographic_projection_layers"] == layers
     peft_model = PeftModel.from_pretrained(tiny_decoder("llama"), tmp_path / "a", is_trainable=True)
     peft_model.save_pretrained(tmp_path / "b")  # PEFT's own writer
     for loaded in (cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "a"),
@@ -98,7 +112,7 @@ def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path):
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids, demographic_embeds=z).logits, expected)
-    assert any(".projection." in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert any(PROJECTION_NAME in n for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
 def test_the_option_is_checked_and_left_out_of_files_that_do_not_use_it(tmp_path):
@@ -107,8 +121,14 @@ def test_the_option_is_checked_and_left_out_of_files_that_do_not_use_it(tmp_path
     with pytest.raises(ValueError, match="needs a z"):
         cuma_model.CuMAConfig(demographic_dim=0, demographic_projection_layers=1)
     model = patched(layers=0, norm="center")
-    assert model.cuma.projection is None and all(r.projection is None for r in cuma_model.routers(model))
+    assert model.cuma.projection is None and not hasattr(model, PROJECTION_NAME)
     cuma_model.save_pretrained(model, tmp_path)
     d = json.loads((tmp_path / "adapter_config.json").read_text())
     assert d["cuma_config_version"] == 3 and "demographic_projection_layers" not in d  # what earlier releases read
     assert cuma_model.CuMAConfig.load(tmp_path).demographic_projection_layers == 0
+    cuma_model.save_pretrained(patched(layers=1), tmp_path / "p")
+    d = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    del d["demographic_projection_layers"]  # a version 4 file names it
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"lacks the keys \['demographic_projection_layers'\]"):
+        cuma_model.CuMAConfig.load(tmp_path / "p")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cuma_model
+from cuma_model.patch import PROJECTION_NAME
 from tiny_models import tiny_decoder
 
 HERE = Path(__file__).resolve().parent
@@ -80,14 +81,19 @@ def test_two_processes_match_single_process(tmp_path, mode):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("kw", [{}, {"target_modules": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
-                                     "shared_A": True}, {"share_router_qkv": False}])
+                                     "shared_A": True}, {"share_router_qkv": False},
+                                {"demographic_projection_layers": 2}])
 def test_trainable_parameters_live_inside_their_decoder_layer(arch, kw):
     """FSDP's transformer-layer auto-wrap makes one unit per decoder layer: routers and experts must sit under
-    `model.layers.<i>.` so each layer's unit owns (and gathers) its own routers and experts."""
+    `model.layers.<i>.` so each layer's unit owns (and gathers) its own routers and experts. The projection of z,
+    which runs before every layer, is the one trainable module at the root (the root unit's)."""
     model = tiny_decoder(arch)
     cuma_model.patch_model(model, num_experts=4, top_k=2, r=2, demographic_dim=4, router_hidden_dim=8, **kw)
     layer_cls = type(model.model.layers[0])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    at_root = [n for n in trainable if n.startswith(PROJECTION_NAME + ".")]
+    assert len(at_root) == (4 if kw.get("demographic_projection_layers") else 0)
+    trainable = [n for n in trainable if n not in at_root]
     assert trainable
     pattern = re.compile(r"^model\.layers\.(\d+)\.")
     for name in trainable:

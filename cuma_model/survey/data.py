@@ -628,10 +628,12 @@ _ANES_PROCHOICE_CONDITIONS = {
 
 
 def anes_prochoice_spec() -> SurveySpec:
-    """ANES 2012 abortion items (stevedata/anes_prochoice): 5,914 respondents x 8 items, ~43k examples.
+    """ANES 2012 abortion items (stevedata/anes_prochoice): 5,914 rows x 8 items, ~43k examples from the 5,474
+    respondents who answered any.
 
-    The profile has two fields only: party and whether the respondent could name the Speaker of the House, so six
-    profile texts in all. The data code 0 / 1 / 2 as oppose / neither / favor; the choices keep that order.
+    The profile has two fields only: party and whether the respondent could name the Speaker of the House (six
+    profile texts, and two for respondents without a party). The data code 0 / 1 / 2 as oppose / neither / favor;
+    the choices keep that order.
     """
     fields = (
         ProfileField("party", "pid", labels={0: "a Democrat", 1: "an independent", 2: "a Republican"},

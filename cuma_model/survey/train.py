@@ -68,6 +68,7 @@ import torch
 
 import cuma_model
 from cuma_model.atomic import atomic_write_bytes, recover_folder
+from cuma_model.handle import handle_of
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
@@ -505,12 +506,12 @@ def _make_scheduler(optimizer, args, total_steps: int, num_processes: int):
 
 
 def param_groups(model, args: argparse.Namespace) -> list[dict]:
-    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, the routers at
-    lr x lr_ratio_router, everything else at lr. Ratios of 1 keep one group, in model order (optimizer state is
+    """The trainable parameters as AdamW groups: the LoRA B matrices at lr x lr_ratio_B, the routers (and the
+    projection of z) at lr x lr_ratio_router, everything else at lr. Ratios of 1 keep one group, in model order (optimizer state is
     matched to parameters by position when a run resumes, so the runs before these options resume as they were)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ratios = {"lora_B": args.lr_ratio_B, "router": getattr(args, "lr_ratio_router", 1.0)}
-    router_ids = ({id(q) for router in cuma_model.routers(model) for q in router.parameters()}
+    router_ids = ({id(q) for module in handle_of(model).routing_modules() for q in module.parameters()}
                   if cuma_model.is_patched(model) else set())
     kinds = {n: "lora_B" if "lora_B" in n else "router" if id(p) in router_ids else "rest" for n, p in named}
     split = [k for k, ratio in ratios.items() if ratio != 1.0 and any(v == k for v in kinds.values())]
