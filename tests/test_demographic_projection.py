@@ -25,6 +25,10 @@ def patched(layers=2, norm="whiten", seed=0):
     cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8,
                            demographic_norm=norm, demographic_projection_layers=layers, share_router_qkv=False)
     randomize_experts(model, std=0.5)
+    if layers:  # away from the near-zero published init, so that the projection visibly moves the logits
+        with torch.no_grad():
+            for p in model.cuma.projection.parameters():
+                p.normal_(std=0.5)
     if norm != "none":
         cuma_model.fit_demographic_norm(model, profiles(40))
     return model
@@ -51,9 +55,6 @@ def test_the_routers_route_on_the_projected_z():
     routers = cuma_model.routers(model)
     assert len(routers) > 1
     assert all(not hasattr(r, "z_mean") and r.demographic_scale == 1.0 for r in routers)  # the projection has them
-    with torch.no_grad():
-        for p in model.cuma.projection.parameters():
-            p.normal_(std=0.5)
     ids, z = torch.randint(3, 97, (2, 5)), profiles(2, seed=2)
     model.eval()
     with torch.no_grad():
@@ -95,9 +96,6 @@ def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path, layers)
     from peft import PeftModel
 
     model = patched(layers=layers)
-    with torch.no_grad():
-        for p in model.cuma.projection.parameters():
-            p.normal_(std=0.5)
     ids, z = torch.randint(3, 97, (2, 5)), profiles(2, seed=3)
     model.eval()
     with torch.no_grad():
