@@ -318,12 +318,12 @@ def test_distribution_objective_learns_each_groups_answers(tmp_path):
 
     before, _ = kl_to_targets(p["model"])  # the base model (B = 0 at the start: what training starts from)
     res = T.train(options(tmp_path, method="cuma", objective="distribution", group_by=["party"], group_min_count=5,
-                          max_steps=150, lr=1e-2, eval_examples=0), **p)
+                          max_steps=300, lr=3e-3, eval_examples=0), **p)  # 9 of 9 on each of 12 init seeds
     assert res["data"]["n_train"] == 9  # 3 parties x 3 questions
     assert not any("@" in name for name in res["floors"])  # it saw every training answer: the floors on all of them
     z, index = p["encoder"].encode_unique([g.profile for g in splits.train])
     after, hits = kl_to_targets(p["model"], z[index])
-    assert after < 0.4 * before and hits >= 8, (before, after, hits)  # each group's own majority, mostly
+    assert after < 0.25 * before and hits == 9, (before, after, hits)  # each group's own majority
 
 
 def test_whitened_z_statistics_come_from_the_training_profiles_and_reach_the_checkpoint(tmp_path):
