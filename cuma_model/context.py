@@ -192,22 +192,48 @@ def is_disabled(owner) -> bool:
 
 
 def wrap_checkpoint_function(checkpoint_fn):
-    """Wrap a layer's checkpoint function so its backward replay sees the conditioning active at forward time."""
+    """Wrap a layer's checkpoint function so its backward replay sees the conditioning active at forward time.
+
+    The load-balancing terms of the layer's routers leave the checkpoint as extra outputs of the checkpointed
+    function, not through the state: a reentrant checkpoint runs the layer under no_grad, so terms collected inside
+    it would carry no gradient; as outputs they get one, and the replay backpropagates into the routers.
+    """
     if getattr(checkpoint_fn, "_cuma_replays_conditioning", False):
         return checkpoint_fn
 
     def checkpoint_with_conditioning(function, *args, **kwargs):
         captured = (_STACKS.active, _STACKS.disabled)
+        states = [state for _, state in captured[0] if state.compute_aux]
+        layout = {}  # set by the first run: whether the terms rode out as outputs, and the output's form
 
         def replay(*a, **k):
             previous = (_STACKS.active, _STACKS.disabled)
             _STACKS.active, _STACKS.disabled = captured
+            marks = [len(state.aux_terms) for state in states]
             try:
-                return function(*a, **k)
+                out = function(*a, **k)
             finally:
                 _STACKS.active, _STACKS.disabled = previous
+            plain = type(out) is tuple or isinstance(out, torch.Tensor)
+            layout.setdefault("extra", bool(states) and plain)
+            layout.setdefault("tuple", type(out) is tuple)
+            if not layout["extra"]:
+                return out
+            sums = []
+            for state, mark in zip(states, marks):
+                terms = state.aux_terms[mark:]
+                del state.aux_terms[mark:]
+                sums.append(torch.stack(terms).sum() if terms else None)
+            return (*out, *sums) if layout["tuple"] else (out, *sums)
 
-        return checkpoint_fn(replay, *args, **kwargs)
+        result = checkpoint_fn(replay, *args, **kwargs)
+        if not layout.get("extra"):
+            return result
+        out, sums = result[:-len(states)], result[-len(states):]
+        for state, total in zip(states, sums):
+            if total is not None:
+                state.aux_terms.append(total)
+        return tuple(out) if layout["tuple"] else out[0]
 
     checkpoint_with_conditioning._cuma_replays_conditioning = True
     return checkpoint_with_conditioning

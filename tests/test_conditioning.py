@@ -97,6 +97,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {}, {"use_reentrant": False}])
+def test_checkpointing_keeps_the_load_balancing_gradient(kwargs):
+    """Reentrant checkpointing runs the layer under no_grad: the routers' aux terms must still get their gradient
+    (what PEFT's prepare_model_for_kbit_training passes, {}, included)."""
+    def grads(checkpointing):
+        model = patched(aux_loss_coef=5.0)  # large, so that the aux gradient dominates the routers' gradient
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.enable_input_require_grads()
+        ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(5))
+        z = torch.randn(2, D, generator=torch.Generator().manual_seed(6))
+        out = model(ids, demographic_embeds=z, labels=ids)
+        out.loss.backward()
+        return out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (aux, plain), (aux_ckpt, ckpt) = grads(False), grads(True)
+    torch.testing.assert_close(aux_ckpt, aux)
+    assert plain.keys() == ckpt.keys() and any("router" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_reentrant_checkpointing_also_replays_conditioning():
     model = patched()
     model.train()
