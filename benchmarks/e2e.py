@@ -116,12 +116,12 @@ def published_forward(self, x: torch.Tensor) -> torch.Tensor:
     from cuma_model.context import active_state
     from cuma_model.router import load_balancing_loss
 
-    router = self.router
+    router = self.cuma_router
     state = active_state(self.owner)
     z = state.demographic_embeds
     out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
     if self.training:
-        out = out + ddp_dummy(self.lora_A, self.lora_B)
+        out = out + ddp_dummy(self.cuma_A, self.cuma_B)
     b, s, _ = x.shape
     u = torch.cat([x, z[:, None, :].expand(b, s, z.shape[-1]).to(x.dtype)], dim=-1)
     h = router.dropout(u)
@@ -131,7 +131,7 @@ def published_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = layer(h)
     gates = published_router_tail(h, router.top_k)  # [B, S, E]
     w, idx = torch.topk(gates, router.top_k, dim=-1)
-    lora = published_expert_loop(x, self.lora_A, self.lora_B, idx, w, self.scaling, dropout=self.lora_dropout)
+    lora = published_expert_loop(x, self.cuma_A, self.cuma_B, idx, w, self.scaling, dropout=self.cuma_dropout)
     if state.compute_aux:
         done = state.__dict__.setdefault("published_aux_routers", set())
         if router.key not in done:

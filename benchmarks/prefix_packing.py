@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     cuma_model.fit_demographic_norm(model, table[index_train.unique()])
     with torch.no_grad():  # trained-looking experts: B away from zero, so the adapters change the logits
         for name, param in model.named_parameters():
-            if param.requires_grad and "lora_B" in name:
+            if param.requires_grad and "cuma_B" in name:
                 param.normal_(0, 0.02)
     letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in rows + splits.eval for l in e.letters}))
     prompt_ids = T.tokenize_prompts(tokenizer, rows, args.profile_in_prompt, args.max_length)

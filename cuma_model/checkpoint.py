@@ -25,7 +25,7 @@ def adapter_state_dict(model) -> dict:
     """Every adapter, router and projection tensor of a patched model, keyed by its qualified name: the parameters,
     and the z statistics (buffers, with `demographic_norm`)."""
     handle = handle_of(model)
-    owned = {id(p) for layer in handle.layers.values() for p in (layer.lora_A, layer.lora_B)}
+    owned = {id(p) for layer in handle.layers.values() for p in (layer.cuma_A, layer.cuma_B)}
     owned |= {id(t) for module in handle.routing_modules() for t in (*module.parameters(), *module.buffers())}
     named = list(model.named_parameters()) + list(model.named_buffers())
     return {name: t for name, t in named if id(t) in owned}
@@ -36,6 +36,7 @@ def write_adapter(model, directory: str | Path) -> None:
     checkpoint: `save_pretrained` is the atomic, checked way)."""
     from safetensors.torch import save
 
+    handle_of(model).check_config_unchanged()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
     patched = peft_model.get_base_model() if peft_model is not None else model
     recover_folder(directory, clean=True)  # an interrupted save's old folder is what the overwrite check must see
     if not overwrite:
-        other = _other_adapter(directory, adapter_state_dict(patched))
+        other = _other_adapter(directory, patched)
         if other:
             raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
     keep = lambda name: name not in ADAPTER_FILES and not (name.startswith(".") and name.endswith(".tmp"))
@@ -86,7 +87,28 @@ def strip_peft_prefix(tensors: dict) -> dict:
     return dict(tensors)
 
 
-def _other_adapter(directory: Path, params: dict) -> str | None:
+def canonical_names(model, tensors: dict) -> dict:
+    """`tensors` (or {name: shape}) under the names of the patched `model`: PEFT's prefix dropped, and the names of
+    files written before config version 5 (`lora_A`, `lora_B`, `router`, shared routers on the attention or MLP
+    module) mapped to today's (`cuma_A`, `cuma_B`, `cuma_router` on the first sibling)."""
+    tensors = strip_peft_prefix(tensors)
+    handle = handle_of(model)
+    renamed = {f"{name}.{old}": f"{name}.{new}" for name in handle.layers
+               for old, new in (("lora_A", "cuma_A"), ("lora_B", "cuma_B"))}
+    routers = {router.legacy_key + ".": router.key + "." for router in handle.routers.values()}
+    out = {}
+    for key, value in tensors.items():
+        if key in renamed:
+            key = renamed[key]
+        else:
+            prefix = next((p for p in routers if key.startswith(p)), None)
+            if prefix is not None:
+                key = routers[prefix] + key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _other_adapter(directory: Path, patched) -> str | None:
     """What kind of other adapter `directory` holds, or None when it holds none or one of this very layout."""
     from safetensors import safe_open
 
@@ -98,10 +120,10 @@ def _other_adapter(directory: Path, params: dict) -> str | None:
         if config.exists() and peft_type not in (PEFT_TYPE_NAME, LEGACY_PEFT_TYPE_NAME):
             return f"a {peft_type or 'non-CuMA'} adapter"
         with safe_open(str(weights), framework="pt") as f:
-            shapes = strip_peft_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            shapes = canonical_names(patched, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except Exception as e:  # unreadable: not ours to replace silently
         return f"an adapter that cannot be read ({type(e).__name__}: {e})"
-    differ = differing_tensors(shapes, {k: tuple(p.shape) for k, p in params.items()})
+    differ = differing_tensors(shapes, {k: tuple(p.shape) for k, p in adapter_state_dict(patched).items()})
     if differ:
         return f"a CuMA adapter of another layout ({len(differ)} tensors differ, e.g. {differ[0]})"
     return None
@@ -141,6 +163,12 @@ def check_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str |
         if tensors[name].shape != p.shape:
             raise ValueError(f"adapter tensor {name} in {source} has shape {tuple(tensors[name].shape)}, this model "
                              f"needs {tuple(p.shape)}")
+        # weights only: the z statistics are NaN by design until fitted
+        if isinstance(p, torch.nn.Parameter) and tensors[name].is_floating_point():
+            bad = int((~torch.isfinite(tensors[name])).sum())
+            if bad:
+                raise ValueError(f"adapter tensor {name} in {source} holds NaN or inf ({bad} values): the file is "
+                                 "damaged, or it was saved from a run that diverged")
     return params
 
 
@@ -148,8 +176,9 @@ def load_adapter_tensors(model, tensors: dict[str, torch.Tensor], source: str | 
                          requires_grad: bool | None = None) -> None:
     """Copy `tensors` into the patched `model`'s adapter after checking that names and shapes fit exactly.
 
-    Names may carry PEFT's "base_model.model." prefix (a folder written by `PeftModel.save_pretrained`)."""
-    tensors = strip_peft_prefix(tensors)
+    Names may carry PEFT's "base_model.model." prefix (a folder written by `PeftModel.save_pretrained`), or be
+    those of an earlier release (`canonical_names`)."""
+    tensors = canonical_names(model, tensors)
     params = check_adapter_tensors(model, tensors, source)
     with torch.no_grad():
         for name, p in params.items():

@@ -27,7 +27,11 @@ CONFIG_NAME = "adapter_config.json"
 #      follows PEFT (a list matches name suffixes, a string is a regular expression over the whole name).
 #   3: version 2 plus demographic_norm.
 #   4: version 3 plus demographic_projection_layers.
-CONFIG_VERSION = 4
+#   5: the same options; the tensors are named with the method's prefix (`cuma_A`, `cuma_B`, and `cuma_router` on
+#      the first projection a router serves), where earlier files say `lora_A`, `lora_B` and `router` (shared
+#      routers on the parent module). Earlier files load (`checkpoint.canonical_names`); earlier releases refuse
+#      version 5 files by their version rather than by their tensor names.
+CONFIG_VERSION = 5
 PEFT_TYPE_NAME = "CUMA"
 LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
 # Keys every PeftConfig carries (PEFT's bookkeeping, no effect on the adapter's math): absent from version 1 files.
@@ -41,7 +45,6 @@ _STRS = ("routing_mode", "adapter_dtype", "demographic_norm")
 # Options added by a version: files of an earlier version lack them and read as their defaults.
 _ADDED_IN = {3: ("demographic_norm",), 4: ("demographic_projection_layers",)}
 DEMOGRAPHIC_NORMS = ("none", "center", "whiten")
-_DEFAULTS = {"demographic_norm": "none", "demographic_projection_layers": 0}
 
 
 def cuma_peft_type() -> PeftType:
@@ -250,23 +253,22 @@ class CuMAConfig(PeftConfig):
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
+    def adapter_options(self) -> dict:
+        """The options the adapter's modules are built with: all but PEFT's bookkeeping and the load-balancing
+        weight, which every forward reads from the config (so it may change while the adapter lives)."""
+        skip = {"aux_loss_coef", "base_model_name_or_path", "cuma_config_version", *_PEFT_KEYS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and f.name not in {g.name for g in dataclasses.fields(PeftConfig)}}
+
     def to_dict(self) -> dict:
-        """The adapter_config.json form: every CuMA option and PEFT's keys, plain JSON values, in the lowest version
-        that holds them (an option at the default of a version that added it is left out)."""
+        """The adapter_config.json form: every CuMA option and PEFT's keys, plain JSON values."""
         d = dataclasses.asdict(self)
         if not isinstance(self.target_modules, str):
             d["target_modules"] = list(self.target_modules)
         d["peft_type"] = PEFT_TYPE_NAME
         if isinstance(self.task_type, TaskType):
             d["task_type"] = self.task_type.value
-        # the lowest version that holds every option in use, so that earlier releases read what they can
         d["cuma_config_version"] = CONFIG_VERSION
-        for version in sorted(_ADDED_IN, reverse=True):
-            if any(d[name] != _DEFAULTS[name] for name in _ADDED_IN[version]):
-                break
-            for name in _ADDED_IN[version]:
-                del d[name]
-            d["cuma_config_version"] = version - 1
         return d
 
     @classmethod

@@ -91,7 +91,7 @@ class ForwardState:
         if self.routed_layers is None:
             self.routed_layers = {}
             for layer in self.owner.layers.values():
-                self.routed_layers.setdefault(layer.router.key, []).append(layer)
+                self.routed_layers.setdefault(layer.cuma_router.key, []).append(layer)
         return self.routed_layers.get(key, [])
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -13,8 +13,10 @@ class CuMAHandle:
 
     def __init__(self, config):
         self.config = config
+        self.patched_options = config.adapter_options()  # what the modules were built with (check_config_unchanged)
         self.layers: dict = {}  # qualified name -> CuMALinear
-        self.routers: dict = {}  # router key -> DemographicRouter
+        self.routers: dict = {}  # router key (its qualified name) -> DemographicRouter
+        self.router_groups: dict = {}  # the layers a router serves ("<parent>.qkv", or a layer's name) -> router
         self.projection = None  # the DemographicProjection of z run before the routers (demographic_projection_layers)
         self.checkpointed: list[nn.Module] = []
         self.base_requires_grad: dict[str, bool] = {}  # restored by unpatch_model
@@ -24,6 +26,17 @@ class CuMAHandle:
         self.warned_backbone_aux = False
         self.warned_4d_mask_aux = False
         self.accumulation_steps: int | None = None  # a trainer's, set by CuMACallback while it trains
+
+    def check_config_unchanged(self, config=None) -> None:
+        """Refuse a config (this adapter's, or the copy PEFT saves) whose options were changed after patching: the
+        modules still compute with the old ones, so a save would write a config that does not describe them."""
+        now = (config or self.config).adapter_options()
+        changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in self.patched_options.items() if not now[k] == v]
+        if changed:
+            raise ValueError(f"the adapter's config was changed after patching ({'; '.join(changed)}): the layers "
+                             "still compute with the values they were patched with, so a save would not load back "
+                             "as this model. Set it back, or patch a fresh base model with the new options (only "
+                             "aux_loss_coef may change while the adapter lives)")
 
     def routing_modules(self) -> list[nn.Module]:
         """The routers, and the projection of z when there is one: what turns z and the hidden states into routes."""

@@ -18,8 +18,10 @@ class CuMALinear(nn.Module):
     """y = base(x) + (alpha / r) * sum_{j in topk(t)} g_tj B_j A_j dropout(x).
 
     Wraps the existing `base_layer` (its weight is never copied, so quantized or sharded bases keep working).
-    `lora_A` is [E, r, in] (or [1, r, in] for the shared-A layout), `lora_B` is [E, out, r].
-    The router may be shared with sibling projections; it is registered on the module that owns it.
+    `cuma_A` is [E, r, in] (or [1, r, in] for the shared-A layout), `cuma_B` is [E, out, r].
+    The router (`cuma_router`) may be shared with sibling projections (q/k/v, gate/up): it is registered on the
+    first of them, so every adapter tensor lives inside an adapted layer, and the others only refer to it.
+    Every name carries the method's prefix `cuma_`, which tells its tensors from a LoRA's in one model.
     """
 
     def __init__(self, base_layer: nn.Linear, router: DemographicRouter, owner, *, owns_router: bool, r: int,
@@ -30,15 +32,15 @@ class CuMALinear(nn.Module):
         num_experts = router.num_experts
         device = execution_device(base_layer)
         self.r, self.scaling = r, lora_alpha / r
-        self.lora_A = nn.Parameter(
+        self.cuma_A = nn.Parameter(
             torch.randn(1 if shared_A else num_experts, r, self.in_features, dtype=dtype, device=device) * init_A_std
         )
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, dtype=dtype, device=device))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.cuma_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, dtype=dtype, device=device))
+        self.cuma_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if owns_router:
-            self.router = router
-        else:  # a shared router is registered once, on the module that holds the sibling projections
-            self.__dict__["router"] = router
+            self.cuma_router = router
+        else:  # a shared router is registered once, on the first sibling
+            self.__dict__["cuma_router"] = router
         self.__dict__["owner"] = owner  # the model's CuMAHandle: not a module
 
     @property
@@ -51,11 +53,11 @@ class CuMALinear(nn.Module):
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """-> (A [E or 1, r, in], B [E, out, r], scaling)."""
-        return self.lora_A, self.lora_B, self.scaling
+        return self.cuma_A, self.cuma_B, self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if is_disabled(self.owner):
+        if is_disabled(self.owner) or getattr(self, "_disable_adapters", False):  # the latter: PEFT's per-layer switch
             return out
         route = self._route(x)
         # The experts compute in the dtype the base produced: under autocast that is the autocast dtype, whatever
@@ -63,7 +65,7 @@ class CuMALinear(nn.Module):
         # is not cast down again.
         dtype = out.dtype
         if route.dispatch is None and cuma_kernels.backend_for(x) == "triton":
-            route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.router.num_experts)
+            route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.cuma_router.num_experts)
         device = x.device.type
         # Added into `out` in place (this call's own intermediate: nobody else reads it), except under
         # torch.compile: AOT autograd hands an in-place custom function on a view the wrong gradient, and the
@@ -72,15 +74,15 @@ class CuMALinear(nn.Module):
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             h = self._shared_shrink(route, x, dtype)
             if h is not None:  # this projection's slice of the shrink run once for its siblings
-                y = cuma_kernels.lora_expand(h, self.lora_B.to(dtype), route.topk_idx, route.topk_weights,
+                y = cuma_kernels.lora_expand(h, self.cuma_B.to(dtype), route.topk_idx, route.topk_weights,
                                              self.scaling, base_out=out.reshape(-1, self.out_features),
                                              dispatch=route.dispatch, inplace=in_place)
                 return y.view(out.shape)
-            x2 = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)
+            x2 = self.cuma_dropout(x).reshape(-1, self.in_features).to(dtype)
             y = cuma_kernels.lora_experts(
                 x2,
-                self.lora_A.to(dtype),
-                self.lora_B.to(dtype),
+                self.cuma_A.to(dtype),
+                self.cuma_B.to(dtype),
                 route.topk_idx,
                 route.topk_weights,
                 self.scaling,
@@ -103,25 +105,25 @@ class CuMALinear(nn.Module):
         if route.shrink is None:
             route.shrink = {}
             state = active_state(self.owner)
-            routed_alike = state.layers_routed_by(self.router.key) if state is not None else ()
+            routed_alike = state.layers_routed_by(self.cuma_router.key) if state is not None else ()
             group = [layer for layer in routed_alike if layer.in_features == self.in_features
-                     and layer.lora_A.shape[0] == self.lora_A.shape[0] and layer.lora_A.device == x.device
+                     and layer.cuma_A.shape[0] == self.cuma_A.shape[0] and layer.cuma_A.device == x.device
                      and not layer._dropping()]
             if (len(group) > 1 and self in group and os.environ.get("CUMA_SHARED_SHRINK", "1") != "0"
                     and cuma_kernels.backend_for(x) == "triton"):
                 x2 = x.reshape(-1, self.in_features).to(dtype)
-                lora_A = torch.cat([layer.lora_A.to(dtype) for layer in group], dim=1)  # [E|1, sum r, in]
-                h = cuma_kernels.lora_shrink(x2, lora_A, route.topk_idx, self.router.num_experts, route.dispatch)
+                cuma_A = torch.cat([layer.cuma_A.to(dtype) for layer in group], dim=1)  # [E|1, sum r, in]
+                h = cuma_kernels.lora_shrink(x2, cuma_A, route.topk_idx, self.cuma_router.num_experts, route.dispatch)
                 route.shrink = dict(zip(group, torch.split(h, [layer.r for layer in group], dim=1)))
         return route.shrink.pop(self, None)
 
     def _dropping(self) -> bool:
-        return self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
+        return self.training and isinstance(self.cuma_dropout, nn.Dropout) and self.cuma_dropout.p > 0
 
     def _route(self, x: torch.Tensor) -> Route:
         """Route x, once per (router, input): q/k/v sharing a router and an input reuse one decision."""
         state = active_state(self.owner)
-        key = self.router.key
+        key = self.cuma_router.key
         if state is not None:
             cached = state.cached_route(key, x)
             if cached is not None:
@@ -130,15 +132,15 @@ class CuMALinear(nn.Module):
         else:
             z = pending_embeds(self.owner)
         x3 = self._token_view(x, state, z)
-        logits = self.router.logits(x3, z)
-        topk_weights, topk_idx = self.router.route_flat(logits)
+        logits = self.cuma_router.logits(x3, z)
+        topk_weights, topk_idx = self.cuma_router.route_flat(logits)
         route = Route(topk_weights, topk_idx)
         if state is not None:
             state.store_route(key, x, route)
             if state.compute_aux:
-                gates = self.router.gates(logits, topk_weights, topk_idx)
+                gates = self.cuma_router.gates(logits, topk_weights, topk_idx)
                 mask = state.token_mask(x3.shape[0], x3.shape[1])
-                state.aux_terms.append(load_balancing_loss(gates, self.router.top_k, mask))
+                state.aux_terms.append(load_balancing_loss(gates, self.cuma_router.top_k, mask))
         trace = recorder(self.owner)
         if trace is not None:
             shape = (*x3.shape[:2], -1)
@@ -163,11 +165,11 @@ class CuMALinear(nn.Module):
             return x[:, None, :]
         if z is None:  # routed on hidden states alone: any token layout will do
             return x.reshape(1, -1, x.shape[-1])
-        raise ValueError(f"the layer routed by {self.router.key} received input of shape {tuple(x.shape)}, neither "
+        raise ValueError(f"the layer routed by {self.cuma_router.key} received input of shape {tuple(x.shape)}, neither "
                          "[batch, seq, hidden] nor the call's tokens flattened: its rows cannot be matched to rows "
                          "of demographic_embeds (a routed MoE expert sees a subset of the tokens); leave it out of "
                          "target_modules")
 
     def extra_repr(self) -> str:
-        shared = ", shared_A" if self.lora_A.shape[0] == 1 else ""
+        shared = ", shared_A" if self.cuma_A.shape[0] == 1 else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{shared}"

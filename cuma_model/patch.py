@@ -31,6 +31,7 @@ from .targets import execution_device, features, find_targets
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 PROJECTION_NAME = "cuma_demographic_projection"  # the projection of z, a submodule of the patched model
+ROUTER_NAME = "cuma_router"  # the router's name on the layer that owns it
 
 
 def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwargs) -> nn.Module:
@@ -41,6 +42,8 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
     routing_mode, aux_loss_coef, ...); with `config` given they override its fields.
     After patching, `model(..., demographic_embeds=z)` and `model.generate(..., demographic_embeds=z)` take z [B, D].
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model takes a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
     if getattr(model, "cuma", None) is not None:
         raise ValueError("model is already patched with CuMA")
     config = dataclasses.replace(config, **config_kwargs) if config is not None else CuMAConfig(**config_kwargs)
@@ -74,8 +77,8 @@ def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
     for name, base in targets:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        router, shared = _router_for(handle, parent, parent_name, child, name, base, dtype)
-        layer = CuMALinear(base, router, handle, owns_router=not shared, r=config.r, lora_alpha=config.lora_alpha,
+        router, owns = _router_for(handle, parent_name, child, name, base, dtype)
+        layer = CuMALinear(base, router, handle, owns_router=owns, r=config.r, lora_alpha=config.lora_alpha,
                            shared_A=config.shared_A, dropout=config.dropout, init_A_std=config.init_A_std, dtype=dtype)
         setattr(parent, child, layer)
         handle.layers[name] = layer
@@ -104,11 +107,6 @@ def _restore(model: nn.Module, handle: CuMAHandle) -> None:
     for name, layer in handle.layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer.base_layer)
-    for key in handle.routers:
-        parent_name, _, attr = key.rpartition(".")
-        parent = modules.get(parent_name, model) if parent_name else model
-        if attr in parent._modules:
-            delattr(parent, attr)
     if handle.projection is not None and PROJECTION_NAME in model._modules:
         delattr(model, PROJECTION_NAME)
     for obj, name, had, previous in reversed(handle.overrides):
@@ -135,13 +133,15 @@ def _checkpointable(module: nn.Module) -> bool:
     return isinstance(module, GradientCheckpointingLayer) or hasattr(module, "_gradient_checkpointing_func")
 
 
-def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[DemographicRouter, bool]:
+def _router_for(handle, parent_name, child, name, base, dtype) -> tuple[DemographicRouter, bool]:
+    """The router of the layer `name`, and whether this layer owns (registers) it: a router shared by q/k/v or
+    gate/up is made by, and registered on, the first of them to be adapted."""
     cfg = handle.config
     shared = (cfg.share_router_qkv and child in _QKV) or (cfg.share_router_gate_up and child in _GATE_UP)
-    attr = "cuma_router_qkv" if child in _QKV else "cuma_router_gate_up"
-    key = f"{parent_name}.{attr}" if shared else f"{name}.router"
-    if key in handle.routers:
-        return handle.routers[key], shared
+    group = f"{parent_name}.{'qkv' if child in _QKV else 'gate_up'}" if shared else name
+    router = handle.router_groups.get(group)
+    if router is not None:
+        return router, False
     with_projection = handle.projection is not None  # then z reaches the routers normalised and scaled already
     router = DemographicRouter(features(base)[0], cfg.demographic_dim, cfg.num_experts, cfg.top_k,
                                hidden_dim=cfg.router_hidden_dim, num_layers=cfg.router_num_layers,
@@ -149,11 +149,13 @@ def _router_for(handle, parent, parent_name, child, name, base, dtype) -> tuple[
                                demographic_scale=1.0 if with_projection else cfg.demographic_scale,
                                demographic_norm="none" if with_projection else cfg.demographic_norm,
                                dtype=dtype, device=execution_device(base))
-    router.key = key
-    if shared:
-        setattr(parent, attr, router)
-    handle.routers[key] = router
-    return router, shared
+    router.key = f"{name}.{ROUTER_NAME}"
+    # where releases before config version 5 kept it: on the parent of shared projections, else as `router`
+    attr = "cuma_router_qkv" if child in _QKV else "cuma_router_gate_up"
+    router.legacy_key = f"{parent_name}.{attr}" if shared else f"{name}.router"
+    handle.router_groups[group] = router
+    handle.routers[router.key] = router
+    return router, True
 
 
 @contextlib.contextmanager
@@ -206,7 +208,9 @@ class ConditionedForward:
         # [B, S] weights of the tokens in the load-balancing loss (default: the 2-D attention mask); packed rows
         # whose shared prefix stands for several sequences weight it by their number (cuma_model.survey.packing)
         mask = aux_token_weights
-        if mask is None:
+        if mask is not None:
+            _check_token_weights(mask, args, kwargs)
+        else:
             mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
             if mask is not None and mask.dim() == 4 and self.model.training:
                 _warn_4d_mask_once(handle)
@@ -303,8 +307,24 @@ def _signature_with_embeds(fn) -> inspect.Signature:
     return sig.replace(parameters=params)
 
 
+def _check_token_weights(weights, args, kwargs) -> None:
+    """aux_token_weights: one finite, non-negative weight per input token ([batch, seq])."""
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or (shape is not None and weights.shape != shape):
+        got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"aux_token_weights must have the input's shape {list(shape) if shape else '[batch, seq]'}"
+                         f", got {got}")
+    if weights.device.type != "meta" and not weights.is_cuda and not torch.compiler.is_compiling():
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("aux_token_weights must be finite and >= 0 (1 for a token, 0 for padding)")
+
+
 def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
     if config.demographic_dim == 0:
+        if z is not None:
+            raise ValueError("this adapter routes on hidden states alone (demographic_dim=0): it takes no "
+                             "demographic_embeds; patch with demographic_dim=<D> to route on z")
         return
     if z is None:
         raise ValueError(
@@ -316,6 +336,9 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
         raise ValueError(f"demographic_embeds must be a tensor of shape [batch, {config.demographic_dim}], got {shape}")
     if not z.is_floating_point():
         raise ValueError(f"demographic_embeds must be floating point, got {z.dtype}")
+    if z.device.type == "meta":
+        raise ValueError("demographic_embeds is on the meta device, which holds no values: compute z on the "
+                         "model's device (or the CPU)")
     batch = _batch_of(args, kwargs)
     if batch is not None and batch != z.shape[0]:
         raise ValueError(
@@ -360,6 +383,13 @@ def fit_demographic_norm(model: nn.Module, demographic_embeds: torch.Tensor) -> 
     if handle.config.demographic_norm == "none":
         raise ValueError("this adapter has demographic_norm 'none': patch it with demographic_norm='center' or "
                          "'whiten' to give its routers z statistics")
+    dim = handle.config.demographic_dim
+    if not isinstance(demographic_embeds, torch.Tensor) or demographic_embeds.dim() != 2 \
+            or demographic_embeds.shape[1] != dim:
+        got = list(demographic_embeds.shape) if isinstance(demographic_embeds, torch.Tensor) else type(
+            demographic_embeds).__name__
+        raise ValueError(f"fit_demographic_norm needs z of the training profiles as [N, {dim}] (this adapter's "
+                         f"demographic_dim), got {got}")
     mean, whiten = demographic_statistics(demographic_embeds, handle.config.demographic_norm == "whiten")
     for module in [handle.projection] if handle.projection is not None else handle.routers.values():
         module.set_demographic_norm(mean, whiten)

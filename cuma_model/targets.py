@@ -37,16 +37,31 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
 
 
+def _wrapped_by_peft(module: nn.Module) -> bool:
+    """A layer that a PEFT adapter (LoRA, ...) already replaced with its own wrapper of the base layer."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
 def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """The (qualified name, module) pairs `config.target_modules` selects; a clear error where none fit."""
-    targets, refused = [], []
+    targets, refused, wrapped = [], [], []
     for name, module in model.named_modules():
         if not name or not config.matches(name):
             continue
-        if isinstance(module, ADAPTABLE):
+        if _wrapped_by_peft(module):
+            wrapped.append(f"{name} ({type(module).__module__.split('.')[-2]})")
+        elif isinstance(module, ADAPTABLE):
             targets.append((name, module))
         elif any(True for _ in module.parameters(recurse=False)):
             refused.append(f"{name} ({type(module).__name__})")
+    if wrapped:
+        raise ValueError(f"{wrapped[:4]} already wrapped by a PEFT adapter: CuMA adapts plain linear layers. Patch "
+                         "the base model first and add the other adapter on other modules after it, target other "
+                         "modules, or merge the other adapter into the base first (merge_and_unload())")
     if refused:
         raise ValueError(f"target_modules={config.target_modules!r} matches modules CuMA cannot adapt: "
                          f"{refused[:4]}; it adapts nn.Linear and Conv1D layers only")

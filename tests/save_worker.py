@@ -1,6 +1,6 @@
 """Saves one adapter into a folder over and over until killed (tests/test_atomic_save.py kills it mid-save).
 
-Save i writes every lora_B filled with the value i, so a reader can tell whether one save's tensors are mixed
+Save i writes every cuma_B filled with the value i, so a reader can tell whether one save's tensors are mixed
 with another's.
 """
 import os
@@ -21,7 +21,7 @@ while True:
     i += 1
     with torch.no_grad():
         for layer in cuma_model.cuma_layers(model).values():
-            layer.lora_B.fill_(float(i))
+            layer.cuma_B.fill_(float(i))
     cuma_model.save_pretrained(model, sys.argv[1])
     if i == 1:  # the folder exists from here on
         print("saving", flush=True)

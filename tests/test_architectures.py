@@ -51,7 +51,7 @@ def test_architecture(arch, tmp_path):
     model.train()
     out = model(ids, labels=ids, demographic_embeds=z)
     out.loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "cuma_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     model.eval()
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_conv1d_layer_computes_the_published_update():
     x, z = torch.randn(2, 5, 32), torch.randn(2, D)
     with torch.no_grad(), cuma_model.forward_scope(model, z):
         y = layer(x)
-        w, idx = layer.router.route(x, z)
+        w, idx = layer.cuma_router.route(x, z)
     A, B, s = layer.expert_weights()
     expected = layer.base_layer(x).clone()
     for j in range(2):
@@ -121,8 +121,8 @@ def test_offloaded_layers_get_their_adapter_on_the_execution_device(tmp_path):
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D, router_hidden_dim=8)
     layer = model.model.layers[1].self_attn.q_proj
-    assert layer.lora_A.device.type == "cpu" and layer.router.layers[0].weight.device.type == "cpu"
-    model.load_state_dict({k: v for k, v in reference.state_dict().items() if "lora_" in k or "cuma_router" in k},
+    assert layer.cuma_A.device.type == "cpu" and layer.cuma_router.layers[0].weight.device.type == "cpu"
+    model.load_state_dict({k: v for k, v in reference.state_dict().items() if "cuma_" in k},
                           strict=False)
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D)
     with torch.no_grad():

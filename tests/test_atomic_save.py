@@ -130,11 +130,11 @@ def test_killed_mid_save_leaves_a_complete_adapter(tmp_path):
             child.send_signal(signal.SIGKILL)
             child.wait()
         loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
-        B = cuma_model.cuma_layers(loaded)["model.layers.0.self_attn.q_proj"].lora_B
+        B = cuma_model.cuma_layers(loaded)["model.layers.0.self_attn.q_proj"].cuma_B
         value = float(B.detach().flatten()[0])
         assert value >= 1 and torch.equal(B, torch.full_like(B, value)), "a save mixed two versions"
         for layer in cuma_model.cuma_layers(loaded).values():
-            assert torch.equal(layer.lora_B, torch.full_like(layer.lora_B, value))
+            assert torch.equal(layer.cuma_B, torch.full_like(layer.cuma_B, value))
     assert not hidden_entries(folder)
     cuma_model.save_pretrained(adapter(seed=3, lora_alpha=2.0), folder)
     assert hidden_entries(tmp_path) == []

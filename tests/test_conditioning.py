@@ -128,7 +128,7 @@ def test_reentrant_checkpointing_also_replays_conditioning():
     ids = torch.randint(3, 97, (2, 7))
     out = model(ids, demographic_embeds=torch.randn(2, D), labels=ids)
     out.loss.backward()  # the replay would raise "missing conditioning" if z were lost
-    assert model.model.layers[0].self_attn.q_proj.lora_B.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.q_proj.cuma_B.grad.abs().sum() > 0
 
 
 def test_two_patched_models_alive_at_once_even_nested():
@@ -218,11 +218,11 @@ def test_deepcopy_gives_an_independent_model():
     clone = copy.deepcopy(model)
     assert clone.forward.model is clone and clone.cuma is not model.cuma
     layer = clone.model.layers[0].self_attn.q_proj
-    assert layer.owner is clone.cuma and layer.router is clone.model.layers[0].self_attn.cuma_router_qkv
+    assert layer.owner is clone.cuma and layer.cuma_router is clone.model.layers[0].self_attn.q_proj.cuma_router
     ids, z = torch.randint(3, 97, (2, 5)), torch.randn(2, D)
     torch.testing.assert_close(clone(ids, demographic_embeds=z).logits, model(ids, demographic_embeds=z).logits)
     with torch.no_grad():
-        layer.lora_B.zero_()
+        layer.cuma_B.zero_()
     assert not torch.allclose(clone(ids, demographic_embeds=z).logits, model(ids, demographic_embeds=z).logits)
 
 

@@ -102,7 +102,7 @@ def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path, layers)
         expected = model(ids, demographic_embeds=z).logits
     cuma_model.save_pretrained(model, tmp_path / "a")
     d = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert d["cuma_config_version"] == 4 and d["demographic_projection_layers"] == layers
+    assert d["cuma_config_version"] == 5 and d["demographic_projection_layers"] == layers
     peft_model = PeftModel.from_pretrained(tiny_decoder("llama"), tmp_path / "a", is_trainable=True)
     peft_model.save_pretrained(tmp_path / "b")  # PEFT's own writer
     for loaded in (cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "a"),
@@ -113,7 +113,7 @@ def test_the_projection_travels_with_the_adapter_on_both_paths(tmp_path, layers)
     assert any(PROJECTION_NAME in n for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
-def test_the_option_is_checked_and_left_out_of_files_that_do_not_use_it(tmp_path):
+def test_the_option_is_checked_and_files_before_it_read_as_none(tmp_path):
     with pytest.raises(ValueError, match="demographic_projection_layers must be 0, 1 or 2"):
         cuma_model.CuMAConfig(demographic_projection_layers=3)
     with pytest.raises(ValueError, match="needs a z"):
@@ -122,11 +122,14 @@ def test_the_option_is_checked_and_left_out_of_files_that_do_not_use_it(tmp_path
     assert model.cuma.projection is None and not hasattr(model, PROJECTION_NAME)
     cuma_model.save_pretrained(model, tmp_path)
     d = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert d["cuma_config_version"] == 3 and "demographic_projection_layers" not in d  # what earlier releases read
+    assert d["demographic_projection_layers"] == 0
+    # a version 3 file was written before the option existed: it lacks the key and reads as 0
+    del d["demographic_projection_layers"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d | {"cuma_config_version": 3}))
     assert cuma_model.CuMAConfig.load(tmp_path).demographic_projection_layers == 0
     cuma_model.save_pretrained(patched(layers=1), tmp_path / "p")
     d = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
-    del d["demographic_projection_layers"]  # a version 4 file names it
+    del d["demographic_projection_layers"]  # a version 4 or 5 file names it
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"lacks the keys \['demographic_projection_layers'\]"):
         cuma_model.CuMAConfig.load(tmp_path / "p")

@@ -29,7 +29,7 @@ def _grads(model) -> dict:
 
 
 def test_every_trainable_parameter_is_in_the_graph_even_for_empty_experts():
-    """The CPU path multiplies dense gates, and lora_A/lora_B hold all experts in one tensor each: an expert that
+    """The CPU path multiplies dense gates, and cuma_A/cuma_B hold all experts in one tensor each: an expert that
     receives no token still gets a (zero) gradient, so DDP needs no find_unused_parameters."""
     model = ddp_worker.build(aux_loss_coef=0.01)
     ids, z = ddp_worker.batch()
@@ -39,9 +39,9 @@ def test_every_trainable_parameter_is_in_the_graph_even_for_empty_experts():
     assert set(used) <= {0, 1}, used  # experts 2..7 received no token anywhere
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
-    b = model.model.layers[0].self_attn.q_proj.lora_B.grad
+    b = model.model.layers[0].self_attn.q_proj.cuma_B.grad
     assert b[2:].abs().max() == 0 and b[:2].abs().max() > 0
-    router = model.model.layers[0].self_attn.cuma_router_qkv
+    router = model.model.layers[0].self_attn.q_proj.cuma_router
     assert all(p.grad.abs().max() > 0 for p in router.parameters())
 
 
@@ -100,7 +100,7 @@ def test_trainable_parameters_live_inside_their_decoder_layer(arch, kw):
         m = pattern.match(name)
         assert m, f"{name} is outside every decoder layer"
         assert isinstance(model.model.layers[int(m.group(1))], layer_cls)
-    # every router is owned by exactly one decoder layer (a shared router is registered once, on its attention block)
+    # every router is owned by exactly one decoder layer (a shared router is registered once, on the first projection it serves)
     for router in cuma_model.routers(model):
         owners = [i for i, layer in enumerate(model.model.layers) if any(m is router for m in layer.modules())]
         assert len(owners) == 1, router.key

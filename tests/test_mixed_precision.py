@@ -14,7 +14,7 @@ def patched(**kw):
 
 
 def layer_pass(model, layer, x, z, grad_out, autocast_dtype=None):
-    params = [layer.lora_A, layer.lora_B, *layer.router.parameters()]
+    params = [layer.cuma_A, layer.cuma_B, *layer.cuma_router.parameters()]
     for p in params:
         p.grad = None
     x = x.clone().requires_grad_(True)
@@ -22,7 +22,7 @@ def layer_pass(model, layer, x, z, grad_out, autocast_dtype=None):
     with cuma_model.forward_scope(model, z), ctx:
         y = layer(x)
     (y.float() * grad_out).sum().backward()
-    return y, x.grad, [p.grad.clone() for p in (layer.lora_A, layer.lora_B)]
+    return y, x.grad, [p.grad.clone() for p in (layer.cuma_A, layer.cuma_B)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -36,7 +36,7 @@ def test_autocast_layer_matches_fp32(dtype, shared_A):
     y32, dx32, dw32 = layer_pass(model, layer, x, z, grad_out)
     y16, dx16, dw16 = layer_pass(model, layer, x, z, grad_out, dtype)
     assert y16.dtype == dtype and y32.dtype == torch.float32
-    assert layer.lora_A.dtype == torch.float32 and all(d.dtype == torch.float32 for d in dw16)  # fp32 masters
+    assert layer.cuma_A.dtype == torch.float32 and all(d.dtype == torch.float32 for d in dw16)  # fp32 masters
     assert (y16.float() - y32).abs().max() <= 1e-2 * y32.abs().max()
     assert (dx16.float() - dx32).norm() <= 1e-2 * dx32.norm()
     for d16, d32 in zip(dw16, dw32):

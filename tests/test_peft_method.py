@@ -82,7 +82,7 @@ def test_save_pretrained_writes_peft_files_and_loads_back(tmp_path, capsys):
     folder = tmp_path / "adapter"
     assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((folder / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "CUMA" and saved["cuma_config_version"] == 2 and saved["task_type"] == "CAUSAL_LM"
+    assert saved["peft_type"] == "CUMA" and saved["cuma_config_version"] == 5 and saved["task_type"] == "CAUSAL_LM"
     assert saved["base_model_name_or_path"] == str(base_dir) and saved["inference_mode"] is True
     assert saved["num_experts"] == 4 and saved["peft_version"]
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:

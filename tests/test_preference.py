@@ -229,7 +229,7 @@ def test_dpo_trains_one_step(tmp_path, reference, precompute):
     else:
         assert abs(logs["rewards/chosen"]) > 1e-6
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any("lora_B" in n for n in changed) and any("router" in n for n in changed)
+    assert any("cuma_B" in n for n in changed) and any("router" in n for n in changed)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and not any(p.grad is not None for n, p in model.named_parameters() if not p.requires_grad)
 

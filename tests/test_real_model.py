@@ -32,7 +32,7 @@ def test_smollm2_patch_forward_generate_save_load(smollm, tmp_path):
     z = torch.randn(2, 16)
     torch.testing.assert_close(model(**ids, demographic_embeds=z).logits, base_logits)  # B = 0 at step 0
     for layer in cuma_model.cuma_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B, std=0.02)
+        torch.nn.init.normal_(layer.cuma_B, std=0.02)
     out = model(**ids, demographic_embeds=z).logits
     assert not torch.allclose(out, base_logits, atol=1e-3)
     gen = model.generate(**ids, demographic_embeds=z, max_new_tokens=4, do_sample=False)

@@ -30,7 +30,7 @@ def oracle_router_gates(router, x, z, mode):
 def oracle_cuma_linear(layer, x, G):
     """Published CuMALinear forward: base + loop over (slot, expert) with boolean masks."""
     out = layer.base_layer(x)
-    w, I = torch.topk(G, layer.router.top_k)
+    w, I = torch.topk(G, layer.cuma_router.top_k)
     lora = torch.zeros_like(out)
     A, B, s = layer.expert_weights()
     for kk in range(I.shape[-1]):
@@ -79,11 +79,11 @@ def test_layers_and_aux_loss_match_published_loop(mode, shared_A, share):
     counted = set()
     for name, layer in cuma_model.cuma_layers(model).items():
         x, y = seen[name]
-        G = oracle_router_gates(layer.router, x, z, mode)
+        G = oracle_router_gates(layer.cuma_router, x, z, mode)
         torch.testing.assert_close(y, oracle_cuma_linear(layer, x, G), rtol=1e-5, atol=1e-7)
-        if layer.router.key not in counted:
-            counted.add(layer.router.key)
-            expected_aux = expected_aux + oracle_aux(G, mask, layer.router.top_k)
+        if layer.cuma_router.key not in counted:
+            counted.add(layer.cuma_router.key)
+            expected_aux = expected_aux + oracle_aux(G, mask, layer.cuma_router.top_k)
     assert len(counted) == len(cuma_model.routers(model))
     torch.testing.assert_close(out.aux_loss, 0.01 * expected_aux.to(out.aux_loss.dtype), rtol=1e-5, atol=1e-8)
     if mode == "soft":  # the published soft routing makes the loss a constant E / k per router
@@ -93,10 +93,10 @@ def test_layers_and_aux_loss_match_published_loop(mode, shared_A, share):
 def test_init_matches_published():
     model = tiny_decoder("llama", hidden_size=64, intermediate_size=64)
     cuma_model.patch_model(model, num_experts=8, r=16, lora_alpha=32, demographic_dim=4)
-    A = torch.cat([l.lora_A.flatten() for l in cuma_model.cuma_layers(model).values()])
+    A = torch.cat([l.cuma_A.flatten() for l in cuma_model.cuma_layers(model).values()])
     assert abs(A.std().item() - 0.01) < 0.001
     for layer in cuma_model.cuma_layers(model).values():
-        assert torch.count_nonzero(layer.lora_B) == 0 and layer.scaling == 2.0
+        assert torch.count_nonzero(layer.cuma_B) == 0 and layer.scaling == 2.0
     ids = torch.randint(3, 97, (2, 5))
     base = tiny_decoder("llama", hidden_size=64, intermediate_size=64)
     torch.testing.assert_close(model(ids, demographic_embeds=torch.randn(2, 4)).logits, base(ids).logits)
@@ -106,7 +106,7 @@ def test_router_interfaces():
     model = tiny_decoder("llama")
     cuma_model.patch_model(model, num_experts=6, top_k=3, r=4, demographic_dim=5)
     routers = cuma_model.routers(model)
-    assert len(routers) == 2 and all(r.key.endswith("cuma_router_qkv") for r in routers)
+    assert len(routers) == 2 and all(r.key.endswith("q_proj.cuma_router") for r in routers)
     x, z = torch.randn(2, 7, 32), torch.randn(2, 5)
     logits = routers[0].logits(x, z)
     assert logits.shape == (2, 7, 6)
@@ -161,7 +161,7 @@ def test_only_adapter_parameters_train_and_base_is_wrapped_not_copied():
     cuma_model.patch_model(model, demographic_dim=4)
     assert model.model.layers[0].self_attn.q_proj.base_layer is q
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(("lora_" in n) or ("cuma_router" in n) for n in trainable)
+    assert trainable and all("cuma_" in n for n in trainable)
     assert not q.weight.requires_grad
 
 

@@ -109,7 +109,7 @@ def tiny_model(targets, dtype=torch.float32, shared_A=False, dropout=0.0, checkp
 
 
 def run(model, device=DEVICE):
-    """Logits and every gradient: the input embeddings' (dx), lora_A, lora_B and the routers'."""
+    """Logits and every gradient: the input embeddings' (dx), cuma_A, cuma_B and the routers'."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 97, (2, 7), generator=gen).to(device)
     z = torch.randn(2, 4, generator=gen).to(device)
@@ -215,7 +215,7 @@ def test_active_dropout_keeps_per_projection_shrinks(shrink_calls):
     with torch.no_grad():
         model(torch.randint(3, 97, (1, 4)).to(DEVICE), demographic_embeds=torch.randn(1, 4).to(DEVICE))
     assert shrink_calls == [24] * model.config.num_hidden_layers  # dropout off in eval: shared again
-    assert isinstance(model.model.layers[0].self_attn.q_proj.lora_dropout, nn.Dropout)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.cuma_dropout, nn.Dropout)
 
 
 def test_a_layer_called_outside_a_forward_runs_its_own_shrink(shrink_calls):

@@ -43,8 +43,8 @@ def randomize_experts(model, std: float = 0.2, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in cuma_model.cuma_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * std)
+            layer.cuma_B.copy_(torch.randn(layer.cuma_B.shape, generator=g) * std)
+            layer.cuma_A.copy_(torch.randn(layer.cuma_A.shape, generator=g) * std)
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|>{% endfor %}"

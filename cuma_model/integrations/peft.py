@@ -13,10 +13,12 @@ from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import register_peft_method
+import torch
 from torch import nn
 
 from ..config import LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME, cuma_peft_type
 from ..layer import CuMALinear
+from ..router import DemographicProjection
 from ..handle import handle_of, is_patched, patched_submodule
 from ..patch import patch_model, unpatch_model
 
@@ -53,6 +55,25 @@ class CuMAPeftLinear(CuMALinear, BaseTunerLayer):
         return {self._active_adapter}
 
 
+class CuMAPeftProjection(DemographicProjection, BaseTunerLayer):
+    """The projection of z (`demographic_projection_layers`) as PEFT sees it: a tuner module, so that PEFT's tools
+    count its tensors as the adapter's (`get_base_model_state_dict` leaves them out). It sits at the model's root,
+    outside every adapted layer, because it runs once per forward before them; it adds no state of its own."""
+
+    adapter_layer_names = ()
+
+    def _get_available_adapters(self) -> set[str]:
+        return {self._active_adapter}
+
+    @property
+    def weight(self):  # BaseTunerLayer's would look for a wrapped base layer, which a projection has not
+        return self.layers[0].weight
+
+    @property
+    def bias(self):
+        return self.layers[0].bias
+
+
 class CuMAModel(BaseTuner):
     """PEFT's tuner for CuMA: `patch_model` does the injection; one adapter per model."""
 
@@ -86,9 +107,9 @@ class CuMAModel(BaseTuner):
         patch_model(model, config)
         try:
             if weights_dir is not None and (Path(weights_dir) / "adapter_model.safetensors").is_file():
-                from ..checkpoint import check_adapter_tensors, read_adapter_weights, strip_peft_prefix
+                from ..checkpoint import canonical_names, check_adapter_tensors, read_adapter_weights
 
-                check_adapter_tensors(model, strip_peft_prefix(read_adapter_weights(weights_dir)), weights_dir)
+                check_adapter_tensors(model, canonical_names(model, read_adapter_weights(weights_dir)), weights_dir)
         except BaseException:
             unpatch_model(model)
             raise
@@ -96,6 +117,9 @@ class CuMAModel(BaseTuner):
         for layer in handle.layers.values():
             layer.__class__ = CuMAPeftLinear
             layer._active_adapter = adapter_name
+        if handle.projection is not None:
+            handle.projection.__class__ = CuMAPeftProjection
+            handle.projection._active_adapter = adapter_name
         if config.inference_mode:
             for p in _adapter_parameters(model):
                 p.requires_grad_(False)
@@ -105,13 +129,28 @@ class CuMAModel(BaseTuner):
         raise NotImplementedError("CuMA layers are created by cuma_model.patch_model")
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """No cast: `CuMAConfig.adapter_dtype` decides the adapter's storage dtype, on both paths alike."""
+        """`CuMAConfig.adapter_dtype` decides the adapter's storage dtype, on both paths alike. PEFT's
+        `autocast_adapter_dtype=False` (keep a LoRA in its base's half precision rather than float32) is honoured
+        where the config leaves the dtype at its default, float32: the adapter's parameters then take the base's
+        float16 or bfloat16, and `adapter_dtype` records it, so a save loads back the same."""
+        config = self.peft_config[adapter_name]
+        if autocast_adapter_dtype or config.adapter_dtype != "float32" or not is_patched(self.model):
+            return
+        handle = handle_of(self.model)
+        base_dtype = next(iter(handle.layers.values())).base_layer.weight.dtype
+        if base_dtype not in (torch.float16, torch.bfloat16):
+            return
+        for p in _adapter_parameters(self.model):
+            p.data = p.data.to(base_dtype)
+        for c in (config, handle.config):  # PEFT's, and the copy patch_model made
+            c.adapter_dtype = str(base_dtype).removeprefix("torch.")
+        handle.patched_options = handle.config.adapter_options()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         handle = handle_of(self.model)
         handle.disabled = not enabled  # every entry point (forward, backbone, generate) then runs the frozen base
-        for layer in handle.layers.values():
-            layer._disable_adapters = not enabled  # what PEFT's status functions read
+        for module in [*handle.layers.values(), *([handle.projection] if handle.projection is not None else [])]:
+            module._disable_adapters = not enabled  # what PEFT's status functions read
 
     def _held_adapter(self) -> str | None:
         if not is_patched(self.model):
@@ -141,9 +180,10 @@ class CuMAModel(BaseTuner):
         self.active_adapter = []
 
     def unload(self) -> nn.Module:
-        """Take the adapter out: the base model, as it was before, is returned."""
+        """Take the adapter out: the base model, as it was before (without PEFT's `peft_config`), is returned."""
         if is_patched(self.model):
             unpatch_model(self.model)
+        self.model.__dict__.pop("peft_config", None)
         return self.model
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
@@ -157,6 +197,7 @@ class CuMAModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        handle_of(_patched_module(model)[1]).check_config_unchanged(config)
         keys = _adapter_keys(model)
         missing = [k for k in keys if k not in state_dict]
         if missing:
@@ -171,10 +212,10 @@ class CuMAModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Saved keys (with PEFT's prefix, or cuma_model.save_pretrained's without it) -> model keys, after checking
         that names and shapes fit exactly: a checkpoint that does not fit is refused before any weight is copied."""
-        from ..checkpoint import check_adapter_tensors, strip_peft_prefix
+        from ..checkpoint import canonical_names, check_adapter_tensors
 
         name, inner = _patched_module(model)
-        tensors = strip_peft_prefix(state_dict)
+        tensors = canonical_names(inner, state_dict)
         check_adapter_tensors(inner, tensors, "the checkpoint being loaded")
         return {(f"{name}.{k}" if name else k): v for k, v in tensors.items()}
 

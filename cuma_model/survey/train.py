@@ -510,10 +510,11 @@ def param_groups(model, args: argparse.Namespace) -> list[dict]:
     projection of z) at lr x lr_ratio_router, everything else at lr. Ratios of 1 keep one group, in model order (optimizer state is
     matched to parameters by position when a run resumes, so the runs before these options resume as they were)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ratios = {"lora_B": args.lr_ratio_B, "router": getattr(args, "lr_ratio_router", 1.0)}
+    ratios = {"B": args.lr_ratio_B, "router": getattr(args, "lr_ratio_router", 1.0)}
     router_ids = ({id(q) for module in handle_of(model).routing_modules() for q in module.parameters()}
                   if cuma_model.is_patched(model) else set())
-    kinds = {n: "lora_B" if "lora_B" in n else "router" if id(p) in router_ids else "rest" for n, p in named}
+    is_B = lambda n: "cuma_B" in n or "lora_B" in n  # CuMA's experts, PEFT LoRA's
+    kinds = {n: "B" if is_B(n) else "router" if id(p) in router_ids else "rest" for n, p in named}
     split = [k for k, ratio in ratios.items() if ratio != 1.0 and any(v == k for v in kinds.values())]
     if not split:
         return [{"params": [p for _, p in named]}]
