@@ -249,7 +249,8 @@ class SurveySpec:
         for key, item_cls in (("profile_fields", ProfileField), ("questions", QuestionSpec)):
             items = data[key]
             if not isinstance(items, (list, tuple)):
-                raise ValueError(f"{source}: {key!r} must be a list, got {type(items).__name__}")
+                form = next(f.metadata["form"] for f in dataclasses.fields(cls) if f.name == key)
+                raise ValueError(f"{source}: {key!r} must be {form}, got {type(items).__name__}")
             built = []
             for i, item in enumerate(items):
                 where = f"{source}: {key}[{i}]"
