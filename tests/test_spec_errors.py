@@ -1,6 +1,7 @@
 """Nothing a survey spec names is dropped silently: malformed keys, codes, columns, filters and sources are errors
 naming the key and the form it takes; cells skipped on purpose are counted in a warning when they are many."""
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cuma_model.survey.data import SurveySpec, load_survey
+from cuma_model.survey.data import ProfileField, QuestionSpec, SurveySpec, load_survey
 
 SPEC = {
     "name": "toy",
@@ -176,9 +177,6 @@ def test_every_malformed_key_names_the_key_and_its_form(tmp_path, where, key, va
 
 
 def test_every_key_is_covered_above():
-    from cuma_model.survey.spec import ProfileField, QuestionSpec
-    import dataclasses
-
     covered = {(w, k) for w, k, _, _ in WRONG}
     for where, cls in ((None, SurveySpec), ("profile_fields", ProfileField), ("questions", QuestionSpec)):
         assert {(where, f.name) for f in dataclasses.fields(cls)} <= covered

@@ -1,11 +1,12 @@
 """docs/survey-spec.md is what the spec classes generate, and its worked examples load."""
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from cuma_model.survey.data import SurveySpec, load_survey
+from cuma_model.survey.data import ProfileField, QuestionSpec, SurveySpec, load_survey
 from cuma_model.survey.spec_reference import (EXAMPLE_CSV, EXAMPLE_SPEC, RDATASETS_SPEC, REGENERATE, SOURCE_EXAMPLES,
                                               reference_markdown)
 
@@ -18,9 +19,6 @@ def test_the_committed_reference_is_the_generated_one():
 
 
 def test_every_key_is_in_the_reference():
-    import dataclasses
-    from cuma_model.survey.spec import ProfileField, QuestionSpec, SurveySpec
-
     text = reference_markdown()
     for cls in (SurveySpec, ProfileField, QuestionSpec):
         for f in dataclasses.fields(cls):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .codes import _codes
+from .codes import _code
 
 # A column whose skipped share of non-empty cells reaches this is reported in the warning.
 SKIPPED_SHARE_TO_WARN = 0.1
@@ -30,34 +30,44 @@ def checked_rows(spec, frame: pd.DataFrame) -> pd.DataFrame:
     skipped = []
     for i, f in enumerate(spec.profile_fields):
         key = f"profile_fields[{i}] ({f.name!r})"
-        _check_field(f, _present(_codes(frame[f.column])), key, where)
-        codes = _present(_codes(filtered[f.column]))
-        if not codes:  # e.g. a question not asked in the waves that row_filter keeps
+        _check_field(f, code_counts(frame[f.column]), key, where)
+        counts = code_counts(filtered[f.column])
+        if not counts:  # e.g. a question not asked in the waves that row_filter keeps
             skipped.append(f"{key}: column {f.column!r} is empty in the rows row_filter keeps: the field is left out "
                            "of every profile")
         elif f.labels is not None:
-            unlabelled = [c for c in codes if c not in f.labels]
-            if len(unlabelled) >= SKIPPED_SHARE_TO_WARN * len(codes):
-                skipped.append(f"{key}: {_share(unlabelled, codes)} have no label and count as missing: "
-                               f"{_counts(unlabelled)}")
+            unlabelled = Counter({c: n for c, n in counts.items() if c not in f.labels})
+            if unlabelled.total() >= SKIPPED_SHARE_TO_WARN * counts.total():
+                skipped.append(f"{key}: {_share(unlabelled, counts)} have no label and count as missing: "
+                               f"{_most_common(unlabelled)}")
     for q in spec.questions:
         _, index, _, _ = spec._answer_coding(q)
         key = f"question {q.id!r}"
-        _check_question(q, index, _present(_codes(frame[q.column])), key, where)
-        answers = _present(_codes(filtered[q.column]))
-        if not answers:  # e.g. a question not asked in the waves that row_filter keeps
+        _check_question(q, index, code_counts(frame[q.column]), key, where)
+        counts = code_counts(filtered[q.column])
+        if not counts:  # e.g. a question not asked in the waves that row_filter keeps
             skipped.append(f"{key}: column {q.column!r} has no answers in the rows row_filter keeps")
             continue
-        outside = [a for a in answers if a not in index]
-        if len(outside) >= SKIPPED_SHARE_TO_WARN * len(answers):
-            skipped.append(f"{key}: {_share(outside, answers)} have codes outside 'codes' and are skipped: "
-                           f"{_counts(outside)}")
+        outside = Counter({c: n for c, n in counts.items() if c not in index})
+        if outside.total() >= SKIPPED_SHARE_TO_WARN * counts.total():
+            skipped.append(f"{key}: {_share(outside, counts)} have codes outside 'codes' and are skipped: "
+                           f"{_most_common(outside)}")
     if skipped:
         warnings.warn(f"{where}: cells skipped:\n  " + "\n  ".join(skipped), stacklevel=3)
     return filtered
 
 
-def _check_question(q, index: dict, answers: list[str], key: str, where: str) -> None:
+def code_counts(column: pd.Series) -> Counter:
+    """{code: number of cells} of the non-missing cells, most common first (each distinct value coded once)."""
+    counts = Counter()
+    for value, n in column.value_counts(dropna=True, sort=True).items():
+        code = _code(value)
+        if code is not None:
+            counts[code] += int(n)
+    return counts
+
+
+def _check_question(q, index: dict, answers: Counter, key: str, where: str) -> None:
     """A question with no answers, or whose codes match none of them, in the whole table."""
     if not answers:
         raise ValueError(f"{where}: {key}: column {q.column!r} has no answers; fill it or remove the question")
@@ -66,7 +76,7 @@ def _check_question(q, index: dict, answers: list[str], key: str, where: str) ->
                          f"{q.column!r}, which holds {_few(answers)}; write 'codes' as the table stores them")
 
 
-def _check_field(f, codes: list[str], key: str, where: str) -> None:
+def _check_field(f, codes: Counter, key: str, where: str) -> None:
     """A field whose column is empty, or whose labels match none of its values, in the whole table."""
     if not codes:
         raise ValueError(f"{where}: {key}: column {f.column!r} is empty; fill it or remove the field")
@@ -91,20 +101,17 @@ def _filtered(spec, frame: pd.DataFrame, where: str) -> pd.DataFrame:
         return frame
     keep = np.ones(len(frame), dtype=bool)
     for column, allowed in spec.row_filter.items():
-        codes = _codes(frame[column])
-        matches = np.array([c in set(allowed) for c in codes], dtype=bool)
+        values = frame[column]
+        kept_values = [v for v in values.dropna().unique() if _code(v) in set(allowed)]
+        matches = values.isin(kept_values).to_numpy()
         if not matches.any():
             raise ValueError(f"{where}: row_filter[{column!r}] keeps no row: none of {list(allowed)} occurs in the "
-                             f"column, which holds {_few(_present(codes))}")
+                             f"column, which holds {_few(code_counts(values))}")
         keep &= matches
     if not keep.any():
         raise ValueError(f"{where}: row_filter {dict(spec.row_filter)} keeps no row (each column matches some "
                          "rows, but no row matches them all)")
     return frame.loc[keep]
-
-
-def _present(codes: Iterable) -> list[str]:
-    return [c for c in codes if c is not None]
 
 
 def _few(codes: Iterable, n: int = 8) -> str:
@@ -113,11 +120,11 @@ def _few(codes: Iterable, n: int = 8) -> str:
     return f"[{shown}{', ...' if len(distinct) > n else ''}]"
 
 
-def _share(part: list, whole: list) -> str:
-    return f"{len(part)} of {len(whole)} ({100 * len(part) / len(whole):.0f}%)"
+def _share(part: Counter, whole: Counter) -> str:
+    return f"{part.total()} of {whole.total()} ({100 * part.total() / whole.total():.0f}%)"
 
 
-def _counts(codes: list, n: int = 5) -> str:
-    common = Counter(codes).most_common()
+def _most_common(counts: Counter, n: int = 5) -> str:
+    common = counts.most_common()
     text = ", ".join(f"{code!r} x{count}" for code, count in common[:n])
     return text + (", ..." if len(common) > n else "")
