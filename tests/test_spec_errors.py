@@ -180,3 +180,14 @@ def test_every_key_is_covered_above():
     covered = {(w, k) for w, k, _, _ in WRONG}
     for where, cls in ((None, SurveySpec), ("profile_fields", ProfileField), ("questions", QuestionSpec)):
         assert {(where, f.name) for f in dataclasses.fields(cls)} <= covered
+
+
+def test_answer_codings_that_cannot_work_say_how_to_fix_them():
+    with pytest.raises(ValueError, match="question 'q1' has no choices: give 'choices' to the survey or to the"):
+        _spec(choices=[], codes=[])
+    with pytest.raises(ValueError, match="question 'q1': 1 codes for 2 choices; 'codes' gives how the table"):
+        _spec(codes=[1])
+    with pytest.raises(ValueError, match=r"question 'q1': duplicate answer codes \['1'\] \(codes compare as"):
+        _spec(codes=[1, "1.0"])
+    with pytest.raises(ValueError, match="3 scores for 2 choices; give one per choice"):
+        _spec(scores=[1, 2, 3])

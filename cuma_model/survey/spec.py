@@ -222,15 +222,18 @@ class SurveySpec:
         codes = q.codes if q.codes is not None else self.codes
         scores = q.scores if q.scores is not None else self.scores
         if not choices:
-            raise ValueError(f"question {q.id!r} has no choices")
+            raise ValueError(f"question {q.id!r} has no choices: give 'choices' to the survey or to the question")
         if len(codes) != len(choices):
-            raise ValueError(f"question {q.id!r}: {len(codes)} codes for {len(choices)} choices")
+            raise ValueError(f"question {q.id!r}: {len(codes)} codes for {len(choices)} choices; 'codes' gives how "
+                             "the table stores each of 'choices', in the same order")
         if len(set(codes)) != len(codes):
-            raise ValueError(f"question {q.id!r}: duplicate answer codes")
+            twice = sorted({c for c in codes if codes.count(c) > 1})
+            raise ValueError(f"question {q.id!r}: duplicate answer codes {twice} (codes compare as canonical text: "
+                             "1, 1.0 and \"1.0\" are one code)")
         if scores is None:
             scores = tuple(float(i + 1) for i in range(len(choices)))
         if len(scores) != len(choices):
-            raise ValueError(f"question {q.id!r}: {len(scores)} scores for {len(choices)} choices")
+            raise ValueError(f"question {q.id!r}: {len(scores)} scores for {len(choices)} choices; give one per choice")
         scale = q.scale if q.scale is not None else (self.scale if self.scale is not None else (min(scores), max(scores)))
         return tuple(choices), {c: i for i, c in enumerate(codes)}, tuple(scores), tuple(scale)
 
