@@ -365,11 +365,12 @@ def test_split_heldout_profiles_real(spending):
     assert 0.18 <= len(test) / len(spending) <= 0.22
 
 
-# data.py is loaded on its own (not through the package, which imports torch) to keep the subprocesses quick.
+# The survey modules are loaded as a bare package (not through cuma_model, which imports torch) to keep the
+# subprocesses quick.
 _HASH_SCRIPT = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("cuma_data", "cuma_model/survey/data.py")
-mod = importlib.util.module_from_spec(spec); sys.modules["cuma_data"] = mod; spec.loader.exec_module(mod)
+import importlib, sys, types
+package = types.ModuleType("survey_only"); package.__path__ = ["cuma_model/survey"]; sys.modules["survey_only"] = package
+mod = importlib.import_module("survey_only.data")
 SurveyExample, split_by_respondent = mod.SurveyExample, mod.split_by_respondent
 split_heldout_profiles, subsample_respondents = mod.split_heldout_profiles, mod.subsample_respondents
 ex = [SurveyExample(f"r{r}", "q", f"p{r % 7}", {}, "Q?", ("a", "b"), (1.0, 2.0), (1.0, 2.0), 0) for r in range(60)]

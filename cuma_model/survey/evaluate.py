@@ -361,11 +361,45 @@ class QuestionMajority:
         return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
 
 
+def dimension_order(examples: Sequence[SurveyExample]) -> list[str]:
+    """Every group dimension of the examples in the order of the spec's `profile_fields`.
+
+    Each example's `groups` lists its dimensions in that order but lacks those it has no label on, so the first
+    example alone can put a later field first. The orders of all examples are merged instead (a topological sort
+    of "comes before"; dimensions the examples never order fall back to their first appearance)."""
+    first_seen: dict[str, int] = {}
+    after: dict[str, set[str]] = {}
+    for e in examples:
+        dims = list(e.groups)
+        for d in dims:
+            first_seen.setdefault(d, len(first_seen))
+            after.setdefault(d, set())
+        for earlier, later in zip(dims, dims[1:]):
+            after[earlier].add(later)
+    waiting = {d: 0 for d in first_seen}
+    for later in after.values():
+        for d in later:
+            waiting[d] += 1
+    order = []
+    ready = sorted((d for d, n in waiting.items() if n == 0), key=first_seen.get)
+    while ready:
+        d = ready.pop(0)
+        order.append(d)
+        for later in after[d]:
+            waiting[later] -= 1
+            if waiting[later] == 0:
+                ready.append(later)
+        ready.sort(key=first_seen.get)
+    if len(order) < len(first_seen):  # the examples disagree on the order (not from one spec): first appearance
+        return list(first_seen)
+    return order
+
+
 class GroupMajority(QuestionMajority):
     """Per question, the training majority answer of the respondent's group, backing off when the group is thin.
 
     The group is the combination of the respondent's labels on `dimensions` (in that order; default: every dimension
-    of the training examples, in order of first appearance). A group with fewer than `min_count` training answers to
+    of the training examples in the spec's `profile_fields` order, `dimension_order`). A group with fewer than `min_count` training answers to
     the question backs off to the combination of the first len-1 dimensions, then len-2, ..., and finally to the
     question majority. So put the dimension that matters most first. `backoff_levels_` (after `predict`) counts how
     many test rows were answered at each number of dimensions used (0 = question majority). A few strong dimensions
@@ -382,7 +416,7 @@ class GroupMajority(QuestionMajority):
     def fit(self, train: Sequence[SurveyExample]) -> "GroupMajority":
         super().fit(train)
         if self.dimensions is None:
-            self.dimensions = list(dict.fromkeys(d for e in train for d in e.groups))
+            self.dimensions = dimension_order(train)
         self.group_counts_: dict[tuple, np.ndarray] = {}
         for e in train:
             labels = self._labels(e)

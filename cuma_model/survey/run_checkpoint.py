@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "save_steps", "do_eval", 
 # (not with today's default, which may differ: --demographic-norm came as "none" and is "whiten" by default now).
 ABSENT_MEANS = {"data_seed": None, "seeds": None, "objective": "answer", "group_by": None, "group_min_count": 20,
                 "demographic_norm": "none", "lr_ratio_router": 1.0, "questions_per_respondent": 0,
-                "demographic_projection_layers": 0}
+                "demographic_projection_layers": 0, "data": None}
 
 
 def save_adapter(model, method: str, directory: Path) -> None:

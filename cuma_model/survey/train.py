@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--survey", default=D.DEFAULT_SURVEY,
-                   help=f"a built-in survey {sorted(D.SURVEYS)}, or the path of a SurveySpec JSON file (docs/usage.md)")
+                   help=f"a built-in survey {sorted(D.SURVEYS)}, or the path of a SurveySpec JSON file "
+                        "(docs/survey-spec.md)")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="the survey's table instead of its spec's source: a CSV, TSV or Parquet file or a folder "
+                        "written by datasets' save_to_disk; several are joined on the respondent columns")
     g.add_argument("--split", choices=("respondent", "profile"), default="respondent",
                    help="held-out respondents, or held-out profile texts (zero-shot profiles)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="share of respondents held out for test")
@@ -244,6 +248,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
     if args.survey not in D.SURVEYS and not (str(args.survey).endswith(".json") and Path(args.survey).is_file()):
         raise ValueError(f"unknown survey {args.survey!r}; built-in: {sorted(D.SURVEYS)} (or a SurveySpec JSON path)")
+    missing = [path for path in args.data or () if not Path(path).exists()]
+    if missing:
+        raise ValueError(f"--data: {missing} do not exist")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
     if args.objective not in OBJECTIVES:
@@ -676,7 +683,7 @@ def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
 def _load_data(run: _Run, examples) -> Splits:
     t = time.perf_counter()
     if examples is None:
-        examples = D.load_survey(run.args.survey)
+        examples = D.load_survey(run.args.survey, data=run.args.data)
     splits = make_splits(examples, run.args)
     run.timings["data_s"] = time.perf_counter() - t
     run.log(f"data: {len(splits.train)} training examples (of {len(splits.train_all)}), {len(splits.val)} validation, "
