@@ -34,12 +34,12 @@ LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @torch.no_grad()
-def average_gates(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                  ) -> dict[str, torch.Tensor]:
+def average_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Each router's gates averaged over the tokens of `batches`: {router key: g [E] float64, summing to ~1}.
 
-    `batches` yields (input_ids [B, S], attention_mask [B, S], demographic_embeds [B, D] or None); padding
-    (mask 0) is left out of the average. `model` is a patched model (or a PeftModel holding CuMA).
+    `batches` yields the keyword arguments of one forward each: `input_ids` [B, S], `attention_mask` [B, S],
+    `demographic_embeds` [B, D] (and anything else the model takes, such as `position_ids` for left padding);
+    padding (mask 0) is left out of the average. `model` is a patched model (or a PeftModel holding CuMA).
     """
     handle = handle_of(model)
     totals = {key: torch.zeros(router.num_experts, dtype=torch.float64) for key, router in handle.routers.items()}
@@ -47,10 +47,10 @@ def average_gates(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     was_training = model.training
     model.eval()
     try:
-        for input_ids, attention_mask, z in batches:
+        for kwargs in batches:
             with record_routing(model) as trace:
-                model(input_ids=input_ids, attention_mask=attention_mask, demographic_embeds=z)
-            keep = attention_mask.bool().cpu()
+                model(**kwargs)
+            keep = kwargs["attention_mask"].bool().cpu()
             for record in trace.records:
                 idx, w = record.topk_idx[keep], record.topk_weights[keep].double()  # [tokens, k]
                 gates = torch.zeros(idx.shape[0], totals[record.router_key].shape[0], dtype=torch.float64)
@@ -146,10 +146,18 @@ def write_lora(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch
     return replace_folder(directory, build)
 
 
-def export_lora(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                directory: str | Path, rank: int | None = None) -> dict[str, torch.Tensor]:
+def export_lora(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], directory: str | Path,
+                rank: int | None = None) -> dict[str, torch.Tensor]:
     """The static LoRA of one group (its calibration `batches`, see `average_gates`) written to `directory`;
     returns the averaged gates."""
     gates = average_gates(model, batches)
     write_lora(model, static_lora_factors(model, gates, rank), directory)
     return gates
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cuma_model.survey.export import main
+
+    sys.exit(main())

@@ -58,10 +58,11 @@ def test_average_gates_leave_padding_out():
     mask = torch.zeros(3, 8, dtype=torch.long)
     for i, p in enumerate(prompts):  # right padding: the real tokens see exactly what they see alone
         ids[i, :len(p)], mask[i, :len(p)] = p, 1
-    together = average_gates(model, [(ids, mask, z)])
+    together = average_gates(model, [dict(input_ids=ids, attention_mask=mask, demographic_embeds=z)])
     weighted = {}
     for i, p in enumerate(prompts):
-        alone = average_gates(model, [(p[None], torch.ones(1, len(p), dtype=torch.long), z[i:i + 1])])
+        alone = average_gates(model, [dict(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                           demographic_embeds=z[i:i + 1])])
         for key, gate in alone.items():
             weighted[key] = weighted.get(key, 0) + gate * len(p)
     for key, gate in together.items():
@@ -74,7 +75,8 @@ def test_an_export_loads_in_peft_as_a_lora_and_is_exact_when_routing_is_fixed(ar
     """With one expert every token's gate is 1: the static adapter is CuMA itself."""
     model = patched(arch, num_experts=1, top_k=1)
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D)
-    gates = export_lora(model, [(ids, torch.ones_like(ids), z)], tmp_path / "group")
+    gates = export_lora(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids), demographic_embeds=z)],
+                        tmp_path / "group")
     assert all(torch.allclose(g, torch.ones(1, dtype=torch.float64)) for g in gates.values())
     config = json.loads((tmp_path / "group" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (arch == "gpt2")
@@ -86,7 +88,7 @@ def test_an_export_loads_in_peft_as_a_lora_and_is_exact_when_routing_is_fixed(ar
 def test_an_export_of_several_experts_computes_its_factors_in_peft(tmp_path):
     model = patched()
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, D)
-    gates = average_gates(model, [(ids, torch.ones_like(ids), z)])
+    gates = average_gates(model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids), demographic_embeds=z)])
     factors = static_lora_factors(model, gates, rank=6)
     write_lora(model, factors, tmp_path)
     lora = PeftModel.from_pretrained(build("llama"), tmp_path).eval()
