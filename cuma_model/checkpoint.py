@@ -41,6 +41,8 @@ def write_adapter(model, directory: str | Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        _refuse_special_file(directory / name)  # writing into a FIFO blocks until something reads it
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
     (directory / CONFIG_NAME).write_text(handle_of(model).config.to_json())
 

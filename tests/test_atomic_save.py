@@ -230,6 +230,8 @@ def test_a_fifo_in_the_folder_never_blocks_a_save(tmp_path):
         outcome = save_in_child(folder)
         assert outcome.startswith("FileExistsError") and str(folder / name) in outcome and "FIFO" in outcome, outcome
         assert stat_kind(folder / name) == "fifo"  # refused: nothing replaced
+        with pytest.raises(FileExistsError, match="FIFO"):  # the unchecked writer of a folder being assembled
+            cuma_model.checkpoint.write_adapter(adapter(seed=1), folder)
     # a FIFO of the user's among the files carried into the new folder, at the top and in a subfolder
     folder = tmp_path / "carried"
     cuma_model.save_pretrained(adapter(seed=1), folder)
@@ -265,8 +267,9 @@ def test_saving_into_the_working_folder_or_a_folder_that_holds_it_is_refused(tmp
 
 
 def test_a_mount_point_or_a_symlink_loop_is_refused_clearly(tmp_path, monkeypatch):
-    with pytest.raises(OSError, match="/proc: it is a mount point.*save into a subfolder of it"):
-        cuma_model.save_pretrained(adapter(seed=1), "/proc")  # refused before anything is written
+    outcome = save_in_child("/proc")  # in a child: a regression would read all of /proc, which can block
+    assert outcome.startswith("OSError") and "/proc: it is a mount point" in outcome, outcome
+    assert "save into a subfolder of it" in outcome and not os.path.exists("/.proc.cuma-lock")
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(OSError, match="symlink loop"):
