@@ -89,7 +89,7 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # read-only: any user may lock it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             same = os.fstat(fd)
