@@ -6,12 +6,14 @@ written by `PeftModel.save_pretrained` (its tensor names carry PEFT's "base_mode
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
 
-from .atomic import recover_folder, replace_folder
+from .atomic import exclusive_lock, is_own_leftover, recover_folder, replace_folder, resolve_folder
 from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
 from .handle import handle_of
 
@@ -40,6 +42,8 @@ def write_adapter(model, directory: str | Path) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        _refuse_special_file(directory / name)  # writing into a FIFO blocks until something reads it
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
     (directory / CONFIG_NAME).write_text(handle_of(model).config.to_json())
 
@@ -50,26 +54,44 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
     A crash at any point leaves the previous save or this one, complete, under `directory`. A folder that holds
     another adapter (not CuMA, or CuMA tensors of other names or shapes) is refused unless `overwrite=True`.
     `model` is a patched model, or a PeftModel holding CuMA: then the folder is the one `model.save_pretrained`
-    writes (PEFT's names and metadata, its model card), built and swapped in as a unit.
+    writes (PEFT's names and metadata, its model card), built and swapped in as a unit. Saves into one folder take
+    turns (other processes wait); every other file of the folder is carried over, whatever its name.
     """
     directory = Path(directory)
+    resolve_folder(directory)  # refuse a folder no save can replace before anything is touched
     peft_model = model if _is_peft_model(model) else None
     patched = peft_model.get_base_model() if peft_model is not None else model
-    recover_folder(directory, clean=True)  # an interrupted save's old folder is what the overwrite check must see
-    if not overwrite:
-        other = _other_adapter(directory, patched)
-        if other:
-            raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
-    keep = lambda name: name not in ADAPTER_FILES and not (name.startswith(".") and name.endswith(".tmp"))
-    if peft_model is None:
-        return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
+    # the adapter files are replaced, everything else is the user's, except what an interrupted write of ours left
+    keep = lambda name: name not in ADAPTER_FILES and not is_own_leftover(name)
+    with exclusive_lock(directory):  # held from the check to the swap: another save cannot slip in between
+        recover_folder(directory, clean=True)  # an interrupted save's old folder is what the overwrite check must see
+        if not overwrite:
+            other = _other_adapter(directory, patched)
+            if other:
+                raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
+        if peft_model is None:
+            return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
+        card = directory / MODEL_CARD_NAME
+        _refuse_special_file(card)
 
-    def build(tmp: Path) -> None:
-        if (directory / MODEL_CARD_NAME).is_file():  # PEFT updates an existing card rather than replacing it
-            shutil.copy2(directory / MODEL_CARD_NAME, tmp / MODEL_CARD_NAME)
-        peft_model.save_pretrained(str(tmp))
+        def build(tmp: Path) -> None:
+            if card.is_file():  # PEFT updates an existing card rather than replacing it
+                shutil.copy2(card, tmp / MODEL_CARD_NAME)
+            peft_model.save_pretrained(str(tmp))
 
-    return replace_folder(directory, build, keep=keep)
+        return replace_folder(directory, build, keep=keep)
+
+
+def _refuse_special_file(path: Path) -> None:
+    """A save reads `path` if it exists: refuse a FIFO, socket or device there, which could block the save forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise FileExistsError(f"{path} is {kind}, not a file a save can read or replace (reading it could block "
+                              "forever); remove it, or save into another folder")
 
 
 def _is_peft_model(model) -> bool:
@@ -113,6 +135,8 @@ def _other_adapter(directory: Path, patched) -> str | None:
     from safetensors import safe_open
 
     config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config, weights):
+        _refuse_special_file(path)  # before anything opens it
     if not config.exists() and not weights.exists():
         return None
     try:

@@ -1,4 +1,5 @@
-"""Saves one adapter into a folder over and over until killed (tests/test_atomic_save.py kills it mid-save).
+"""Saves one adapter into a folder over and over: until killed (tests/test_atomic_save.py kills it mid-save), or
+COUNT times when a count is given (concurrent savers).
 
 Save i writes every cuma_B filled with the value i, so a reader can tell whether one save's tensors are mixed
 with another's.
@@ -14,10 +15,11 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the tree under test, not an inst
 import cuma_model  # noqa: E402
 from tiny_models import tiny_decoder  # noqa: E402
 
+count = int(sys.argv[2]) if len(sys.argv) > 2 else None
 model = tiny_decoder("llama")
 cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=5)
 i = 0
-while True:
+while count is None or i < count:
     i += 1
     with torch.no_grad():
         for layer in cuma_model.cuma_layers(model).values():

@@ -174,3 +174,135 @@ def test_odd_names_symlinks_and_permissions(tmp_path):
     torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), real)), outputs(new))
     assert oct(real.stat().st_mode & 0o777) == "0o755"  # the folder keeps its permissions
     assert hidden_entries(tmp_path) == []
+
+
+def test_a_users_hidden_and_tmp_files_survive_saves(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    mine = {".notes.tmp": "notes", ".adapter_config.json.mine.tmp": "a backup", "notes.tmp": "more"}
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    (folder / ".adapter_config.json.cuma-part-x1y2z3").write_text("{")  # a partial write of ours, killed
+    cuma_model.save_pretrained(adapter(seed=1), folder)
+    cuma_model.save_pretrained(adapter(seed=2), folder)
+    assert {n: (folder / n).read_text() for n in mine} == mine
+    assert not (folder / ".adapter_config.json.cuma-part-x1y2z3").exists()
+    # single files: a user's `.<name>.*.tmp` stays, the partial file of a killed write goes
+    (tmp_path / ".metrics.json.old.tmp").write_text("kept")
+    (tmp_path / ".metrics.json.cuma-part-abc123").write_text("partial")
+    atomic.atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+    assert (tmp_path / ".metrics.json.old.tmp").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.json.old.tmp", "adapter", "metrics.json"]
+
+
+FIFO_CHILD = """
+import os, sys, json
+sys.path[:0] = [{here!r}, os.path.dirname({here!r})]
+import cuma_model
+from tiny_models import tiny_decoder
+model = tiny_decoder("llama")
+cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=5)
+try:
+    cuma_model.save_pretrained(model, sys.argv[1])
+    print(json.dumps("saved"))
+except Exception as e:
+    print(json.dumps(type(e).__name__ + ": " + str(e)))
+"""
+
+
+def save_in_child(folder, timeout=120):
+    """save_pretrained(folder) in a child process: a save that blocks fails the test instead of hanging it."""
+    code = FIFO_CHILD.format(here=HERE)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the save into {folder} blocked for {timeout}s")
+    assert done.returncode == 0, done.stderr
+    return __import__("json").loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_fifo_in_the_folder_never_blocks_a_save(tmp_path):
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        os.mkfifo(folder / name)
+        outcome = save_in_child(folder)
+        assert outcome.startswith("FileExistsError") and str(folder / name) in outcome and "FIFO" in outcome, outcome
+        assert stat_kind(folder / name) == "fifo"  # refused: nothing replaced
+        with pytest.raises(FileExistsError, match="FIFO"):  # the unchecked writer of a folder being assembled
+            cuma_model.checkpoint.write_adapter(adapter(seed=1), folder)
+    # a FIFO of the user's among the files carried into the new folder, at the top and in a subfolder
+    folder = tmp_path / "carried"
+    cuma_model.save_pretrained(adapter(seed=1), folder)
+    (folder / "logs").mkdir()
+    os.mkfifo(folder / "pipe")
+    os.mkfifo(folder / "logs" / "pipe")
+    assert save_in_child(folder) == "saved"
+    assert stat_kind(folder / "pipe") == stat_kind(folder / "logs" / "pipe") == "fifo"
+    cuma_model.from_pretrained(tiny_decoder("llama"), folder)
+
+
+def stat_kind(path):
+    import stat
+
+    return "fifo" if stat.S_ISFIFO(os.lstat(path).st_mode) else "other"
+
+
+def test_saving_into_the_working_folder_or_a_folder_that_holds_it_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    cuma_model.save_pretrained(adapter(seed=1), folder)
+    (folder / "sub").mkdir()
+    before = sorted(os.listdir(folder))
+    for cwd, target in [(folder, "."), (folder, folder), (folder / "sub", ".."), (folder / "sub", folder)]:
+        monkeypatch.chdir(cwd)
+        with pytest.raises(OSError, match="working folder.*save into a subfolder"):
+            cuma_model.save_pretrained(adapter(seed=2), target)
+        assert os.getcwd() == str(cwd) and os.path.isdir(os.getcwd())
+    assert sorted(os.listdir(folder)) == before
+    monkeypatch.chdir(folder)
+    cuma_model.save_pretrained(adapter(seed=2), "inner")  # a subfolder of the working folder is fine
+    torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), "inner")),
+                               outputs(adapter(seed=2)))
+
+
+def test_a_mount_point_or_a_symlink_loop_is_refused_clearly(tmp_path, monkeypatch):
+    outcome = save_in_child("/proc")  # in a child: a regression would read all of /proc, which can block
+    assert outcome.startswith("OSError") and "/proc: it is a mount point" in outcome, outcome
+    assert "save into a subfolder of it" in outcome and not os.path.exists("/.proc.cuma-lock")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(OSError, match="symlink loop"):
+        cuma_model.save_pretrained(adapter(seed=1), tmp_path / "a")
+    # a bind mount on the same device passes os.path.ismount: the rename's EBUSY is explained the same way
+    folder = tmp_path / "adapter"
+    cuma_model.save_pretrained(adapter(seed=1), folder)
+
+    def busy(a, b):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(atomic, "_exchange", busy)
+    with pytest.raises(OSError, match="mount point.*save into a subfolder"):
+        cuma_model.save_pretrained(adapter(seed=2), folder)
+    torch.testing.assert_close(outputs(cuma_model.from_pretrained(tiny_decoder("llama"), folder)),
+                               outputs(adapter(seed=1)))
+
+
+def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
+    folder, saves = tmp_path / "adapter", 25
+    children = [subprocess.Popen([sys.executable, os.path.join(HERE, "save_worker.py"), str(folder), str(saves)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = []
+    for child in children:
+        try:
+            _, err = child.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            _, err = child.communicate()
+        if child.returncode != 0:
+            errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}")
+    assert not errors, errors  # every save of every process succeeded
+    loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
+    for layer in cuma_model.cuma_layers(loaded).values():  # one complete save, not a mix
+        assert torch.equal(layer.lora_B, torch.full_like(layer.lora_B, float(saves)))
+    assert hidden_entries(tmp_path) == [] and hidden_entries(folder) == []  # the lock file went with its holder

@@ -166,3 +166,79 @@ def test_a_resume_may_change_what_is_evaluated_with_per_respondent_profiles(tmp_
     T.train(options(tmp_path, resume="latest", eval_split="val", eval_examples=10, **common),
             **{**parts(), "examples": examples})
     assert R.read_training_state(run / "final")["step"] == 4
+
+
+def never_load(monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("loaded data or a model before the check")
+
+    monkeypatch.setattr(T, "load_model_and_tokenizer", never)
+    monkeypatch.setattr(D, "load_survey", never)
+
+
+def test_a_new_run_into_a_used_output_dir_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):
+    common = dict(method="cuma", max_steps=2, save_steps=1, do_eval=False)
+    T.train(options(tmp_path, **common), **parts())
+    run = tmp_path / "run"
+    before = (run / "final" / "adapter_model.safetensors").read_bytes()
+    with monkeypatch.context() as m:
+        never_load(m)
+        with pytest.raises(FileExistsError, match="holds a previous run .*checkpoint-1/.*final/.*--resume latest.*"
+                                                  "new --output-dir.*--overwrite"):
+            T.train(options(tmp_path, **common))
+        with pytest.raises(SystemExit):
+            T.main(["--output-dir", str(run), "--max-steps", "2"])
+        assert "--overwrite" in capsys.readouterr().err
+        (tmp_path / "seeds").mkdir()
+        (tmp_path / "seeds" / "seed-2").mkdir()
+        (tmp_path / "seeds" / "seed-2" / "metrics.json").write_text("{}")
+        with pytest.raises(FileExistsError, match="seed-2 holds a previous run"):  # before the first seed trains
+            T.train_seeds(options(tmp_path, output_dir=str(tmp_path / "seeds"), seeds=[1, 2], **common))
+    assert (run / "final" / "adapter_model.safetensors").read_bytes() == before
+    # a folder with other files is not a previous run; --resume and --overwrite reuse a used one
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "notes.txt").write_text("mine")
+    T.train(options(tmp_path, output_dir=str(tmp_path / "fresh"), **common), **parts())
+    T.train(options(tmp_path, overwrite=True, **{**common, "max_steps": 3}), **parts(seed=1))
+    assert R.read_training_state(run / "final")["step"] == 3
+
+
+def test_a_crafted_training_state_is_refused_and_runs_nothing(tmp_path):
+    T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False), **parts())
+    ck = tmp_path / "run" / "checkpoint-1"
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    state = torch.load(ck / R.STATE_NAME, weights_only=True)  # what the script wrote is plain data
+    torch.save({**state, "history": [Payload()]}, ck / R.STATE_NAME)
+    with pytest.raises(ValueError, match=f"{ck / R.STATE_NAME} holds objects other than plain data.*could run code"):
+        T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False, resume=str(ck)),
+                **parts())
+    assert not marker.exists()
+    torch.load(ck / R.STATE_NAME, weights_only=False)  # the payload is live: unpickled, it runs
+    assert marker.is_dir()
+
+
+def test_options_that_cannot_hold_plain_data_are_stored_as_plain_data(tmp_path):
+    """A Path among the options (a notebook's train(output_dir=Path(...))) is stored as its string."""
+    result = T.train({**options(tmp_path, method="cuma", max_steps=2, do_eval=False), "output_dir": tmp_path / "run"},
+                     **parts())
+    state = torch.load(tmp_path / "run" / "final" / R.STATE_NAME, weights_only=True)
+    assert state["args"]["output_dir"] == str(tmp_path / "run") and result["train"]["steps"] == 2
+
+
+def test_a_state_without_optimizer_and_a_missing_encoder_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False), **parts())
+    ck = tmp_path / "run" / "checkpoint-1"
+    state = torch.load(ck / R.STATE_NAME, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, ck / R.STATE_NAME)
+    never_load(monkeypatch)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-1: its training_state.pt lacks "
+                                         r"\['optimizer'\]"):
+        T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False, resume=str(ck)))
+    with pytest.raises(ValueError, match="--encoder '/nonexistent' is neither a local folder nor a model"):
+        T.train(options(tmp_path, method="cuma", encoder="/nonexistent", output_dir=str(tmp_path / "other")))

@@ -51,7 +51,7 @@ def test_scaling_curve_refuses_runs_scored_on_other_answers(tmp_path):
     base = ["--sizes", "16", "--methods", "cuma", "lora", "--output-dir", str(out)]
     S.main(base + TRAIN[2:], train_one=lambda argv: T.train(argv, **parts()))
     T.train([*TRAIN[2:], "--method", "lora", "--train-examples", "16", "--output-dir", str(out / "lora-16"),
-             "--data-seed", "5"], **parts())
+             "--data-seed", "5", "--overwrite"], **parts())
     with pytest.raises(ValueError, match="other answers"):
         S.main(base + ["--no-train"])
     with pytest.raises(SystemExit):

@@ -178,6 +178,9 @@ def test_base_and_routing_report(tmp_path):
     (["--seeds", "1", "1"], "distinct seeds"),
     (["--objective", "distribution"], "needs --group-by"),
     (["--seeds", "1", "2", "--resume", "latest"], "starts fresh runs"),
+    (["--max-length", "1"], "--max-length 1 cannot hold a prompt's question"),
+    (["--max-length", "31"], "use at least 32"),
+    (["--encoder", "/nonexistent"], "--encoder '/nonexistent' is neither a local folder nor a model"),
 ])
 def test_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -374,3 +377,20 @@ def test_the_projection_of_z_trains_at_the_routers_rate_and_reaches_the_checkpoi
     assert any(not torch.equal(saved[0][k], saved[1][k]) for k in keys)  # the second step moved it
     config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert config["demographic_projection_layers"] == 2
+
+
+def test_truncated_prompts_are_counted_in_a_warning():
+    tok, examples = tiny_tokenizer(), survey()
+    lengths = [len(p) for p in T.tokenize_prompts(tok, examples, True, 256)]
+    cut = max(lengths) - 1  # the longest prompts lose their first token
+    longer = sum(n > cut for n in lengths)
+    assert longer > 0.01 * len(lengths)
+    with pytest.warns(UserWarning, match=f"--max-length {cut} truncates {longer} of {len(lengths)} training prompts"
+                                         f".*--max-length {max(lengths)} keeps them whole"):
+        short = T.tokenize_prompts(tok, examples, True, cut)
+    assert max(len(p) for p in short) == cut
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.tokenize_prompts(tok, examples, True, max(lengths))  # nothing truncated: no warning

