@@ -304,5 +304,5 @@ def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
     assert not errors, errors  # every save of every process succeeded
     loaded = cuma_model.from_pretrained(tiny_decoder("llama"), folder)
     for layer in cuma_model.cuma_layers(loaded).values():  # one complete save, not a mix
-        assert torch.equal(layer.lora_B, torch.full_like(layer.lora_B, float(saves)))
+        assert torch.equal(layer.cuma_B, torch.full_like(layer.cuma_B, float(saves)))
     assert hidden_entries(tmp_path) == [] and hidden_entries(folder) == []  # the lock file went with its holder
