@@ -271,6 +271,7 @@ class ConditionedGenerate:
         if z is None:
             return self.base_generate(*args, **kwargs)
         if not is_disabled(handle):
+            _check_generate_rows(z, args, kwargs)
             _check_embeds(handle.config, z, args, kwargs)  # one row of z per prompt, before generate repeats them
         with generation_conditioning(handle, z):
             return self.base_generate(*args, **kwargs)
@@ -290,6 +291,8 @@ class AdapterSave:
 
 def _batch_of(args, kwargs) -> int | None:
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if inputs is None:  # an encoder-decoder's decoder step in generate: its rows are the beams
+        inputs = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds"))
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
 
 
@@ -323,6 +326,17 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
             "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
             "for n samples per prompt)"
         )
+
+
+def _check_generate_rows(z, args, kwargs) -> None:
+    """generate takes one z row per prompt row and repeats them itself (beams, returned sequences)."""
+    batch = _batch_of(args, kwargs)
+    if isinstance(z, torch.Tensor) and z.dim() == 2 and batch is not None and batch != z.shape[0]:
+        raise ValueError(
+            f"generate got demographic_embeds of {z.shape[0]} rows for {batch} prompt row(s): give one row per "
+            "prompt (generate repeats it for beams and num_return_sequences). A transformers text-generation "
+            "pipeline hands the same keywords to each of its calls: build it with pipeline_class="
+            "cuma_model.integrations.CuMATextGenerationPipeline, which gives each prompt its own row")
 
 
 def _check_finite(z: torch.Tensor) -> None:

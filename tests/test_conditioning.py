@@ -298,7 +298,7 @@ def test_generate_after_a_trainer_replaced_the_forward():
     assert torch.equal(model.generate(ids, demographic_embeds=z, **kw), expected)
     with cuma_model.conditioning(model, z):
         assert torch.equal(model.generate(ids, **kw), expected)
-    with pytest.raises(ValueError, match="batch 1 but the input has batch 2"):
+    with pytest.raises(ValueError, match="generate got demographic_embeds of 1 rows for 2 prompt row"):
         model.generate(ids, demographic_embeds=z[:1], **kw)
 
 
