@@ -193,11 +193,10 @@ def test_reporting_integrations_receive_aux_loss_and_routing_stats(tmp_path):
 def test_routing_stats_count_each_token_once_per_router(tmp_path):
     """expert_load is the share of the top-k slots: recomputed here from the routing the model records."""
     model = patched()
-    callback = CuMACallback(routing_stats=True)
-    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, learning_rate=0.0), train_dataset=rows(),
-                      data_collator=default_data_collator, callbacks=[callback])
     reporter = RecordingReporter()
-    trainer.add_callback(reporter)  # added after Trainer was created: ours still moves ahead of it
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, learning_rate=0.0), train_dataset=rows(),
+                      data_collator=default_data_collator, callbacks=[reporter])
+    trainer.add_callback(CuMACallback(routing_stats=True))  # added after Trainer was created: it moves at train begin
     trainer.train()
     logged = next(h for h in reporter.seen if "loss" in h)
     batch = default_data_collator([rows()[i] for i in range(4)])

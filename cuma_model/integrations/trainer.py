@@ -10,7 +10,6 @@ import inspect
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
-from transformers.trainer_utils import IntervalStrategy
 
 from ..handle import patched_submodule
 from .routing_stats import RoutingStatsMeter
@@ -100,7 +99,7 @@ def _refuse_unresumable_checkpoints(args, model) -> None:
     from peft import PeftModel
 
     found = patched_submodule(model)
-    if found is None or isinstance(model, PeftModel) or args.save_strategy in ("no", IntervalStrategy.NO):
+    if found is None or isinstance(model, PeftModel) or args.save_strategy == "no":
         return
     raise ValueError(
         "Trainer cannot resume from the checkpoints of a model patched with cuma_model.patch_model: it saves the "
