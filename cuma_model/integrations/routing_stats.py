@@ -21,8 +21,7 @@ class RoutingStatsMeter:
 
     def attach(self) -> None:
         for router in self.handle.routers.values():
-            if "route_flat" in router.__dict__:
-                continue  # already measured
+            router.__dict__.pop("route_flat", None)  # a meter left attached by a run that raised: replaced
             router.route_flat = self._measured(router, router.route_flat)
             self.wrapped.append(router)
 
