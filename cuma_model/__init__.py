@@ -4,6 +4,7 @@ from .context import adapters_disabled, conditioning, record_routing
 from .config import CuMAConfig
 from .layer import CuMALinear
 from .handle import is_patched
+from .loaders import load_smollm2
 from .patch import (
     cuma_layers,
     fit_demographic_norm,
@@ -20,6 +21,6 @@ _register_peft_method()  # PEFT finds CuMA by its peft_type: get_peft_model, Pef
 
 __all__ = [
     "CuMAConfig", "CuMALinear", "DemographicRouter", "adapters_disabled", "conditioning", "cuma_layers",
-    "fit_demographic_norm", "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "patch_model",
-    "record_routing", "routers", "save_pretrained", "unpatch_model",
+    "fit_demographic_norm", "forward_scope", "from_pretrained", "is_patched", "load_balancing_loss", "load_smollm2",
+    "patch_model", "record_routing", "routers", "save_pretrained", "unpatch_model",
 ]

@@ -270,11 +270,22 @@ class ConditionedGenerate:
         self.__doc__ = getattr(base_generate, "__doc__", None)
 
     def __call__(self, *args, demographic_embeds: torch.Tensor | None = None, **kwargs):
+        try:
+            return self._generate(args, demographic_embeds, kwargs)
+        except BaseException:
+            # a streamer's consumer (another thread) waits for the end of the stream: a failed call must end it
+            streamer = kwargs.get("streamer")
+            if streamer is not None and hasattr(streamer, "end"):
+                streamer.end()
+            raise
+
+    def _generate(self, args, demographic_embeds, kwargs):
         handle = self.model.cuma
         z = demographic_embeds if demographic_embeds is not None else pending_embeds(handle)
         if z is None:
             return self.base_generate(*args, **kwargs)
         if not is_disabled(handle):
+            _check_generate_rows(z, args, kwargs)
             _check_embeds(handle.config, z, args, kwargs)  # one row of z per prompt, before generate repeats them
         with generation_conditioning(handle, z):
             return self.base_generate(*args, **kwargs)
@@ -294,6 +305,8 @@ class AdapterSave:
 
 def _batch_of(args, kwargs) -> int | None:
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if inputs is None:  # an encoder-decoder's decoder step in generate: its rows are the beams
+        inputs = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds"))
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
 
 
@@ -329,7 +342,9 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
     if z is None:
         raise ValueError(
             f"missing conditioning: pass demographic_embeds=<tensor [batch, {config.demographic_dim}]> "
-            "to the model's forward or generate, or wrap the call in cuma_model.conditioning(model, z)"
+            "to the model's forward or generate, or wrap the call in cuma_model.conditioning(model, z) (a block "
+            "conditions its own thread only: generate run in a worker thread, as for a TextIteratorStreamer, takes "
+            "demographic_embeds=z in its kwargs)"
         )
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != config.demographic_dim:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
@@ -346,6 +361,17 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
             "explicitly to the input's rows (torch.cat([z, z]) for chosen+rejected, z.repeat_interleave(n, 0) "
             "for n samples per prompt)"
         )
+
+
+def _check_generate_rows(z, args, kwargs) -> None:
+    """generate takes one z row per prompt row and repeats them itself (beams, returned sequences)."""
+    batch = _batch_of(args, kwargs)
+    if isinstance(z, torch.Tensor) and z.dim() == 2 and batch is not None and batch != z.shape[0]:
+        raise ValueError(
+            f"generate got {z.shape[0]} row(s) of demographic_embeds for {batch} prompt row(s): give one row per "
+            "prompt (generate repeats it for beams and num_return_sequences). A transformers text-generation "
+            "pipeline hands the same keywords to each of its calls: build it with pipeline_class="
+            "cuma_model.integrations.CuMATextGenerationPipeline, which gives each prompt its own row")
 
 
 def _check_finite(z: torch.Tensor) -> None:

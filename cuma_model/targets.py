@@ -6,6 +6,8 @@ layer whose weight is offloaded with no execution device to put the adapter on.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -76,4 +78,22 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         raise ValueError(f"no linear layer matches target_modules={config.target_modules!r} (a list matches the end "
                          "of a qualified name, 'q_proj' or 'self_attn.q_proj'; a string is a regular expression "
                          f"matched against the whole name); linear layers here are named {names}{hint}")
+    _warn_unmatched_names(model, config, targets)
     return targets
+
+
+def _warn_unmatched_names(model: nn.Module, config, targets) -> None:
+    """A list entry that adapts nothing while others do (Mixtral's `w1`/`w3`, now inside one fused expert bank)
+    would otherwise go unnoticed."""
+    if isinstance(config.target_modules, str):
+        return
+    unmatched = [t for t in config.target_modules
+                 if not any(name == t or name.endswith("." + t) for name, _ in targets)]
+    if not unmatched:
+        return
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
+    banks = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Experts")})
+    hint = (f"; this model's MoE experts are fused weight banks ({', '.join(banks)}), which CuMA cannot adapt"
+            if banks else "")
+    warnings.warn(f"target_modules entries {unmatched} match no linear layer of this model and adapt nothing; "
+                  f"adapted: {adapted}{hint}", stacklevel=4)

@@ -1,4 +1,5 @@
-"""The supported-architecture matrix on tiny configs, GPT-2's Conv1D, fused projections, flattened tokens, offload."""
+"""The supported-architecture matrix on tiny configs, GPT-2's Conv1D, fused projections, flattened tokens, offload,
+T5 beams."""
 import pytest
 import torch
 import transformers
@@ -20,6 +21,11 @@ ARCHS = {  # name: (config class, model class, extra config, target_modules)
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, ("qkv_proj",)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
              ("c_attn",)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
+                ("q_proj", "v_proj")),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"num_kv_heads": 2, "new_decoder_architecture": True},
+               ("query_key_value",)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, ("query_key_value",)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   {"moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "num_experts": 4,
                    "num_experts_per_tok": 2}, ("q_proj", "v_proj", "gate_proj", "up_proj")),
@@ -136,3 +142,29 @@ def test_a_meta_layer_without_an_execution_device_is_refused():
     with pytest.raises(ValueError, match="meta device"):
         cuma_model.patch_model(model, demographic_dim=D)
     assert not cuma_model.is_patched(model)
+
+
+def test_names_that_adapt_nothing_are_named_next_to_what_matched():
+    """Mixtral's experts are one fused weight bank: `w1`/`w3` (their names in the original checkpoints) match no
+    layer. Patching still adapts q_proj, and says which names adapted nothing."""
+    with pytest.warns(UserWarning, match=r"\['w1', 'w3'\] match no linear layer.*adapted: \['q_proj'\].*MixtralExperts"):
+        model = cuma_model.patch_model(build("mixtral"), demographic_dim=D, target_modules=["q_proj", "w1", "w3"])
+    assert {n.rsplit(".", 1)[-1] for n in cuma_model.cuma_layers(model)} == {"q_proj"}
+
+
+def test_t5_beams_follow_each_rows_z():
+    """An encoder-decoder: generate runs the decoder on the beams' rows; each row's beams keep that row's z."""
+    config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = cuma_model.patch_model(transformers.T5ForConditionalGeneration(config).eval(), num_experts=4, top_k=2,
+                                   r=4, demographic_dim=D, router_hidden_dim=8, target_modules=["q", "v"])
+    randomize_experts(model, std=0.5)
+    ids, z = torch.randint(3, 97, (2, 7)), torch.randn(2, D) * 3
+    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    with torch.no_grad():
+        both = model.generate(ids, demographic_embeds=z, **kw)
+        for i in range(2):
+            assert torch.equal(both[2 * i:2 * i + 2], model.generate(ids[i:i + 1], demographic_embeds=z[i:i + 1], **kw))
+        assert torch.equal(both, model.generate(ids, demographic_embeds=z, use_cache=False, **kw))
+        assert not torch.equal(both, model.generate(ids, demographic_embeds=-z, **kw))

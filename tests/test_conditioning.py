@@ -321,7 +321,7 @@ def test_generate_after_a_trainer_replaced_the_forward():
     assert torch.equal(model.generate(ids, demographic_embeds=z, **kw), expected)
     with cuma_model.conditioning(model, z):
         assert torch.equal(model.generate(ids, **kw), expected)
-    with pytest.raises(ValueError, match="batch 1 but the input has batch 2"):
+    with pytest.raises(ValueError, match=r"generate got 1 row\(s\) of demographic_embeds for 2 prompt row"):
         model.generate(ids, demographic_embeds=z[:1], **kw)
 
 
@@ -398,3 +398,64 @@ def test_a_4d_mask_needs_aux_token_weights_to_leave_padding_out_of_the_aux_loss(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet(ids, demographic_embeds=z, attention_mask=mask4d)
+
+
+def _streamed(model, tok, generate_kwargs):
+    """The streaming recipe: generate in a worker thread, the text read from a TextIteratorStreamer here. The
+    streamer's timeout makes a stream that never ends fail the test instead of hanging it."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60, skip_special_tokens=True)
+    failure = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**generate_kwargs, streamer=streamer)
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    text = "".join(streamer)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    return text, failure
+
+
+def _streaming_setup():
+    from tiny_models import word_tokenizer
+
+    tok = word_tokenizer(["hello", "world", "yes", "no", "maybe"])
+    model = tiny_decoder("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D)
+    randomize_experts(model, std=0.5)
+    inputs = tok(["hello world"], return_tensors="pt")
+    return model.eval(), tok, dict(inputs, max_new_tokens=6, do_sample=False)
+
+
+def test_streaming_from_a_worker_thread_takes_z_in_its_kwargs():
+    model, tok, kw = _streaming_setup()
+    z = torch.randn(1, D) * 3
+    with torch.no_grad():
+        direct = model.generate(**kw, demographic_embeds=z)
+    expected = tok.decode(direct[0, kw["input_ids"].shape[1]:], skip_special_tokens=True)
+    with cuma_model.conditioning(model, z):  # held open around the worker, as in the recipe: it conditions no thread
+        text, failure = _streamed(model, tok, {**kw, "demographic_embeds": z})
+    assert not failure and text == expected
+    other, _ = _streamed(model, tok, {**kw, "demographic_embeds": -z})
+    assert other != expected  # z reached the streamed generation
+
+
+def test_a_failing_streamed_generate_ends_the_stream():
+    """The thread-local conditioning of the caller does not reach the worker: generate fails there, says how to
+    pass z, and ends the stream, so the reader stops instead of waiting forever."""
+    model, tok, kw = _streaming_setup()
+    with cuma_model.conditioning(model, torch.randn(1, D)):
+        text, failure = _streamed(model, tok, kw)
+    assert text == ""
+    assert len(failure) == 1 and "demographic_embeds=z in its kwargs" in str(failure[0])
+    _, failure = _streamed(model, tok, {**kw, "demographic_embeds": torch.randn(2, D)})  # fails in generate's check
+    assert "1 prompt row(s)" in str(failure[0])

@@ -247,7 +247,8 @@ def test_grpo_step_repeats_z_per_completion(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
                       max_completion_length=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
                       report_to="none", bf16=False, seed=0, beta=0.04, dataloader_num_workers=0)
-    trainer = P.make_grpo_trainer(model, [P.survey_answer_reward], args, Dataset.from_list(rows), tok, fake_encoder)
+    trainer = P.make_grpo_trainer(model, [P.survey_answer_reward], args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tok, encoder=fake_encoder)
     generated = {}
     orig = trainer._generate_and_score_completions
 

