@@ -16,11 +16,11 @@ import torch
 from .atomic import exclusive_lock, is_own_leftover, recover_folder, replace_folder, resolve_folder
 from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
 from .handle import handle_of
+from .model_card import BEGIN as CARD_MARKER, MODEL_CARD_NAME, write_card
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
-MODEL_CARD_NAME = "README.md"
 
 
 def adapter_state_dict(model) -> dict:
@@ -46,6 +46,8 @@ def write_adapter(model, directory: str | Path) -> None:
         _refuse_special_file(directory / name)  # writing into a FIFO blocks until something reads it
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
     (directory / CONFIG_NAME).write_text(handle_of(model).config.to_json())
+    _refuse_special_file(directory / MODEL_CARD_NAME)
+    write_card(directory, handle_of(model).config, into_existing=False)
 
 
 def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Path:
@@ -59,8 +61,10 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
     """
     directory = Path(directory)
     resolve_folder(directory)  # refuse a folder no save can replace before anything is touched
-    peft_model = model if _is_peft_model(model) else None
+    peft_model = model if is_cuma_peft_model(model) else None
     patched = peft_model.get_base_model() if peft_model is not None else model
+    if peft_model is None and _is_peft_model(model):  # CuMA patched inside another PEFT method's model (a LoRA)
+        model = patched = model.get_base_model()
     # the adapter files are replaced, everything else is the user's, except what an interrupted write of ours left
     keep = lambda name: name not in ADAPTER_FILES and not is_own_leftover(name)
     with exclusive_lock(directory):  # held from the check to the swap: another save cannot slip in between
@@ -69,10 +73,17 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
             other = _other_adapter(directory, patched)
             if other:
                 raise FileExistsError(f"{directory} holds {other}; pass overwrite=True to replace it")
-        if peft_model is None:
-            return replace_folder(directory, lambda tmp: write_adapter(model, tmp), keep=keep)
         card = directory / MODEL_CARD_NAME
         _refuse_special_file(card)
+        if peft_model is None:
+            users_card = card.is_file() and CARD_MARKER not in card.read_text(encoding="utf-8", errors="replace")
+
+            def build_plain(tmp: Path) -> None:
+                write_adapter(model, tmp)
+                if users_card:  # theirs, carried over by `keep`
+                    (tmp / MODEL_CARD_NAME).unlink()
+
+            return replace_folder(directory, build_plain, keep=keep)
 
         def build(tmp: Path) -> None:
             if card.is_file():  # PEFT updates an existing card rather than replacing it
@@ -92,6 +103,13 @@ def _refuse_special_file(path: Path) -> None:
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise FileExistsError(f"{path} is {kind}, not a file a save can read or replace (reading it could block "
                               "forever); remove it, or save into another folder")
+
+
+def is_cuma_peft_model(model) -> bool:
+    """A PeftModel whose adapter is CuMA (not a model of another PEFT method with CuMA patched inside it)."""
+    from .config import CuMAConfig
+
+    return _is_peft_model(model) and isinstance(model.peft_config.get(model.active_adapter), CuMAConfig)
 
 
 def _is_peft_model(model) -> bool:

@@ -319,6 +319,10 @@ class CuMAConfig(PeftConfig):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         text = self.to_json(auto_mapping=kwargs.get("auto_mapping_dict"))
         atomic_write_bytes(Path(save_directory) / CONFIG_NAME, text.encode())
+        if "auto_mapping_dict" in kwargs:  # a PeftModel's save, which wrote its model card first
+            from .model_card import write_card
+
+            write_card(save_directory, self, into_existing=True)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

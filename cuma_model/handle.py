@@ -25,6 +25,8 @@ class CuMAHandle:
         self.overrides: list[tuple] = []  # (object, attribute, had it, its value) for every attribute patched
         self.warned_backbone_aux = False
         self.warned_4d_mask_aux = False
+        self.warned_frozen = False
+        self.trainable = True  # what patching or loading left the adapter's parameters (see _warn_if_frozen...)
         self.accumulation_steps: int | None = None  # a trainer's, set by CuMACallback while it trains
 
     def check_config_unchanged(self, config=None) -> None:

@@ -46,7 +46,11 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
         raise TypeError(f"patch_model takes a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
     if getattr(model, "cuma", None) is not None:
         raise ValueError("model is already patched with CuMA")
+    wrapper, model = model, _inside_peft(model)
     config = dataclasses.replace(config, **config_kwargs) if config is not None else CuMAConfig(**config_kwargs)
+    if config.base_model_name_or_path is None:  # provenance, for the saved config and its model card
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        config.base_model_name_or_path = str(name) if name else None
     targets = find_targets(model, config)
     for _, base in targets:
         execution_device(base)  # an offloaded layer with nowhere to put its adapter fails before anything changes
@@ -57,14 +61,26 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
         _restore(model, handle)
         raise
     model.cuma = handle
-    return model
+    return wrapper
+
+
+def _inside_peft(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel of another method (a LoRA on other modules, say), which CuMA joins: the
+    PeftModel's forward reaches it with every keyword, `demographic_embeds` included."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
     config = handle.config
+    others = _other_adapters_parameters(model)
     for name, p in model.named_parameters():
-        handle.base_requires_grad[name] = p.requires_grad
-        p.requires_grad_(False)
+        if name not in others:  # the base is frozen; another PEFT adapter's parameters keep their flags
+            handle.base_requires_grad[name] = p.requires_grad
+            p.requires_grad_(False)
     dtype = getattr(torch, config.adapter_dtype)
     if config.demographic_projection_layers:
         # at the root, outside every decoder layer: it runs once per forward, before them (an FSDP unit per layer
@@ -93,6 +109,22 @@ def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
         _override(handle, model, "generate", ConditionedGenerate(model, model.generate))
     if hasattr(model, "save_pretrained"):
         _override(handle, model, "save_pretrained", AdapterSave(model))
+
+
+def _other_adapters_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters of other PEFT adapters in `model` (inside a tuner layer, outside its base layer)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for child, sub in module.named_children():
+                if child != "base_layer":
+                    names.update(f"{prefix}.{child}.{n}" for n, _ in sub.named_parameters())
+            names.update(f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False))
+    return names
 
 
 def _override(handle: CuMAHandle, obj, name: str, value) -> None:
@@ -214,6 +246,8 @@ class ConditionedForward:
             mask = kwargs.get("attention_mask") if self.takes_attention_mask else None
             if mask is not None and mask.dim() == 4 and self.model.training:
                 _warn_4d_mask_once(handle)
+        if self.model.training and not handle.warned_frozen and not torch.compiler.is_compiling():
+            _warn_if_frozen_after_patching(handle)
         with forward_scope(self.model, z, mask) as state:
             out = self.base_forward(*args, **kwargs)
         aux = state.aux_loss()
@@ -230,6 +264,22 @@ class ConditionedForward:
                 if hidden is not out["last_hidden_state"]:
                     out["last_hidden_state"], out["aux_loss"] = hidden, aux.detach()
         return out
+
+
+def _warn_if_frozen_after_patching(handle) -> None:
+    """A training forward whose CuMA adapter was left trainable by patching but has no trainable parameter now: the
+    usual cause is a PEFT adapter (LoRA) added after patching, which freezes every parameter without its prefix."""
+    if not handle.trainable or not torch.is_grad_enabled():
+        return
+    params = [p for layer in handle.layers.values() for p in (layer.cuma_A, layer.cuma_B)]
+    if any(p.requires_grad for p in params + [p for m in handle.routing_modules() for p in m.parameters()]):
+        return
+    handle.warned_frozen = True
+    warnings.warn("the CuMA adapter has no trainable parameter left, though patching made it trainable: a PEFT "
+                  "adapter added after patch_model (get_peft_model(model, LoraConfig(...))) freezes every parameter "
+                  "without its own prefix. Add the other adapter first, then patch: get_peft_model(base, "
+                  "LoraConfig(target_modules=[...])), then cuma_model.patch_model(peft_model, ...) on other modules; "
+                  "both stay trainable. (Frozen on purpose? Set model.cuma.trainable = False.)", stacklevel=3)
 
 
 def _warn_4d_mask_once(handle) -> None:
@@ -389,10 +439,11 @@ def _check_finite(z: torch.Tensor) -> None:
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo patch_model in place: the base layers, the base forward (and any forward the instance had before) and the
     base's requires_grad flags come back, adapters and routers go."""
+    wrapper, model = model, _inside_peft(model)
     handle = handle_of(model)
     _restore(model, handle)
     del model.cuma
-    return model
+    return wrapper
 
 
 def routers(model: nn.Module) -> list[DemographicRouter]:
@@ -438,10 +489,12 @@ def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
     recover_folder(directory)
     config = CuMAConfig.load(directory)
     tensors = read_adapter_weights(directory)
+    wrapper, model = model, _inside_peft(model)
     patch_model(model, config)
     try:
         load_adapter_tensors(model, tensors, directory, requires_grad=is_trainable)
     except BaseException:
         unpatch_model(model)
         raise
-    return model
+    handle_of(model).trainable = is_trainable
+    return wrapper

@@ -296,7 +296,7 @@ def test_cli_dpo_from_sft_checkpoint_saves_final_adapter(tmp_path):
     assert result["global_step"] == 1 and result["rows"] == 2
     assert (tmp_path / "out" / "preference_result.json").is_file()
     final = tmp_path / "out" / "final"
-    assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in final.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     reloaded = cuma_model.from_pretrained(tiny_decoder("llama", seed=0, vocab_size=len(tok)), final)
     trained = dict(base.named_parameters())
     changed = [n for n, p in reloaded.named_parameters() if p.requires_grad

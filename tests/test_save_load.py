@@ -24,7 +24,7 @@ def trained_model(**kw):
 def test_round_trip_gives_identical_outputs(tmp_path, kw):
     model = trained_model(**kw)
     cuma_model.save_pretrained(model, tmp_path / "adapter")
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "CUMA"
     loaded = cuma_model.from_pretrained(tiny_decoder("llama"), tmp_path / "adapter")
     ids, z = torch.randint(3, 97, (2, 6)), torch.randn(2, 5)
@@ -66,7 +66,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cuma_model.save_pretrained(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_unpatch_restores_the_base_model():

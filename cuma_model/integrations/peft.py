@@ -123,6 +123,7 @@ class CuMAModel(BaseTuner):
         if config.inference_mode:
             for p in _adapter_parameters(model):
                 p.requires_grad_(False)
+            handle.trainable = False
         self.targeted_module_names = list(handle.layers)
 
     def _create_and_replace(self, *args, **kwargs) -> None:  # never called: inject_adapter uses patch_model
@@ -171,6 +172,7 @@ class CuMAModel(BaseTuner):
         if self._held_adapter() in names:
             for p in _adapter_parameters(self.model):
                 p.requires_grad_(requires_grad)
+            handle_of(self.model).trainable = requires_grad
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config or adapter_name != self._held_adapter():
