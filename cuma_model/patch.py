@@ -392,9 +392,7 @@ def _check_embeds(config: CuMAConfig, z, args, kwargs) -> None:
     if z is None:
         raise ValueError(
             f"missing conditioning: pass demographic_embeds=<tensor [batch, {config.demographic_dim}]> "
-            "to the model's forward or generate, or wrap the call in cuma_model.conditioning(model, z) (a block "
-            "conditions its own thread only: generate run in a worker thread, as for a TextIteratorStreamer, takes "
-            "demographic_embeds=z in its kwargs)"
+            "to the model's forward or generate, or wrap the call in cuma_model.conditioning(model, z)"
         )
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != config.demographic_dim:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__

@@ -436,26 +436,51 @@ def _streaming_setup():
     return model.eval(), tok, dict(inputs, max_new_tokens=6, do_sample=False)
 
 
-def test_streaming_from_a_worker_thread_takes_z_in_its_kwargs():
+@pytest.mark.parametrize("how", ["block", "kwargs"])
+def test_streaming_from_a_worker_thread(how):
+    """The standard recipe: generate in a worker thread with a TextIteratorStreamer, the conditioning block (or the
+    keyword) around it."""
     model, tok, kw = _streaming_setup()
     z = torch.randn(1, D) * 3
     with torch.no_grad():
         direct = model.generate(**kw, demographic_embeds=z)
     expected = tok.decode(direct[0, kw["input_ids"].shape[1]:], skip_special_tokens=True)
-    with cuma_model.conditioning(model, z):  # held open around the worker, as in the recipe: it conditions no thread
-        text, failure = _streamed(model, tok, {**kw, "demographic_embeds": z})
+    with cuma_model.conditioning(model, z):  # held open around the worker, as in the recipe
+        text, failure = _streamed(model, tok, kw if how == "block" else {**kw, "demographic_embeds": z})
     assert not failure and text == expected
     other, _ = _streamed(model, tok, {**kw, "demographic_embeds": -z})
     assert other != expected  # z reached the streamed generation
 
 
-def test_a_failing_streamed_generate_ends_the_stream():
-    """The thread-local conditioning of the caller does not reach the worker: generate fails there, says how to
-    pass z, and ends the stream, so the reader stops instead of waiting forever."""
+def test_blocks_open_in_several_threads_are_not_guessed_between():
+    import threading
+
     model, tok, kw = _streaming_setup()
-    with cuma_model.conditioning(model, torch.randn(1, D)):
-        text, failure = _streamed(model, tok, kw)
+    opened, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        with cuma_model.conditioning(model, torch.randn(1, D)):
+            opened.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=other_thread)
+    holder.start()
+    opened.wait(timeout=60)
+    try:
+        with cuma_model.conditioning(model, torch.randn(1, D)):
+            text, failure = _streamed(model, tok, kw)  # a third thread, with no block of its own
+    finally:
+        release.set()
+        holder.join(timeout=60)
+    assert text == "" and "open in several threads" in str(failure[0])
+    assert not cuma_model.context._OPEN_BLOCKS  # every block closed
+
+
+def test_a_failing_streamed_generate_ends_the_stream():
+    """A generate that fails in the worker ends the stream, so the reader stops instead of waiting forever."""
+    model, tok, kw = _streaming_setup()
+    text, failure = _streamed(model, tok, kw)  # no conditioning anywhere
     assert text == ""
-    assert len(failure) == 1 and "demographic_embeds=z in its kwargs" in str(failure[0])
+    assert len(failure) == 1 and "missing conditioning" in str(failure[0])
     _, failure = _streamed(model, tok, {**kw, "demographic_embeds": torch.randn(2, D)})  # fails in generate's check
     assert "1 prompt row(s)" in str(failure[0])
