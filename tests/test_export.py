@@ -1,6 +1,7 @@
 """Static LoRA export: the averaged gates, the factors, the truncation, and the folder PEFT loads as a plain LoRA."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -108,3 +109,27 @@ def test_layers_of_different_ranks_are_refused(tmp_path):
     factors[name] = _truncate(*factors[name], 3)
     with pytest.raises(ValueError, match="same rank"):
         write_lora(model, factors, tmp_path)
+
+
+def test_the_command_line_exports_a_trained_run_per_group_and_scores_it(tmp_path):
+    """A tiny survey run trained by the training script, exported per party at two ranks, scored through PEFT."""
+    import test_train as TT
+    from cuma_model.survey import export as X
+    from cuma_model.survey import train as T
+
+    T.train(TT.options(tmp_path, method="cuma", max_steps=30, eval_examples=60, routing_examples=0), **TT.parts())
+    given = dict(TT.parts(), examples=TT.survey())
+    X.main(["--run", str(tmp_path / "run"), "--group-by", "party", "--ranks", "full", "2", "--evaluate",
+            "--calibration-prompts", "16"], **given)
+    out = tmp_path / "run" / "export"
+    for rank in ("full", "2"):
+        manifest = json.loads((out / f"rank-{rank}" / "manifest.json").read_text())
+        assert sorted(g["group"] for g in manifest["groups"]) == [f"party={p}" for p in sorted(TT.PARTIES)]
+        for g in manifest["groups"]:
+            config = json.loads((out / f"rank-{rank}" / g["adapter"] / "adapter_config.json").read_text())
+            assert config["peft_type"] == "LORA" and config["r"] == (16 if rank == "full" else 2)
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert fidelity["n_covered"] == fidelity["n_eval"] > 0  # every party has its adapter
+    exact, full = fidelity["exact"], fidelity["rank-full"]
+    assert exact["agreement"] == 1.0 and exact["kl_from_exact"] < 1e-6
+    assert 0 <= full["kl_from_exact"] and 0 <= full["agreement"] <= 1 and np.isfinite(full["nll"])

@@ -84,8 +84,9 @@ def _slug(key: str, i: int) -> str:
     return f"group-{i:03d}-" + (re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-")[:48] or "empty")
 
 
-def _load_run(run_dir: Path):
-    """(training options, model with the run's adapter, tokenizer, encoder, splits)."""
+def _load_run(run_dir: Path, model=None, tokenizer=None, encoder=None, examples=None):
+    """(training options, model with the run's adapter, tokenizer, encoder, splits). The keywords stand in for what
+    the run's options name (as in `train`): a model and tokenizer already loaded, an encoder, the survey's examples."""
     final = run_dir / "final"
     if not (final / RUN_ARGS_NAME).is_file():
         raise FileNotFoundError(f"{final} holds no {RUN_ARGS_NAME}: --run takes the --output-dir of a finished "
@@ -95,10 +96,15 @@ def _load_run(run_dir: Path):
         raise ValueError(f"{run_dir} trained {saved.get('method')!r}: export takes a cuma run (a LoRA run is already "
                          "a plain LoRA: load its final/ folder directly)")
     args = T._args_from(saved["args"])
-    splits = T.make_splits(T.D.load_survey(args.survey, data=getattr(args, "data", None)), args)
-    base, tokenizer = T.load_model_and_tokenizer(args.model, args.gguf_file)
-    model = cuma_model.from_pretrained(base, final, is_trainable=False).eval()
-    if (final / FIELD_ENCODER_NAME).is_file():
+    if examples is None:
+        examples = T.D.load_survey(args.survey, data=getattr(args, "data", None))
+    splits = T.make_splits(examples, args)
+    if model is None:
+        model, tokenizer = T.load_model_and_tokenizer(args.model, args.gguf_file)
+    model = cuma_model.from_pretrained(model, final, is_trainable=False).eval()
+    if encoder is not None:
+        pass
+    elif (final / FIELD_ENCODER_NAME).is_file():
         encoder = FieldEncoder.from_json(json.loads((final / FIELD_ENCODER_NAME).read_text()))
     else:
         from .encoder import DemographicEncoder
@@ -139,11 +145,13 @@ def calibration_groups(examples, dims, per_group: int, min_prompts: int, seed: i
     return out
 
 
-def export_run(a: argparse.Namespace) -> dict:
+def export_run(a: argparse.Namespace, **given) -> dict:
+    """Export (and with `a.evaluate` score) the run `a.run`; `given`: model, tokenizer, encoder, examples (see
+    `_load_run`)."""
     run_dir = Path(a.run)
     out = Path(a.output) if a.output else run_dir / "export"
     ranks = _ranks(a.ranks)
-    args, model, tokenizer, encoder, splits = _load_run(run_dir)
+    args, model, tokenizer, encoder, splits = _load_run(run_dir, **given)
     dims = a.group_by
     if dims:
         known = {d for e in splits.train_all for d in e.groups}
@@ -242,11 +250,11 @@ def format_fidelity(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, **given) -> int:
     a = build_parser().parse_args(argv)
     try:
         _ranks(a.ranks)
     except ValueError as e:
         build_parser().error(str(e))
-    export_run(a)
+    export_run(a, **given)
     return 0
