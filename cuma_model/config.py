@@ -32,6 +32,7 @@ CONFIG_NAME = "adapter_config.json"
 #      routers on the parent module). Earlier files load (`checkpoint.canonical_names`); earlier releases refuse
 #      version 5 files by their version rather than by their tensor names.
 CONFIG_VERSION = 5
+NAMES_VERSION = 5  # the first version with today's tensor names and parameter order
 PEFT_TYPE_NAME = "CUMA"
 LEGACY_PEFT_TYPE_NAME = "CuMA"  # what version 1 files say; read, never written
 # Keys every PeftConfig carries (PEFT's bookkeeping, no effect on the adapter's math): absent from version 1 files.

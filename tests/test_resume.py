@@ -242,3 +242,15 @@ def test_a_state_without_optimizer_and_a_missing_encoder_are_refused_before_anyt
         T.train(options(tmp_path, method="cuma", max_steps=2, save_steps=1, do_eval=False, resume=str(ck)))
     with pytest.raises(ValueError, match="--encoder '/nonexistent' is neither a local folder nor a model"):
         T.train(options(tmp_path, method="cuma", encoder="/nonexistent", output_dir=str(tmp_path / "other")))
+
+
+def test_a_checkpoint_of_an_earlier_release_is_refused_by_name(tmp_path):
+    """Before config version 5 the shared routers sat on the attention module, so an optimizer state of that release
+    lists the parameters in another order: its run cannot continue exactly, and says so."""
+    run = tmp_path / "run"
+    T.train(options(tmp_path, method="cuma", max_steps=4, save_steps=2, do_eval=False), **parts())
+    config = run / "checkpoint-2" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"cuma_config_version": 4}))
+    with pytest.raises(ValueError, match="an earlier cuma release wrote it .*version 4"):
+        T.train(options(tmp_path, method="cuma", max_steps=4, save_steps=2, do_eval=False,
+                        resume=str(run / "checkpoint-2")), **parts())

@@ -69,6 +69,7 @@ import torch
 
 import cuma_model
 from cuma_model.atomic import atomic_write_bytes, recover_folder
+from cuma_model.config import CONFIG_NAME, NAMES_VERSION
 from cuma_model.handle import handle_of
 from cuma_model.loaders import SMOLLM2_GGUF, clear_gguf_marker, load_smollm2, smollm2_dir
 from cuma_model.survey import data as D
@@ -633,6 +634,13 @@ def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> Non
         raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
                          "(resume with the same options, or start a new run in another --output-dir):\n  "
                          + "\n  ".join(differences))
+    config = resume_dir / CONFIG_NAME
+    version = json.loads(config.read_text()).get("cuma_config_version", 1) if args.method in ROUTED else None
+    if version is not None and version < NAMES_VERSION:
+        raise ValueError(f"cannot resume from {resume_dir}: an earlier cuma release wrote it (adapter config version "
+                         f"{version}), with the routers elsewhere in the model, so its optimizer state lists the "
+                         "parameters in another order and the run cannot continue exactly. Its adapter loads "
+                         "(cuma_model.from_pretrained); finish the run with that release, or start a new one")
 
 
 def batch_seed(seed: int, process: int, epoch: int, batch: int) -> int:
