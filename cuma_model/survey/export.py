@@ -119,13 +119,14 @@ def _z(encoder, examples) -> torch.Tensor:
     return table.float()[index]
 
 
-def _batches(tokenizer, prompts: Sequence[str], z: torch.Tensor, batch_size: int, max_length: int):
+def _batches(model, tokenizer, prompts: Sequence[str], z: torch.Tensor, batch_size: int, max_length: int):
     pad = T.pad_token_id(tokenizer)
     rows = [tokenizer.encode(p, add_special_tokens=False)[-max_length:] for p in prompts]
+    head = {"logits_to_keep": 1} if E._accepts_logits_to_keep(model) else {}  # only the routing is wanted
     for start in range(0, len(rows), batch_size):
         ids, mask, positions = E.left_pad(rows[start:start + batch_size], pad)
         yield dict(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   demographic_embeds=z[start:start + batch_size])
+                   demographic_embeds=z[start:start + batch_size], **head)
 
 
 def calibration_groups(examples, dims, per_group: int, min_prompts: int, seed: int) -> dict[str, list]:
@@ -167,7 +168,7 @@ def export_run(a: argparse.Namespace, **given) -> dict:
     gates = {}
     for key, rows in tqdm(groups.items(), desc="calibrating groups", unit="group"):
         prompts = render_prompts(tokenizer, rows, profile_in_prompt=args.profile_in_prompt)
-        gates[key] = average_gates(model, _batches(tokenizer, prompts, _z(encoder, rows), a.batch_size,
+        gates[key] = average_gates(model, _batches(model, tokenizer, prompts, _z(encoder, rows), a.batch_size,
                                                    args.max_length))
     calibrate_s = time.perf_counter() - t
     base_name = model.cuma.config.base_model_name_or_path
