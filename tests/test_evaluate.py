@@ -99,10 +99,10 @@ def test_evaluate_predictions_perfect_and_collapsed():
 
     report = E.format_report({"perfect": m, "collapsed": collapsed})
     lines = report.splitlines()
-    assert lines[0].split()[:4] == ["method", "acc", "NLL", "macro-F1"]
+    assert lines[0].split()[:4] == ["method", "NLL", "Brier", "RPS"]  # proper scores lead
     assert lines[2].startswith("perfect") and "1.0000" in lines[2] and lines[3].startswith("collapsed")
     md = E.write_markdown_table({"perfect": m})
-    assert md.startswith("| method | acc |") and "| perfect | 1.0000 |" in md
+    assert md.startswith("| method | NLL | Brier | RPS |") and "| perfect | 0.000" in md
 
     with pytest.raises(ValueError):
         E.evaluate_predictions(test[:2], [0, 3])
