@@ -65,7 +65,9 @@ def test_paired_differences_and_the_report():
     metrics = E.evaluate_predictions(ex, perfect.choice_idx, perfect.choice_logits)
     assert metrics["intervals"]["accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
     text = E.format_intervals("cuma", metrics, paired)
-    assert "cuma: accuracy 100 [100, 100]%" in text and "cuma - itself: accuracy +0 [+0, +0] points (tie)" in text
+    assert "accuracy 100 [100, 100]%" in text and "accuracy +0 [+0, +0] points (tie)" in text
+    assert text.splitlines()[1].startswith("  cuma: NLL ")  # proper scores lead
+    assert "cuma - itself: NLL +0 [+0, +0] (tie), Brier +0 [+0, +0] (tie)" in text
     assert "cuma - flat" in text and "(win)" in text
 
 
