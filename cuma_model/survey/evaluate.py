@@ -4,15 +4,20 @@ Pieces, in the order a run uses them:
 - `score_choices(model, tokenizer, prompts, letters_per_example, demographic_embeds=None)`: per-example logits over
   that example's choice letters, read at the last prompt token (left padding, positions counted from each row's
   first real token, `logits_to_keep=1`).
-- Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`; each
-  `predict(examples)` returns `Predictions(choice_idx, choice_logits)`, the same form as a model's.
-- `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None)`: one JSON-safe dict with every metric of
-  `cuma_model.survey.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
-  entropy, per-group distribution gaps and between-group spread).
+- Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`, and for
+  questions never trained on `GroupScalePrior`; each `predict(examples)` returns `Predictions(choice_idx,
+  choice_logits)`, the same form as a model's.
+- `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None, temperature=None)`: one JSON-safe dict
+  with every metric of `cuma_model.survey.metrics` (the proper scores NLL, Brier and RPS, raw and at a temperature
+  fitted on validation answers, accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy,
+  answer entropy, per-group distribution gaps with their noise floor, and the between-group spread);
+  `sampled_twins`: a floor's expected hard metrics with its answers drawn from its own probabilities;
+  `z_permutation_test`: the same adapter scored with z shuffled across respondents.
 - `format_report` / `write_markdown_table`: methods side by side; `paired_differences` / `format_intervals`: 95%
   intervals from a bootstrap over respondents, and differences between methods scored on the same examples.
 - `RoutingUsage` / `routing_usage_table`: expert usage per demographic group per router from routing records.
-- `python -m cuma_model.survey.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
+- `python -m cuma_model.survey.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs (the
+  temperature fitted on DIR/val_predictions.jsonl when there);
   `python -m cuma_model.survey.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR` (or
   `--survey gss_spending` for a seeded respondent split): the floors, one run directory each under DIR.
 

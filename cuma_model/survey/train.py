@@ -16,7 +16,8 @@ In every method the profile text is the prompt's system message (as the publishe
 `--no-profile-in-prompt`.
 
 Data: the survey's respondents are split into train and test (`--split respondent`: held-out respondents;
-`--split profile`: held-out profile texts, zero-shot profiles). A validation split is carved from the TRAIN
+`--split profile`: held-out profile texts, zero-shot profiles; `--split question`: held-out respondents answering
+held-out questions, `--heldout-questions` or `--heldout-question-count`, trained on the other questions). A validation split is carved from the TRAIN
 respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is what defaults should be chosen on.
 `--train-examples` takes a seeded random subset of `--questions-per-respondent` questions of each of its random
 respondents (0: example by example, which covers the most respondents and profiles for a budget of examples but
@@ -42,8 +43,11 @@ load-balancing loss) for routed methods.
 
 Outputs in `--output-dir` (default `runs/<method>`): `checkpoint-<step>/` every `--save-steps` and `final/` (the
 adapter plus `training_state.pt` and `train_args.json`; each replaced as a unit, see `cuma_model.atomic`),
-`metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
-`routing_usage.csv` + `routing_<dim>.png`. SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
+`metrics.json`, `predictions.jsonl`, `val_predictions.jsonl` (the `--calibration-examples` validation answers the
+temperatures are fitted on), `loss_curve.png`, `reliability.png`, `answer_shares_<dim>.png`, and for routed methods
+`routing_usage.csv` + `routing_<dim>.png`. Reports lead with the proper scores (NLL, Brier, RPS), raw and at each
+predictor's temperature; every floor also appears as its sampled twin; a cuma run is also scored with z shuffled
+across respondents (`z_permutation`). SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
 flight and stops (exit code 128 + the signal). `--resume PATH|latest` continues a run exactly where its checkpoint
 stopped (same remaining batches, same schedule position, same random draws); a resume with other options or other
 training data is refused (`cuma_model.survey.run_checkpoint`). A new run into a folder that holds a previous run's
