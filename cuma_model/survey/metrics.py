@@ -305,7 +305,8 @@ def gaps_of_codes(q_index: np.ndarray, true_idx, pred_idx, n_choices, true_scale
         proba = np.pad(proba, ((0, 0), (0, width - proba.shape[1])))
 
     per_dim = {}
-    all_cells, all_spread = [], []  # arrays of (n, emd, js, js_soft, tv, tv_soft) and (weight, pred_js, true_js, pred_js_soft)
+    # arrays of (n, emd, js, js_soft, tv, tv_soft) and (weight, pred_js, true_js, pred_js_soft)
+    all_cells, all_spread = [], []
     for dim, (g_index, n_groups) in groups.items():
         keep = np.flatnonzero(g_index >= 0)
         # a cell is one (question, group); rows without the dimension's label belong to none

@@ -17,11 +17,12 @@ In every method the profile text is the prompt's system message (as the publishe
 
 Data: the survey's respondents are split into train and test (`--split respondent`: held-out respondents;
 `--split profile`: held-out profile texts, zero-shot profiles; `--split question`: held-out respondents answering
-held-out questions, `--heldout-questions` or `--heldout-question-count`, trained on the other questions). A validation split is carved from the TRAIN
-respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is what defaults should be chosen on.
-`--train-examples` takes a seeded random subset of `--questions-per-respondent` questions of each of its random
-respondents (0: example by example, which covers the most respondents and profiles for a budget of examples but
-shares no prompt prefix); `--eval-examples` takes one example by example. Respondents stay disjoint between the
+held-out questions, `--heldout-questions` or `--heldout-question-count`, trained on the other questions). A
+validation split is carved from the TRAIN respondents (`--val-fraction`); `--eval-split val` evaluates on it, which
+is what defaults should be chosen on. `--train-examples` takes a seeded random subset of
+`--questions-per-respondent` questions of each of its random respondents (0: example by example, which covers the
+most respondents and profiles for a budget of examples but shares no prompt prefix); `--eval-examples` takes one
+example by example. Respondents stay disjoint between the
 splits whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
 scored on the same evaluation examples as the model; when the adapter trains on a subset, each floor is also fitted on
 exactly that subset (`<floor>@<n>`), so that a comparison at equal data is in every table.
@@ -298,8 +299,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-length {args.max_length} cannot hold a prompt's question, its answer choices and "
                          f"the answer position (prompts are left-truncated to it); use at least {MIN_MAX_LENGTH} "
                          "(the default 256 keeps whole prompts on the built-in surveys)")
-    non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "calibration_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
-                    "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
+    non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "calibration_examples", "max_steps",
+                    "warmup_steps", "save_steps", "epochs", "routing_examples", "aux_loss_coef", "weight_decay",
+                    "max_grad_norm")
     for name in non_negative:
         if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
