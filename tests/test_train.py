@@ -257,6 +257,9 @@ def test_seeds_train_one_split_and_report_the_spread(tmp_path):
     assert diff == [r["paired"]["question_majority"]["accuracy"]["mean"] for r in runs]
     assert json.loads((tmp_path / "run" / "seeds.json").read_text())["metrics"]["nll"]["values"] == \
         [r["metrics"]["nll"] for r in runs]
+    assert summary["metrics"]["nll_at_temperature"]["values"] == [r["metrics"]["calibrated"]["nll"] for r in runs]
+    assert summary["metrics"]["z_shuffled_nll_difference"]["values"] == \
+        [r["z_permutation"]["nll_difference"]["mean"] for r in runs]
 
 
 def test_a_checkpoint_older_than_an_option_resumes_as_it_ran():

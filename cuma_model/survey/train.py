@@ -1031,6 +1031,7 @@ _SEED_METRICS = {
     "nll": lambda r: r["metrics"]["nll"],
     "brier": lambda r: r["metrics"]["brier"],
     "nll_at_temperature": lambda r: (r["metrics"].get("calibrated") or {}).get("nll"),
+    "z_shuffled_nll_difference": lambda r: ((r.get("z_permutation") or {}).get("nll_difference") or {}).get("mean"),
     "emd": lambda r: r["metrics"]["emd"]["mean"],
     "group_js": lambda r: r["metrics"]["group_gaps"]["js"],
     "spread": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio"],
