@@ -256,14 +256,15 @@ def format_z_permutation(test: Mapping) -> str:
 
 
 # set metrics: (name, lower is better) -- a difference in spread has no better side (1 is the true spread)
-SET_METRICS = {"emd": True, "group_js": True, "spread": None, "spread_soft": None}
+SET_METRICS = {"emd": True, "group_js": True, "group_js_soft": True, "group_tv_soft": True, "spread": None,
+               "spread_soft": None}
 
 
 def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping[str, Predictions],
                          reference: str | None = None, n_resamples: int = SET_RESAMPLES, min_group_rows: int = 5,
                          seed: int = 0) -> tuple[dict, dict]:
-    """95% intervals of the metrics of a set of answers (`SET_METRICS`: mean EMD over questions, group JS,
-    between-group spread and its soft form), each recomputed on every respondent resample.
+    """95% intervals of the metrics of a set of answers (`SET_METRICS`: mean EMD over questions, group JS, soft
+    group JS and TV, between-group spread and its soft form), each recomputed on every respondent resample.
 
     Returns ({method: {metric: {mean, lo, hi}}}, {other: {metric: {mean, lo, hi, verdict}}}): the second holds
     `reference` minus each other method, paired (both on the same resamples); a spread difference says "higher",
@@ -326,7 +327,7 @@ class _SetScorer:
             self.pred_scaled[idx], {d: (codes[idx], n) for d, (codes, n) in self.groups.items()},
             min_rows=self.min_rows, proba=self.proba[idx] if self.proba is not None else None)
         spread = gaps["between_group_spread"]
-        return [emd, gaps["js"], spread["ratio"], spread["ratio_soft"]]
+        return [emd, gaps["js"], gaps["js_soft"], gaps["tv_soft"], spread["ratio"], spread["ratio_soft"]]
 
 
 _SCORE_LABELS = {"nll": "NLL", "brier": "Brier", "rps": "RPS", "calibrated_nll": "NLL@T",
@@ -361,7 +362,8 @@ def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None)
     return "\n".join(lines)
 
 
-_SET_LABELS = {"emd": "EMD", "group_js": "group JS", "spread": "spread", "spread_soft": "soft spread"}
+_SET_LABELS = {"emd": "EMD", "group_js": "group JS", "group_js_soft": "soft group JS",
+               "group_tv_soft": "soft group TV", "spread": "spread", "spread_soft": "soft spread"}
 
 
 def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:
