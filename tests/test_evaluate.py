@@ -99,10 +99,10 @@ def test_evaluate_predictions_perfect_and_collapsed():
 
     report = E.format_report({"perfect": m, "collapsed": collapsed})
     lines = report.splitlines()
-    assert lines[0].split()[:4] == ["method", "acc", "NLL", "macro-F1"]
+    assert lines[0].split()[:4] == ["method", "NLL", "Brier", "RPS"]  # proper scores lead
     assert lines[2].startswith("perfect") and "1.0000" in lines[2] and lines[3].startswith("collapsed")
     md = E.write_markdown_table({"perfect": m})
-    assert md.startswith("| method | acc |") and "| perfect | 1.0000 |" in md
+    assert md.startswith("| method | NLL | Brier | RPS |") and "| perfect | 0.000" in md
 
     with pytest.raises(ValueError):
         E.evaluate_predictions(test[:2], [0, 3])
@@ -332,3 +332,66 @@ def test_score_choices_peft_model(tiny_llama):
         peft_model.unload()
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- proper scores
+
+def test_cli_baselines_fit_temperatures_on_validation_and_show_sampled_twins(tmp_path, capsys):
+    for name, n, seed in (("train", 60, 5), ("val", 20, 8), ("test", 20, 6)):
+        E.write_examples_jsonl(tmp_path / f"{name}.jsonl", synthetic_survey(n, seed=seed))
+    rc = E.main(["--baselines", *[f"--{n}={tmp_path / n}.jsonl" for n in ("train", "val", "test")],
+                 "--out", str(tmp_path / "floors"), "--plot-dimension", "party"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:8] == ["method", "NLL", "Brier", "RPS", "T", "NLL@T", "Brier@T", "RPS@T"]
+    assert "group_majority~sampled" in out and "noise floor of grp-JS/grp-TV" in out
+    floor = tmp_path / "floors" / "group_majority"
+    m = json.loads((floor / "metrics.json").read_text())
+    val, _, val_logits = E.read_predictions_jsonl(floor / E.VAL_PREDICTIONS)
+    assert m["calibrated"]["temperature"] == pytest.approx(E.temperature_of(val, val_logits))
+    assert m["calibrated"]["nll"] is not None and m["intervals"]["calibrated_nll"]["lo"] <= m["calibrated"]["nll"]
+    assert (floor / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_differences_of_proper_scores_raw_and_calibrated():
+    test = synthetic_survey(30, seed=9)
+    truth = np.array([e.target for e in test])
+    sharp = E.Predictions(truth, [np.where(np.arange(3) == t, 4.0, 0.0) for t in truth])
+    flat = E.Predictions(np.zeros(len(test), dtype=np.int64), [np.zeros(3)] * len(test))
+    d = E.paired_differences(test, sharp, {"flat": flat}, temperature=2.0, other_temperatures={"flat": 1.0})["flat"]
+    for k in ("nll", "brier", "rps", "calibrated_nll", "calibrated_brier", "calibrated_rps"):
+        assert d[k]["mean"] < 0 and d[k]["verdict"] == "win", k
+    rows = E.proper_score_rows(test, sharp.choice_logits, 2.0)
+    assert d["calibrated_nll"]["mean"] == pytest.approx(rows["nll"].mean() - np.log(3))
+    # without the other's temperature there is no calibrated difference
+    assert "calibrated_nll" not in E.paired_differences(test, sharp, {"flat": flat}, temperature=2.0)["flat"]
+
+
+def test_group_scale_prior_carries_each_groups_answers_to_a_new_scale():
+    # training questions on a 0..1 scale of two choices: group a answers at the top 3 times in 4, b at the bottom
+    train = ([ex(f"a{i}", f"q{j}", t, {"party": "a"}, k=2) for i, t in enumerate([1, 1, 1, 0]) for j in (1, 2)]
+             + [ex(f"b{i}", f"q{j}", t, {"party": "b"}, k=2) for i, t in enumerate([0, 0, 0, 1]) for j in (1, 2)])
+    # the new question has 3 choices at 0, 0.5 and 1: the top answers go to its top choice, nothing to the middle
+    test = [ex("a9", "new", 0, {"party": "a"}, k=3), ex("b9", "new", 0, {"party": "b"}, k=3),
+            ex("c9", "new", 0, {"party": "c"}, k=3)]
+    prior = E.GroupScalePrior(["party"], min_count=1).fit(train)
+    pr = prior.predict(test)
+    np.testing.assert_allclose(np.exp(pr.choice_logits[0]), np.array([2 + 1, 0 + 1, 6 + 1]) / 11, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(pr.choice_logits[1]), np.array([6 + 1, 0 + 1, 2 + 1]) / 11, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(pr.choice_logits[2]), np.array([8 + 1, 0 + 1, 8 + 1]) / 19, rtol=1e-6)
+    assert pr.choice_idx.tolist() == [2, 0, 0] and prior.backoff_levels_ == {1: 2, 0: 1}
+    # a point halfway between two choices is shared by both
+    np.testing.assert_allclose(E._carried({0.5: 2.0}, [0.0, 1.0]), [1.0, 1.0])
+
+
+def test_z_is_shuffled_across_respondents_not_answers():
+    respondents = ["r1", "r1", "r2", "r3", "r3", "r3"]
+    z = torch.tensor([[1.0], [1.0], [2.0], [3.0], [3.0], [3.0]])
+    shuffled = E.shuffled_across_respondents(z, respondents, seed=1)
+    # each respondent keeps one z, and the respondents' z are a permutation of theirs
+    assert shuffled[0] == shuffled[1] and shuffled[3] == shuffled[4] == shuffled[5]
+    assert sorted([float(shuffled[0]), float(shuffled[2]), float(shuffled[3])]) == [1.0, 2.0, 3.0]
+    assert torch.equal(E.shuffled_across_respondents(z, respondents, seed=1), shuffled)  # seeded
+    assert not all(torch.equal(E.shuffled_across_respondents(z, respondents, seed=s), z) for s in range(5))
+    with pytest.raises(ValueError, match="6 rows for 2 respondent ids"):
+        E.shuffled_across_respondents(z, ["r1", "r2"])

@@ -65,7 +65,9 @@ def test_paired_differences_and_the_report():
     metrics = E.evaluate_predictions(ex, perfect.choice_idx, perfect.choice_logits)
     assert metrics["intervals"]["accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
     text = E.format_intervals("cuma", metrics, paired)
-    assert "cuma: accuracy 100 [100, 100]%" in text and "cuma - itself: accuracy +0 [+0, +0] points (tie)" in text
+    assert "accuracy 100 [100, 100]%" in text and "accuracy +0 [+0, +0] points (tie)" in text
+    assert text.splitlines()[1].startswith("  cuma: NLL ")  # proper scores lead
+    assert "cuma - itself: NLL +0 [+0, +0] (tie), Brier +0 [+0, +0] (tie)" in text
     assert "cuma - flat" in text and "(win)" in text
 
 
@@ -114,10 +116,13 @@ def test_set_metric_intervals_hold_the_metrics_and_tell_an_oracle_from_the_major
         assert iv["group_js"]["mean"] == pytest.approx(m["group_gaps"]["js"])
         assert iv["spread"]["mean"] == pytest.approx(m["group_gaps"]["between_group_spread"]["ratio"])
         assert iv["spread_soft"]["mean"] == pytest.approx(m["group_gaps"]["between_group_spread"]["ratio_soft"])
+        assert iv["group_js_soft"]["mean"] == pytest.approx(m["group_gaps"]["js_soft"])
+        assert iv["group_tv_soft"]["mean"] == pytest.approx(m["group_gaps"]["tv_soft"])
     assert intervals["majority"]["emd"]["lo"] < intervals["majority"]["emd"]["mean"] < intervals["majority"]["emd"]["hi"]
     assert intervals["oracle"]["emd"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
     assert paired["same"]["emd"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "verdict": "tie"}
     assert paired["majority"]["emd"]["verdict"] == "win" and paired["majority"]["group_js"]["verdict"] == "win"
+    assert paired["majority"]["group_js_soft"]["verdict"] == "win"  # flat probabilities miss the groups' shares
     assert paired["majority"]["spread"]["verdict"] == "higher"  # the majority answers both groups alike
     text = E.format_intervals("oracle", {"n": len(ex), "intervals": {
         "accuracy": {"mean": 1.0, "lo": 1.0, "hi": 1.0}, **intervals["oracle"]}}, {

@@ -246,3 +246,27 @@ def test_group_gaps_take_probabilities_padded_wider_than_the_subset():
     want = M.group_distribution_gaps(**inputs, pred_proba=[p[:2] for p in proba])
     assert got["js_soft"] == pytest.approx(want["js_soft"]) and want["js_soft"] > 0
     assert got["between_group_spread"]["ratio_soft"] == pytest.approx(want["between_group_spread"]["ratio_soft"])
+
+
+def test_total_variation_per_cell_hard_and_soft():
+    assert M.total_variation([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
+    q = ["q"] * 4
+    true = [0, 0, 1, 1]
+    pred = [0, 0, 0, 0]
+    proba = [np.array([0.5, 0.5])] * 4
+    gaps = M.group_distribution_gaps(q, true, pred, [2] * 4, [0, 0, 1, 1], [0, 0, 0, 0], {"g": ["a"] * 4},
+                                     min_rows=1, pred_proba=proba)
+    assert gaps["tv"] == pytest.approx(0.5) and gaps["tv_soft"] == pytest.approx(0.0)
+    assert gaps["js_soft"] == pytest.approx(0.0) and gaps["js"] > 0
+
+
+def test_group_noise_floor_of_two_halves():
+    # a cell whose answers all agree: its halves agree; a cell of two different answers: halves of one each differ
+    # completely (TV 1, JS 1 bit); weighted by rows (4 and 2)
+    q = ["q1"] * 4 + ["q2"] * 2
+    true = [1, 1, 1, 1, 0, 1]
+    noise = M.group_noise_floor(q, true, [2] * 6, {"g": ["a"] * 6}, min_rows=2, n_splits=3)
+    assert noise["n_cells"] == 2 and noise["n_splits"] == 3
+    assert noise["tv"] == pytest.approx(2 / 6) and noise["js"] == pytest.approx(2 / 6)
+    # cells under min_rows do not count; none left gives NaN
+    assert math.isnan(M.group_noise_floor(q, true, [2] * 6, {"g": ["a"] * 6}, min_rows=5)["js"])

@@ -34,7 +34,8 @@ def test_scaling_curve_trains_each_run_once_and_compares_the_first_method(tmp_pa
         diff = run["metrics"]["accuracy"] - json.loads(
             (out / f"lora-{size}" / "metrics.json").read_text())["metrics"]["accuracy"]
         assert s["paired"]["lora"]["accuracy"]["mean"] == pytest.approx(diff) and lo <= diff <= hi
-        assert {"emd", "group_js", "spread"} <= set(s["paired"]["lora"])
+        assert {"emd", "group_js", "spread", "nll", "brier", "calibrated_nll"} <= set(s["paired"]["lora"])
+        assert s["metrics"]["cuma"]["calibrated_nll"]["mean"] == pytest.approx(run["metrics"]["calibrated"]["nll"])
     assert "| 48 | lora |" in (out / "scaling.md").read_text()
     assert (out / "scaling.png").stat().st_size > 0
     # an interval that does not contain its point estimate (basic bootstrap) still plots

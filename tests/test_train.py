@@ -1,4 +1,5 @@
 """cuma_model.survey.train on tiny random decoders: learning, exact resume, atomic checkpoints, the base path, bad options."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cuma_model.survey import evaluate as E
 from cuma_model.survey import run_checkpoint as R
 from cuma_model.survey import train as T
 from cuma_model.survey.data import SurveyExample
@@ -255,6 +257,9 @@ def test_seeds_train_one_split_and_report_the_spread(tmp_path):
     assert diff == [r["paired"]["question_majority"]["accuracy"]["mean"] for r in runs]
     assert json.loads((tmp_path / "run" / "seeds.json").read_text())["metrics"]["nll"]["values"] == \
         [r["metrics"]["nll"] for r in runs]
+    assert summary["metrics"]["nll_at_temperature"]["values"] == [r["metrics"]["calibrated"]["nll"] for r in runs]
+    assert summary["metrics"]["z_shuffled_nll_difference"]["values"] == \
+        [r["z_permutation"]["nll_difference"]["mean"] for r in runs]
 
 
 def test_a_checkpoint_older_than_an_option_resumes_as_it_ran():
@@ -394,3 +399,94 @@ def test_truncated_prompts_are_counted_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         T.tokenize_prompts(tok, examples, True, max(lengths))  # nothing truncated: no warning
+
+
+# ---------------------------------------------------------------------------------------------------- evidence
+
+def test_a_run_leads_with_proper_scores_calibrated_on_validation(tmp_path):
+    res = T.train(options(tmp_path, method="cuma", max_steps=3, eval_examples=24, calibration_examples=20,
+                          plots=True), **parts())
+    run = tmp_path / "run"
+    m = res["metrics"]
+    assert {"nll", "brier", "rps"} <= set(m) and m["calibrated"]["temperature"] > 0
+    # the temperature is the one fitted on the validation answers the run wrote, none of them evaluated
+    val, _, val_logits = E.read_predictions_jsonl(run / E.VAL_PREDICTIONS)
+    assert m["calibrated"]["temperature"] == pytest.approx(E.temperature_of(val, val_logits), rel=1e-6)
+    splits = T.make_splits(survey(), T._args_from(options(tmp_path, eval_examples=24, calibration_examples=20)))
+    assert len(val) == res["data"]["n_calibration"] == min(20, len(splits.val)) > 0
+    assert len(T.make_splits(survey(), T._args_from(options(tmp_path, calibration_examples=4))).calib) == 4
+    assert {e.respondent_id for e in splits.calib} <= {e.respondent_id for e in splits.val}
+    assert not {e.respondent_id for e in splits.calib} & {e.respondent_id for e in splits.eval}
+    for name, floor in res["floors"].items():
+        assert floor["calibrated"]["temperature"] == res["calibration"]["floor_temperatures"][name]
+        assert res["paired"][name]["calibrated_nll"]["verdict"] in ("win", "loss", "tie")
+    assert set(res["sampled_floors"]) == {f"{n}~sampled" for n in res["floors"]}
+    assert res["report"].splitlines()[0].split()[1:4] == ["NLL", "Brier", "RPS"]
+    assert "group_majority~sampled" in res["report"] and "z shuffled across respondents" in res["report"]
+    assert (run / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["z_permutation"]["n"] == 24 and "sampled_floors" in saved
+    # no calibration answers: no temperatures, nothing else lost
+    res = T.train(options(tmp_path, method="lora", max_steps=1, eval_examples=12, calibration_examples=0,
+                          output_dir=str(tmp_path / "lora")), **parts())
+    assert res["metrics"]["calibrated"] is None and res["metrics"]["brier"] is not None
+    assert res["z_permutation"] is None  # no z to shuffle
+
+
+def test_shuffling_z_within_identical_profiles_changes_nothing(tmp_path):
+    """The permutation test's null: respondents who share one profile share one z, so shuffling z among them must
+    leave every score as it was (and a run where profiles differ moves)."""
+    same = [dataclasses.replace(e, profile="you are a democrat", groups={"party": "democrat"}) for e in survey()]
+    res = T.train(options(tmp_path, method="cuma", max_steps=3, eval_examples=30, calibration_examples=0,
+                          demographic_norm="none"), **{**parts(), "examples": same})  # one profile: no statistics
+    test = res["z_permutation"]
+    assert test["nll_difference"]["mean"] == 0.0 and test["nll_difference"]["lo"] == test["nll_difference"]["hi"] == 0
+    assert test["accuracy_difference"]["mean"] == 0.0
+    res = T.train(options(tmp_path, method="cuma", max_steps=3, eval_examples=30, calibration_examples=0,
+                          demographic_norm="none", output_dir=str(tmp_path / "differ")), **parts())
+    assert res["z_permutation"]["nll_difference"]["mean"] != 0.0
+
+
+def test_question_split_keeps_heldout_answers_out_of_training_and_the_floors(tmp_path):
+    args = T._args_from(options(tmp_path, split="question", heldout_questions=["parks"], calibration_examples=10))
+    splits = T.make_splits(survey(), args)
+    assert splits.heldout_questions == ["parks"]
+    for part in (splits.train_all, splits.train, splits.val, splits.calib):
+        assert part and all(e.question_id != "parks" for e in part)
+    assert splits.eval and all(e.question_id == "parks" for e in splits.eval)
+    assert not {e.respondent_id for e in splits.train_all} & {e.respondent_id for e in splits.test}
+    # drawn by seed: the same questions for the same seed
+    drawn = T.make_splits(survey(), T._args_from(options(tmp_path, split="question", heldout_question_count=2)))
+    assert len(drawn.heldout_questions) == 2
+    assert drawn.heldout_questions == T.make_splits(survey(), T._args_from(
+        options(tmp_path, split="question", heldout_question_count=2))).heldout_questions
+
+    res = T.train(options(tmp_path, method="lora", max_steps=2, split="question", heldout_questions=["parks"],
+                          calibration_examples=10), **parts())
+    assert res["data"]["heldout_questions"] == ["parks"]
+    assert "group_scale_prior" in res["floors"]
+    # the floors never saw an answer to the held-out question: the question majority knows nothing of it
+    qm = res["floors"]["question_majority"]
+    assert qm["nll"] == pytest.approx(np.log(3)) and qm["calibrated"]["temperature"] > 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--heldout-questions", "roads"], "add --split question"),
+    (["--split", "question", "--heldout-question-count", "0"], "--heldout-question-count must be >= 1"),
+    (["--split", "question", "--heldout-questions", "a", "--heldout-question-count", "1"], "not both"),
+    (["--calibration-examples", "-1"], "--calibration-examples must be"),
+])
+def test_bad_evidence_options(argv, match):
+    with pytest.raises(ValueError, match=match):
+        T.train(argv)
+
+
+def test_unknown_or_all_heldout_questions_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"\['nope'\] are not questions of the survey; its questions: "
+                                         r"\['parks', 'roads', 'schools'\]"):
+        T.make_splits(survey(), T._args_from(options(tmp_path, split="question", heldout_questions=["nope"])))
+    with pytest.raises(ValueError, match="leave at least one to train on"):
+        T.make_splits(survey(), T._args_from(options(tmp_path, split="question",
+                                                     heldout_questions=["parks", "roads", "schools"])))
+    with pytest.raises(ValueError, match="at most 2 of the survey's 3 questions"):
+        T.make_splits(survey(), T._args_from(options(tmp_path, split="question", heldout_question_count=3)))

@@ -4,15 +4,20 @@ Pieces, in the order a run uses them:
 - `score_choices(model, tokenizer, prompts, letters_per_example, demographic_embeds=None)`: per-example logits over
   that example's choice letters, read at the last prompt token (left padding, positions counted from each row's
   first real token, `logits_to_keep=1`).
-- Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`; each
-  `predict(examples)` returns `Predictions(choice_idx, choice_logits)`, the same form as a model's.
-- `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None)`: one JSON-safe dict with every metric of
-  `cuma_model.survey.metrics` (accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy, answer
-  entropy, per-group distribution gaps and between-group spread).
+- Floors fitted on train examples: `QuestionMajority`, `GroupMajority`, `LogisticRegressionBaseline`, and for
+  questions never trained on `GroupScalePrior`; each `predict(examples)` returns `Predictions(choice_idx,
+  choice_logits)`, the same form as a model's.
+- `evaluate_predictions(test_examples, pred_choice_idx, choice_logits=None, temperature=None)`: one JSON-safe dict
+  with every metric of `cuma_model.survey.metrics` (the proper scores NLL, Brier and RPS, raw and at a temperature
+  fitted on validation answers, accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, group macro-accuracy,
+  answer entropy, per-group distribution gaps with their noise floor, and the between-group spread);
+  `sampled_twins`: a floor's expected hard metrics with its answers drawn from its own probabilities;
+  `z_permutation_test`: the same adapter scored with z shuffled across respondents.
 - `format_report` / `write_markdown_table`: methods side by side; `paired_differences` / `format_intervals`: 95%
   intervals from a bootstrap over respondents, and differences between methods scored on the same examples.
 - `RoutingUsage` / `routing_usage_table`: expert usage per demographic group per router from routing records.
-- `python -m cuma_model.survey.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs;
+- `python -m cuma_model.survey.evaluate --run-dir DIR`: DIR/predictions.jsonl -> DIR/metrics.json and PNGs (the
+  temperature fitted on DIR/val_predictions.jsonl when there);
   `python -m cuma_model.survey.evaluate --baselines --train TRAIN.jsonl --test TEST.jsonl --out DIR` (or
   `--survey gss_spending` for a seeded respondent split): the floors, one run directory each under DIR.
 
@@ -36,7 +41,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cuma_model.survey import calibration as C
 from cuma_model.survey import metrics as M
+from cuma_model.survey import sampled as S
 from cuma_model.survey.data import SurveyExample
 from cuma_model.survey.intervals import (
     SET_RESAMPLES,
@@ -60,18 +67,38 @@ class Predictions(NamedTuple):
 # Metrics over examples
 # --------------------------------------------------------------------------------------------------------------------
 
+PROPER_SCORES = ("nll", "brier", "rps")
+
+
+def proper_score_rows(examples: Sequence[SurveyExample], choice_logits: Sequence[np.ndarray],
+                      temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-answer proper scores of softmax(logits / temperature): {"nll", "brier", "rps"}, each float64 [N]
+    (the ranked probability score orders each question's choices by their scores)."""
+    rows = C.scaled_logits(choice_logits, temperature) if temperature != 1.0 else choice_logits
+    true = np.array([e.target for e in examples], dtype=np.int64)
+    proba = M.softmax_rows(rows)
+    return {"nll": M.choice_nll(rows, true), "brier": M.brier_scores(proba, true),
+            "rps": M.ranked_probability_scores(proba, true, [e.scores for e in examples])}
+
+
 def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx: Sequence[int],
-                         choice_logits: Sequence[np.ndarray] | None = None, min_group_rows: int = 5) -> dict:
+                         choice_logits: Sequence[np.ndarray] | None = None, min_group_rows: int = 5,
+                         temperature: float | None = None) -> dict:
     """Every metric for one method on `test_examples`, as a JSON-serialisable dict (NaN becomes null).
 
     pred_choice_idx: int [N], the predicted choice index per example. choice_logits: optional list of
-    [n_choices_i] arrays (entropy is null without them). `min_group_rows` is the smallest subgroup (sigma-inequity)
-    or (group, question) cell (distribution gaps) that counts. Keys: n, n_questions, accuracy, macro_f1,
+    [n_choices_i] arrays (the proper scores and entropy are null without them). `temperature`: the method's
+    temperature fitted on validation answers (`calibration.fit_temperature`); the proper scores of
+    softmax(logits / temperature) then fill `calibrated`. `min_group_rows` is the smallest subgroup (sigma-inequity)
+    or (group, question) cell (distribution gaps) that counts. Keys: n, n_questions, nll, brier, rps (mean
+    negative log-likelihood, Brier score and ranked probability score of the true answers) | null,
+    calibrated {temperature, nll, brier, rps} | null, accuracy, macro_f1,
     emd {mean, median, auc, n_questions, per_question}, sigma_inequity {mean, per_dimension},
-    group_macro_accuracy {mean, per_dimension}, nll (mean negative log-likelihood of the true choice) | null,
-    entropy {mean, mean_normalized} | null,
-    group_gaps {emd, js, js_soft, n_cells, between_group_spread {pred_js, true_js, ratio, pred_js_soft,
-    ratio_soft}, per_dimension} (the *_soft entries use the softmax of choice_logits and are null without them).
+    group_macro_accuracy {mean, per_dimension}, entropy {mean, mean_normalized} | null,
+    group_gaps {emd, js, js_soft, tv, tv_soft, n_cells, between_group_spread {pred_js, true_js, ratio, pred_js_soft,
+    ratio_soft}, per_dimension} (the *_soft entries use the softmax of choice_logits and are null without them),
+    group_noise_floor {js, tv, n_cells, n_splits} (two random halves of each cell's true answers), and intervals
+    (respondent bootstrap) of accuracy and of each proper score, raw and calibrated.
     """
     ex = list(test_examples)
     pred = np.asarray(pred_choice_idx, dtype=np.int64)
@@ -85,15 +112,20 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
     out = {
         "n": len(ex),
         "n_questions": len(emd_q),
+        "nll": None,
+        "brier": None,
+        "rps": None,
+        "calibrated": None,
         "accuracy": M.accuracy(true, pred),
         "macro_f1": M.macro_f1([e.letters[e.target] for e in ex], [e.letters[p] for e, p in zip(ex, pred)]),
         "emd": {**M.emd_summary(emd_q), "per_question": {str(k): v for k, v in emd_q.items()}},
         "sigma_inequity": M.sigma_inequity(correct, groups, min_rows=min_group_rows),
         "group_macro_accuracy": M.group_macro_accuracy(correct, groups),
-        "nll": None,
         "entropy": None,
         "group_gaps": None,
     }
+    respondents = [e.respondent_id for e in ex]
+    intervals = {"accuracy": respondent_bootstrap(correct, respondents)}
     proba = None
     if choice_logits is not None:
         if len(choice_logits) != len(ex):
@@ -101,49 +133,138 @@ def evaluate_predictions(test_examples: Sequence[SurveyExample], pred_choice_idx
         if any(len(z) != k for z, k in zip(choice_logits, n_choices)):
             raise ValueError("a logit row's length differs from its example's number of choices")
         proba = M.softmax_rows(choice_logits)
-        out["nll"] = float(M.choice_nll(choice_logits, true).mean()) if len(ex) else float("nan")
+        scores = proper_score_rows(ex, choice_logits)
+        for name, values in scores.items():
+            out[name] = float(values.mean()) if len(ex) else float("nan")
+            intervals[name] = respondent_bootstrap(values, respondents)
+        if temperature is not None:
+            scaled = proper_score_rows(ex, choice_logits, temperature)
+            out["calibrated"] = {"temperature": float(temperature),
+                                 **{k: float(v.mean()) if len(ex) else float("nan") for k, v in scaled.items()}}
+            for name, values in scaled.items():
+                intervals[f"calibrated_{name}"] = respondent_bootstrap(values, respondents)
         h = M.choice_entropy(choice_logits)
         out["entropy"] = {"mean": float(h.mean()) if h.size else float("nan"),
                           "mean_normalized": float(np.mean(h / np.log(np.maximum(n_choices, 2))))
                           if h.size else float("nan")}
+    else:
+        intervals.update({name: None for name in PROPER_SCORES})
     out["group_gaps"] = M.group_distribution_gaps(qids, true, pred, n_choices, true_scaled, pred_scaled, groups,
                                                   min_rows=min_group_rows, pred_proba=proba)
-    respondents = [e.respondent_id for e in ex]
-    out["intervals"] = {"accuracy": respondent_bootstrap(correct, respondents),
-                        "nll": respondent_bootstrap(M.choice_nll(choice_logits, true), respondents)
-                        if choice_logits is not None else None}
+    out["group_noise_floor"] = M.group_noise_floor(qids, true, n_choices, groups, min_rows=min_group_rows)
+    out["intervals"] = intervals
     return _json_safe(out)
 
 
+def sampled_twin(examples: Sequence[SurveyExample], choice_logits: Sequence[np.ndarray], metrics: Mapping,
+                 min_group_rows: int = 5, n_draws: int = S.N_DRAWS, seed: int = 0) -> dict:
+    """The sampled twin of a predictor with probabilities (`sampled.sampled_metrics`): its expected hard metrics
+    with answers drawn from softmax(choice_logits), next to the proper scores of `metrics` (the predictor's own
+    `evaluate_predictions` dict), which sampling leaves unchanged."""
+    ex = list(examples)
+    twin = S.sampled_metrics([e.question_id for e in ex], [e.target for e in ex],
+                             [np.array([_scaled(e, i) for i in range(len(e.choices))]) for e in ex],
+                             M.softmax_rows(choice_logits), example_groups(ex), min_group_rows, n_draws, seed)
+    kept = {k: metrics.get(k) for k in ("n", "nll", "brier", "rps", "calibrated", "entropy")}
+    soft = {k: (metrics.get("group_gaps") or {}).get(k) for k in ("js_soft", "tv_soft")}
+    twin["group_gaps"].update(soft)
+    twin["group_gaps"]["between_group_spread"]["ratio_soft"] = (
+        ((metrics.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio_soft"))
+    return _json_safe({**kept, **twin, "sampled": True})
+
+
+def sampled_twins(examples: Sequence[SurveyExample], predictions: Mapping[str, Predictions],
+                  metrics: Mapping[str, Mapping], suffix: str = "~sampled") -> dict:
+    """{name + suffix: sampled_twin} of every predictor in `predictions` that has probabilities."""
+    return {name + suffix: sampled_twin(examples, pr.choice_logits, metrics[name])
+            for name, pr in predictions.items() if pr.choice_logits is not None}
+
+
 def paired_differences(examples: Sequence[SurveyExample], prediction: Predictions,
-                       others: Mapping[str, Predictions]) -> dict:
+                       others: Mapping[str, Predictions], temperature: float | None = None,
+                       other_temperatures: Mapping[str, float] | None = None) -> dict:
     """This method minus each other one, scored on the same examples, with respondent-bootstrap 95% intervals:
-    {name: {"accuracy": {mean, lo, hi, verdict}, "nll": {...} | None}}; a difference whose interval holds 0 is a
-    "tie"."""
+    {name: {"accuracy": {mean, lo, hi, verdict}, "nll", "brier", "rps": {...} | None, and "calibrated_nll", ...
+    where both methods have a temperature}}; a difference whose interval holds 0 is a "tie"."""
     true = np.array([e.target for e in examples], dtype=np.int64)
     respondents = [e.respondent_id for e in examples]
     correct = np.asarray(prediction.choice_idx) == true
+    mine = proper_score_rows(examples, prediction.choice_logits) if prediction.choice_logits is not None else None
+    mine_t = (proper_score_rows(examples, prediction.choice_logits, temperature)
+              if mine is not None and temperature is not None else None)
     out = {}
     for name, other in others.items():
         acc = respondent_bootstrap(correct.astype(float) - (np.asarray(other.choice_idx) == true), respondents)
-        entry = {"accuracy": {**acc, "verdict": verdict(acc)}, "nll": None}
-        if prediction.choice_logits is not None and other.choice_logits is not None:
-            nll = respondent_bootstrap(M.choice_nll(prediction.choice_logits, true)
-                                       - M.choice_nll(other.choice_logits, true), respondents)
-            entry["nll"] = {**nll, "verdict": verdict(nll, higher_is_better=False)}
+        entry = {"accuracy": {**acc, "verdict": verdict(acc)}, **{k: None for k in PROPER_SCORES}}
+        if mine is not None and other.choice_logits is not None:
+            entry.update(_score_differences(mine, proper_score_rows(examples, other.choice_logits), respondents))
+            t_other = (other_temperatures or {}).get(name)
+            if mine_t is not None and t_other is not None:
+                theirs = proper_score_rows(examples, other.choice_logits, t_other)
+                entry.update({f"calibrated_{k}": v for k, v in
+                              _score_differences(mine_t, theirs, respondents).items()})
         out[name] = entry
     return _json_safe(out)
 
 
+def _score_differences(mine: Mapping, theirs: Mapping, respondents) -> dict:
+    out = {}
+    for k in PROPER_SCORES:
+        iv = respondent_bootstrap(mine[k] - theirs[k], respondents)
+        out[k] = {**iv, "verdict": verdict(iv, higher_is_better=False)}
+    return out
+
+
+def shuffled_across_respondents(rows: torch.Tensor, respondents: Sequence, seed: int = 0) -> torch.Tensor:
+    """`rows` (one per answer, e.g. each answer's z) with each respondent's row replaced by another respondent's:
+    the respondents (sorted by id) are permuted with `seed` and every answer of respondent i gets the row of the
+    first answer of respondent perm(i). Respondents, not answers, are shuffled: one person keeps one z."""
+    if len(respondents) != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows for {len(respondents)} respondent ids")
+    ids = sorted({str(r) for r in respondents})
+    first = {}
+    for i, r in enumerate(respondents):
+        first.setdefault(str(r), i)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    donor = {ids[i]: first[ids[j]] for i, j in enumerate(perm)}
+    return rows[torch.as_tensor([donor[str(r)] for r in respondents], dtype=torch.long)]
+
+
+def z_permutation_test(examples: Sequence[SurveyExample], logits: Sequence[np.ndarray],
+                       shuffled_logits: Sequence[np.ndarray], seed: int) -> dict:
+    """Does the adapter use z? The same adapter's scores with z shuffled across respondents minus its scores with
+    each respondent's own z: the NLL and accuracy differences with respondent-bootstrap intervals (a positive NLL
+    difference whose interval excludes 0: z carries information the adapter uses)."""
+    true = np.array([e.target for e in examples], dtype=np.int64)
+    respondents = [e.respondent_id for e in examples]
+    own, shuffled = M.choice_nll(logits, true), M.choice_nll(shuffled_logits, true)
+    hit = predict_from_logits(logits) == true
+    hit_shuffled = predict_from_logits(shuffled_logits) == true
+    return _json_safe({"seed": seed, "n": len(true), "nll": float(own.mean()), "nll_shuffled": float(shuffled.mean()),
+                       "nll_difference": respondent_bootstrap(shuffled - own, respondents),
+                       "accuracy": float(hit.mean()), "accuracy_shuffled": float(hit_shuffled.mean()),
+                       "accuracy_difference": respondent_bootstrap(hit_shuffled.astype(float) - hit, respondents)})
+
+
+def format_z_permutation(test: Mapping) -> str:
+    d = test["nll_difference"]
+    a = test["accuracy_difference"]
+    return (f"z shuffled across respondents (seed {test['seed']}, {test['n']} answers): NLL {test['nll']:.4f} -> "
+            f"{test['nll_shuffled']:.4f}, difference {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; accuracy "
+            f"{100 * test['accuracy']:.1f}% -> {100 * test['accuracy_shuffled']:.1f}%, "
+            f"{100 * a['mean']:+.1f} [{100 * a['lo']:+.1f}, {100 * a['hi']:+.1f}] points")
+
+
 # set metrics: (name, lower is better) -- a difference in spread has no better side (1 is the true spread)
-SET_METRICS = {"emd": True, "group_js": True, "spread": None, "spread_soft": None}
+SET_METRICS = {"emd": True, "group_js": True, "group_js_soft": True, "group_tv_soft": True, "spread": None,
+               "spread_soft": None}
 
 
 def set_metric_intervals(examples: Sequence[SurveyExample], predictions: Mapping[str, Predictions],
                          reference: str | None = None, n_resamples: int = SET_RESAMPLES, min_group_rows: int = 5,
                          seed: int = 0) -> tuple[dict, dict]:
-    """95% intervals of the metrics of a set of answers (`SET_METRICS`: mean EMD over questions, group JS,
-    between-group spread and its soft form), each recomputed on every respondent resample.
+    """95% intervals of the metrics of a set of answers (`SET_METRICS`: mean EMD over questions, group JS, soft
+    group JS and TV, between-group spread and its soft form), each recomputed on every respondent resample.
 
     Returns ({method: {metric: {mean, lo, hi}}}, {other: {metric: {mean, lo, hi, verdict}}}): the second holds
     `reference` minus each other method, paired (both on the same resamples); a spread difference says "higher",
@@ -206,11 +327,16 @@ class _SetScorer:
             self.pred_scaled[idx], {d: (codes[idx], n) for d, (codes, n) in self.groups.items()},
             min_rows=self.min_rows, proba=self.proba[idx] if self.proba is not None else None)
         spread = gaps["between_group_spread"]
-        return [emd, gaps["js"], spread["ratio"], spread["ratio_soft"]]
+        return [emd, gaps["js"], gaps["js_soft"], gaps["tv_soft"], spread["ratio"], spread["ratio_soft"]]
+
+
+_SCORE_LABELS = {"nll": "NLL", "brier": "Brier", "rps": "RPS", "calibrated_nll": "NLL@T",
+                 "calibrated_brier": "Brier@T", "calibrated_rps": "RPS@T"}
 
 
 def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None) -> str:
-    """Lines stating `name`'s accuracy and NLL with their 95% intervals, and its differences from the others."""
+    """Lines stating `name`'s proper scores (raw and at its temperature) and accuracy with their 95% intervals,
+    and its differences from the others."""
     def interval(iv, scale=1.0, sign=""):
         if any(iv[k] is None for k in ("mean", "lo", "hi")):
             return "undefined here"  # e.g. no group with enough answers
@@ -218,25 +344,26 @@ def format_intervals(name: str, metrics: Mapping, paired: Mapping | None = None)
 
     iv = metrics.get("intervals") or {}
     lines = [f"95% intervals (bootstrap over respondents, {metrics.get('n')} answers):"]
-    head = f"  {name}: accuracy {interval(iv['accuracy'], 100)}%" if iv.get("accuracy") else f"  {name}:"
-    if iv.get("nll"):
-        head += f", NLL {interval(iv['nll'])}"
-    lines.append(head)
+    parts = [f"{label} {interval(iv[k])}" for k, label in _SCORE_LABELS.items() if iv.get(k)]
+    if iv.get("accuracy"):
+        parts.append(f"accuracy {interval(iv['accuracy'], 100)}%")
+    lines.append(f"  {name}: " + ", ".join(parts))
     if iv.get("emd"):
         lines.append("  " + " " * len(name) + "  " + ", ".join(
             f"{_SET_LABELS[m]} {interval(iv[m])}" for m in SET_METRICS if iv.get(m)))
     for other, d in (paired or {}).items():
-        text = f"  {name} - {other}: accuracy {interval(d['accuracy'], 100, '+')} points ({d['accuracy']['verdict']})"
-        if d.get("nll"):
-            text += f", NLL {interval(d['nll'], 1, '+')} ({d['nll']['verdict']})"
-        lines.append(text)
+        parts = [f"{label} {interval(d[k], 1, '+')} ({d[k]['verdict']})" for k, label in _SCORE_LABELS.items()
+                 if d.get(k)]
+        parts.append(f"accuracy {interval(d['accuracy'], 100, '+')} points ({d['accuracy']['verdict']})")
+        lines.append(f"  {name} - {other}: " + ", ".join(parts))
         if d.get("emd"):
             lines.append("    " + ", ".join(f"{_SET_LABELS[m]} {interval(d[m], 1, '+')} ({d[m]['verdict']})"
                                             for m in SET_METRICS if d.get(m)))
     return "\n".join(lines)
 
 
-_SET_LABELS = {"emd": "EMD", "group_js": "group JS", "spread": "spread", "spread_soft": "soft spread"}
+_SET_LABELS = {"emd": "EMD", "group_js": "group JS", "group_js_soft": "soft group JS",
+               "group_tv_soft": "soft group TV", "spread": "spread", "spread_soft": "soft spread"}
 
 
 def example_groups(examples: Sequence[SurveyExample]) -> dict[str, list]:
@@ -266,34 +393,65 @@ def _scaled(e: SurveyExample, i: int) -> float:
 # Reports
 # --------------------------------------------------------------------------------------------------------------------
 
+def _calibrated(key):
+    return lambda m: (m.get("calibrated") or {}).get(key)
+
+
+def _gap(key):
+    return lambda m: (m.get("group_gaps") or {}).get(key)
+
+
+def _spread(key):
+    return lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get(key)
+
+
+# proper scores lead: they are what a model of answer probabilities is judged on
 _COLUMNS = [
-    ("acc", lambda m: m.get("accuracy")),
     ("NLL", lambda m: m.get("nll")),
+    ("Brier", lambda m: m.get("brier")),
+    ("RPS", lambda m: m.get("rps")),
+    ("T", _calibrated("temperature")),
+    ("NLL@T", _calibrated("nll")),
+    ("Brier@T", _calibrated("brier")),
+    ("RPS@T", _calibrated("rps")),
+    ("acc", lambda m: m.get("accuracy")),
     ("macro-F1", lambda m: m.get("macro_f1")),
     ("EMD", lambda m: (m.get("emd") or {}).get("mean")),
     ("sigma-ineq", lambda m: (m.get("sigma_inequity") or {}).get("mean")),
     ("grp-macro-acc", lambda m: (m.get("group_macro_accuracy") or {}).get("mean")),
-    ("grp-EMD", lambda m: (m.get("group_gaps") or {}).get("emd")),
-    ("grp-JS", lambda m: (m.get("group_gaps") or {}).get("js")),
-    ("spread", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio")),
-    ("spread-soft", lambda m: ((m.get("group_gaps") or {}).get("between_group_spread") or {}).get("ratio_soft")),
+    ("grp-EMD", _gap("emd")),
+    ("grp-JS", _gap("js")),
+    ("grp-JS-soft", _gap("js_soft")),
+    ("grp-TV-soft", _gap("tv_soft")),
+    ("spread", _spread("ratio")),
+    ("spread-soft", _spread("ratio_soft")),
     ("entropy", lambda m: (m.get("entropy") or {}).get("mean")),
 ]
-_LEGEND = ("acc/macro-F1/grp-macro-acc: higher is better; NLL (mean -log p of the true answer, nats; the floors use "
-           "their training answer frequencies), EMD (WorldValuesBench, mean over questions), "
-           "sigma-ineq (std of group accuracies), grp-EMD/grp-JS (group answer distribution vs true): lower is better; "
-           "spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = collapsed; "
-           "spread-soft uses mean predicted probabilities instead of hard answers); "
-           "entropy: mean answer entropy in nats.")
+_LEGEND = ("NLL (mean -log p of the true answer, nats; the floors use their training answer frequencies), Brier "
+           "(sum of squared probability errors, 0-2), RPS (ranked probability score on the choices' score order, "
+           "0-1): lower is better; T: the temperature fitted on validation answers, NLL@T/Brier@T/RPS@T the same "
+           "scores of softmax(logits / T); acc/macro-F1/grp-macro-acc: higher is better; EMD (WorldValuesBench, "
+           "mean over questions), sigma-ineq (std of group accuracies), grp-EMD/grp-JS (group answer distribution "
+           "of the hard answers vs true), grp-JS-soft/grp-TV-soft (of the mean predicted probabilities): lower is "
+           "better; spread: between-group JS predicted / true (1 = groups kept as far apart as they are, 0 = "
+           "collapsed; spread-soft uses mean predicted probabilities instead of hard answers); entropy: mean answer "
+           "entropy in nats; a row named <floor>~sampled is that floor with answers drawn from its own probabilities "
+           "(expected accuracy and hard metrics; its proper scores are the floor's).")
 
 
 def format_report(metrics_by_method: Mapping[str, Mapping]) -> str:
-    """A plain-text table, one row per method, of the headline metrics of `evaluate_predictions` dicts."""
+    """A plain-text table, one row per method, of the headline metrics of `evaluate_predictions` dicts, and the
+    noise floor of the group distances under it."""
     rows = [[name] + [_fmt(get(m)) for _, get in _COLUMNS] for name, m in metrics_by_method.items()]
     header = ["method"] + [c for c, _ in _COLUMNS]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    noise = next((m["group_noise_floor"] for m in metrics_by_method.values() if m.get("group_noise_floor")), None)
+    if noise and noise.get("js") is not None:
+        lines.append(f"noise floor of grp-JS/grp-TV (two random halves of each cell's true answers, "
+                     f"{noise['n_splits']} splits): JS {noise['js']:.4f}, TV {noise['tv']:.4f}")
+    return "\n".join(lines)
 
 
 def write_markdown_table(metrics_by_method: Mapping[str, Mapping], path: str | Path | None = None,
@@ -503,12 +661,79 @@ class LogisticRegressionBaseline(QuestionMajority):
         return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
 
 
+class GroupScalePrior(GroupMajority):
+    """For questions it has never seen: each group's answers on the training questions, carried to a new question
+    through the answer scale.
+
+    Every training answer is a point on its question's scale (its scaled score, 0 at the scale's minimum, 1 at its
+    maximum, in the direction the survey codes it). A group's prior is the distribution of those points over all
+    the training questions; a new question's choice j receives the share of the group's points that lie nearer to
+    its scaled score s_j than to any other choice's (a point halfway between two choices is shared equally),
+    Laplace-smoothed. So a group that answered at the top of the training questions' scales is predicted at the top
+    of the new one. Groups and backoff as in `GroupMajority` (combinations of `dimensions`, the first ones kept when
+    a combination has fewer than `min_count` training answers, finally everyone). It assumes the held-out question
+    is coded in the same direction as the training questions (true of a survey's battery about one subject).
+    """
+
+    name = "group_scale_prior"
+
+    def fit(self, train: Sequence[SurveyExample]) -> "GroupScalePrior":
+        if self.dimensions is None:
+            self.dimensions = dimension_order(train)
+        self.points_: dict[tuple, dict[float, float]] = {}
+        for e in train:
+            point = round(_scaled(e, e.target), 9)
+            labels = self._labels(e)
+            for level in range(len(labels) + 1):
+                counts = self.points_.setdefault(labels[:level], {})
+                counts[point] = counts.get(point, 0.0) + 1.0
+        return self
+
+    def predict(self, examples: Sequence[SurveyExample]) -> Predictions:
+        self.backoff_levels_ = {}
+        logits = []
+        for e in examples:
+            labels = self._labels(e)
+            used = 0
+            for level in range(len(labels), -1, -1):
+                points = self.points_.get(labels[:level], {})
+                if sum(points.values()) >= self.min_count or level == 0:
+                    used = level
+                    break
+            self.backoff_levels_[used] = self.backoff_levels_.get(used, 0) + 1
+            logits.append(_log_frequencies(_carried(points, [_scaled(e, i) for i in range(len(e.choices))])))
+        return Predictions(np.array([int(z.argmax()) for z in logits], dtype=np.int64), logits)
+
+
+def _carried(points: Mapping[float, float], choice_points: Sequence[float]) -> np.ndarray:
+    """Counts of the choices of a question: each training point's count goes to the nearest choice on the scale
+    (split equally between equally near ones)."""
+    s = np.asarray(choice_points, dtype=np.float64)
+    counts = np.zeros(s.size)
+    for x, n in points.items():
+        d = np.abs(s - x)
+        nearest = np.isclose(d, d.min(), rtol=0, atol=1e-9)
+        counts[nearest] += n / nearest.sum()
+    return counts
+
+
 def run_baselines(train: Sequence[SurveyExample], test: Sequence[SurveyExample],
-                  group_dimensions: Sequence[str] | None = None, min_count: int = 20) -> dict[str, Predictions]:
-    """Fit every floor on `train` and predict `test`: {name: Predictions}."""
+                  group_dimensions: Sequence[str] | None = None, min_count: int = 20,
+                  group_prior: bool = False) -> dict[str, Predictions]:
+    """Fit every floor on `train` and predict `test`: {name: Predictions}. `group_prior` adds `GroupScalePrior`,
+    the floor for questions absent from `train`."""
+    return {name: f.predict(test) for name, f in fitted_baselines(train, group_dimensions, min_count,
+                                                                  group_prior).items()}
+
+
+def fitted_baselines(train: Sequence[SurveyExample], group_dimensions: Sequence[str] | None = None,
+                     min_count: int = 20, group_prior: bool = False) -> dict:
+    """The floors of `run_baselines`, fitted on `train`: {name: floor} (each has `predict(examples)`)."""
     floors = [QuestionMajority(), GroupMajority(group_dimensions, min_count=min_count),
               LogisticRegressionBaseline(group_dimensions)]
-    return {f.name: f.fit(train).predict(test) for f in floors}
+    if group_prior:
+        floors.append(GroupScalePrior(group_dimensions, min_count=min_count))
+    return {f.name: f.fit(train) for f in floors}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -834,17 +1059,33 @@ def read_predictions_jsonl(path: str | Path) -> tuple[list[SurveyExample], np.nd
     return examples, pred, logits
 
 
+VAL_PREDICTIONS = "val_predictions.jsonl"
+
+
+def temperature_of(examples: Sequence[SurveyExample], choice_logits: Sequence[np.ndarray] | None) -> float | None:
+    """The temperature fitted on these (validation) answers; None without logits or answers."""
+    if choice_logits is None or not len(examples):
+        return None
+    return C.fit_temperature(choice_logits, [e.target for e in examples])
+
+
 def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = None,
                  set_intervals: bool = True) -> dict:
-    """DIR/predictions.jsonl -> DIR/metrics.json, DIR/answer_shares_<dim>.png per dimension (default: all), and
-    DIR/routing_<dim>.png when DIR/routing_usage.csv (a `routing_usage_table` saved with `to_csv(index=False)`)
-    exists. Returns the metrics dict, with the set metrics' intervals unless `set_intervals` is False (a caller
-    that has them already)."""
+    """DIR/predictions.jsonl -> DIR/metrics.json, DIR/answer_shares_<dim>.png per dimension (default: all),
+    DIR/reliability.png (with logits), and DIR/routing_<dim>.png when DIR/routing_usage.csv (a
+    `routing_usage_table` saved with `to_csv(index=False)`) exists. With DIR/val_predictions.jsonl (the same form,
+    on validation answers) the temperature is fitted on it and the calibrated scores are reported. Returns the
+    metrics dict, with the set metrics' intervals unless `set_intervals` is False (a caller that has them
+    already)."""
     from cuma_model.survey import plots
 
     run_dir = Path(run_dir)
     examples, pred, logits = read_predictions_jsonl(run_dir / "predictions.jsonl")
-    metrics = evaluate_predictions(examples, pred, logits)
+    temperature = None
+    if (run_dir / VAL_PREDICTIONS).exists() and logits is not None:
+        val_examples, _, val_logits = read_predictions_jsonl(run_dir / VAL_PREDICTIONS)
+        temperature = temperature_of(val_examples, val_logits)
+    metrics = evaluate_predictions(examples, pred, logits, temperature=temperature)
     if set_intervals:
         metrics["intervals"].update(set_metric_intervals(examples, {"run": Predictions(pred, logits)})[0]["run"])
     path = run_dir / "metrics.json"
@@ -862,6 +1103,11 @@ def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = No
         if d in groups and any(not M.is_missing(x) for x in groups[d]):
             plots.plot_group_answer_shares([e.question_id for e in examples], [e.target for e in examples], pred,
                                            groups[d], d, run_dir / f"answer_shares_{_safe(d)}.png", names)
+    if logits is not None and examples:
+        curves = {"as scored": logits}
+        if temperature is not None:
+            curves[f"temperature {temperature:.2f}"] = C.scaled_logits(logits, temperature)
+        plot_reliability(examples, curves, run_dir / "reliability.png", title=run_dir.name)
     usage_csv = run_dir / "routing_usage.csv"
     if usage_csv.exists():
         usage = pd.read_csv(usage_csv, dtype={"group": str, "router": str})
@@ -869,6 +1115,19 @@ def evaluate_run(run_dir: str | Path, plot_dimensions: Sequence[str] | None = No
             if (usage["dimension"] == d).any():
                 plots.plot_routing_heatmap(usage, d, run_dir / f"routing_{_safe(d)}.png")
     return metrics
+
+
+def plot_reliability(examples: Sequence[SurveyExample], logits_by_label: Mapping[str, Sequence[np.ndarray]],
+                     path: str | Path, title: str = "") -> Path:
+    """The reliability diagram of each set of logits on `examples` (`plots.plot_reliability`)."""
+    from cuma_model.survey import plots
+
+    true = np.array([e.target for e in examples], dtype=np.int64)
+    curves = {}
+    for label, logits in logits_by_label.items():
+        proba = M.softmax_rows(logits)
+        curves[label] = (np.array([p.max() for p in proba]), np.array([p.argmax() for p in proba]) == true)
+    return plots.plot_reliability(curves, path, title)
 
 
 def _safe(name: str) -> str:
@@ -885,9 +1144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baselines", action="store_true", help="fit the floors on --train and evaluate on --test")
     p.add_argument("--train", help="train examples JSONL (one SurveyExample per line)")
     p.add_argument("--test", help="test examples JSONL")
+    p.add_argument("--val", help="validation examples JSONL: each floor's temperature is fitted on them")
     p.add_argument("--survey", help="instead of --train/--test: a survey name of cuma_model.survey.data.load_survey, "
-                                    "split by respondent with --test-fraction and --seed")
+                                    "split by respondent with --test-fraction and --seed (and --val-fraction of the "
+                                    "training respondents for validation, as the training script does)")
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory of --baselines (one run directory per floor)")
     p.add_argument("--group-dims", help="comma-separated dimensions of the group floors, most important first")
@@ -899,16 +1161,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.baselines:
         if not a.out or not (a.survey or (a.train and a.test)):
             p.error("--baselines needs --out and either --survey or --train and --test")
+        val = []
         if a.survey:
             from cuma_model.survey.data import load_survey, split_by_respondent
 
-            train, test = split_by_respondent(load_survey(a.survey), a.test_fraction, a.seed)
+            train_val, test = split_by_respondent(load_survey(a.survey), a.test_fraction, a.seed)
+            train, val = split_by_respondent(train_val, a.val_fraction, a.seed + 1)
         else:
             train, test = read_examples_jsonl(a.train), read_examples_jsonl(a.test)
+            val = read_examples_jsonl(a.val) if a.val else []
         dims = a.group_dims.split(",") if a.group_dims else None
-        for name, pr in run_baselines(train, test, dims).items():
+        floors = fitted_baselines(train, dims)
+        predictions = {}
+        for name, floor in floors.items():
+            predictions[name] = pr = floor.predict(test)
             write_predictions_jsonl(Path(a.out) / name / "predictions.jsonl", test, pr.choice_idx, pr.choice_logits)
+            if val:
+                vp = floor.predict(val)
+                write_predictions_jsonl(Path(a.out) / name / VAL_PREDICTIONS, val, vp.choice_idx, vp.choice_logits)
             results[name] = evaluate_run(Path(a.out) / name, a.plot_dimension)
+        results.update(sampled_twins(test, predictions, results))
     for d in a.run_dir:
         results[Path(d).name] = evaluate_run(d, a.plot_dimension)
     print(format_report(results))

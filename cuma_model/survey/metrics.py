@@ -1,4 +1,5 @@
-"""Evaluation metrics on plain arrays: accuracy, macro-F1, WorldValuesBench EMD, sigma-inequity, mean-collapse.
+"""Evaluation metrics on plain arrays: proper scores (NLL, Brier, ranked probability score), accuracy, macro-F1,
+WorldValuesBench EMD, sigma-inequity, group distribution gaps and their noise floor, mean-collapse.
 
 Every function here takes numpy arrays (or lists) and returns floats or plain dicts, so it can be checked by hand and
 against scipy. Conventions shared by all of them:
@@ -168,6 +169,32 @@ def choice_nll(choice_logits: Sequence[np.ndarray], true_idx: Sequence[int]) -> 
                      for p, t in zip(softmax_rows(choice_logits), true_idx)], dtype=np.float64)
 
 
+def brier_scores(proba: Sequence[np.ndarray], true_idx: Sequence[int]) -> np.ndarray:
+    """Per-example multi-class Brier score: sum over choices of (p_j - 1[j = true])^2, in [0, 2]. float64 [N]."""
+    out = np.empty(len(proba), dtype=np.float64)
+    for i, (p, t) in enumerate(zip(proba, true_idx)):
+        onehot = np.zeros(len(p))
+        onehot[int(t)] = 1.0
+        out[i] = float(np.sum((np.asarray(p, dtype=np.float64) - onehot) ** 2))
+    return out
+
+
+def ranked_probability_scores(proba: Sequence[np.ndarray], true_idx: Sequence[int],
+                              choice_scores: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per-example ranked probability score of an ordinal answer: the choices ordered by their scores, the mean over
+    the K - 1 thresholds of (predicted cumulative probability - observed cumulative indicator)^2, in [0, 1].
+
+    Unlike NLL and Brier it credits probability placed near the true answer on the scale. float64 [N]."""
+    out = np.empty(len(proba), dtype=np.float64)
+    for i, (p, t, sc) in enumerate(zip(proba, true_idx, choice_scores)):
+        order = np.argsort(np.asarray(sc, dtype=np.float64), kind="stable")
+        p = np.asarray(p, dtype=np.float64)[order]
+        observed = (order == int(t)).astype(np.float64)
+        gaps = (np.cumsum(p) - np.cumsum(observed))[:-1]
+        out[i] = float(np.mean(gaps ** 2)) if gaps.size else 0.0
+    return out
+
+
 def answer_distribution(idx: Sequence[int], n_choices: int) -> np.ndarray:
     """Empirical distribution [n_choices] of the choice indices `idx`."""
     counts = np.bincount(np.asarray(idx, dtype=np.int64), minlength=n_choices).astype(np.float64)
@@ -187,6 +214,50 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     return float(max(js, 0.0))
 
 
+def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+    """Total variation distance between two distributions (each normalised): half the L1 gap, in [0, 1]."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def group_noise_floor(question_ids: Sequence, true_idx: Sequence[int], n_choices: Sequence[int],
+                      groups: Mapping[str, Sequence], min_rows: int = 5, n_splits: int = 5, seed: int = 0) -> dict:
+    """The distance between two random halves of the true answers of each (dimension, group, question) cell: the
+    JS divergence (bits) and total variation that sampling noise alone puts between two samples of the cell.
+
+    Cells as in `group_distribution_gaps` (at least `min_rows` rows, and 2). Each split shuffles each cell's rows
+    (seeded) and halves them; the distances are averaged over cells weighted by rows and over `n_splits` splits.
+    Returns {"js", "tv", "n_cells", "n_splits"}."""
+    q_index = _codes(question_ids)[0]
+    t = np.asarray(true_idx, dtype=np.int64)
+    width = int(max(np.max(n_choices, initial=1), t.max(initial=-1) + 1))
+    rng = np.random.default_rng(seed)
+    js, tv, total, n_cells = 0.0, 0.0, 0.0, 0
+    for labels in groups.values():
+        g_index, n_groups = _codes(_label_array(labels), missing=None)
+        keep = np.flatnonzero(g_index >= 0)
+        cell_ids, cell_of, n = np.unique(q_index[keep] * max(n_groups, 1) + g_index[keep], return_inverse=True,
+                                         return_counts=True)
+        big = n >= max(min_rows, 2)
+        n_cells += int(big.sum())
+        onehot = np.eye(width)[t[keep]]
+        start = np.concatenate([[0], np.cumsum(n)[:-1]])
+        for _ in range(n_splits):
+            order = np.lexsort((rng.random(keep.size), cell_of))  # rows by cell, shuffled within it
+            rank = np.empty(keep.size, dtype=np.int64)
+            rank[order] = np.arange(keep.size) - start[cell_of[order]]
+            first = rank < n[cell_of] // 2
+            a = _row_sums(cell_of[first], onehot[first], len(cell_ids))[big]
+            b = _row_sums(cell_of[~first], onehot[~first], len(cell_ids))[big]
+            js += float(np.sum(_js_rows(a, b) * n[big]))
+            tv += float(np.sum(_tv_rows(a, b) * n[big]))
+            total += float(np.sum(n[big]))
+    if not n_cells:
+        return {"js": float("nan"), "tv": float("nan"), "n_cells": 0, "n_splits": n_splits}
+    return {"js": float(js / total), "tv": float(tv / total), "n_cells": n_cells, "n_splits": n_splits}
+
+
 def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pred_idx: Sequence[int],
                             n_choices: Sequence[int], true_scaled: Sequence[float], pred_scaled: Sequence[float],
                             groups: Mapping[str, Sequence], min_rows: int = 5,
@@ -197,7 +268,9 @@ def group_distribution_gaps(question_ids: Sequence, true_idx: Sequence[int], pre
     - `emd`: W1 between the true and predicted scaled scores of the cell's rows;
     - `js`: JS divergence (bits) between the true and predicted answer distributions (hard predictions).
     - `js_soft` (with `pred_proba`, the per-row answer probabilities): JS between the true distribution and the
-      mean predicted probabilities of the cell's rows.
+      mean predicted probabilities of the cell's rows;
+    - `tv`, `tv_soft`: the total variation distance between the same pairs.
+    `group_noise_floor` gives what sampling noise alone puts between two halves of each cell's true answers.
     These are averaged over cells weighted by rows, per dimension and over all dimensions' cells.
 
     Between-group spread, per (dimension, question) with >= 2 qualifying groups: the mean pairwise JS divergence
@@ -232,7 +305,8 @@ def gaps_of_codes(q_index: np.ndarray, true_idx, pred_idx, n_choices, true_scale
         proba = np.pad(proba, ((0, 0), (0, width - proba.shape[1])))
 
     per_dim = {}
-    all_cells, all_spread = [], []  # arrays of (n, emd, js, js_soft) and (weight, pred_js, true_js, pred_js_soft)
+    # arrays of (n, emd, js, js_soft, tv, tv_soft) and (weight, pred_js, true_js, pred_js_soft)
+    all_cells, all_spread = [], []
     for dim, (g_index, n_groups) in groups.items():
         keep = np.flatnonzero(g_index >= 0)
         # a cell is one (question, group); rows without the dimension's label belong to none
@@ -245,14 +319,16 @@ def gaps_of_codes(q_index: np.ndarray, true_idx, pred_idx, n_choices, true_scale
         by_true, by_pred = np.lexsort((ts[keep], cell_of)), np.lexsort((ps[keep], cell_of))
         emd = np.bincount(cell_of[by_true], np.abs(ts[keep][by_true] - ps[keep][by_pred]), len(cell_ids)) / n
         big = n >= min_rows
+        no_soft = np.full(n.shape, np.nan)
         cells = np.stack([n, emd, _js_rows(true_d, pred_d),
-                          _js_rows(true_d, soft_d) if soft_d is not None else np.full(n.shape, np.nan)], 1)[big]
+                          _js_rows(true_d, soft_d) if soft_d is not None else no_soft, _tv_rows(true_d, pred_d),
+                          _tv_rows(true_d, soft_d) if soft_d is not None else no_soft], 1)[big]
         spread = _spread_rows(cell_ids[big] // max(n_groups, 1), n[big], pred_d[big], true_d[big],
                               soft_d[big] if soft_d is not None else None)
         all_cells.append(cells)
         all_spread += spread
         per_dim[dim] = {**_weighted_cells(cells), "between_group_spread": _weighted_spread(spread)}
-    cells = np.concatenate(all_cells) if all_cells else np.zeros((0, 4))
+    cells = np.concatenate(all_cells) if all_cells else np.zeros((0, 6))
     return {**_weighted_cells(cells), "between_group_spread": _weighted_spread(all_spread),
             "per_dimension": per_dim}
 
@@ -309,12 +385,20 @@ def _js_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.maximum(0.5 * (rel_entr(p, m).sum(1) + rel_entr(q, m).sum(1)) / np.log(2), 0.0)
 
 
+_CELL_METRICS = ("emd", "js", "js_soft", "tv", "tv_soft")
+
+
+def _tv_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """`total_variation` of each row pair of p and q ([M, K] counts or weights, each row normalised)."""
+    return 0.5 * np.abs(p / p.sum(1, keepdims=True) - q / q.sum(1, keepdims=True)).sum(1)
+
+
 def _weighted_cells(cells: np.ndarray) -> dict:
     if not len(cells):
-        return {"emd": float("nan"), "js": float("nan"), "js_soft": float("nan"), "n_cells": 0}
+        return {**{m: float("nan") for m in _CELL_METRICS}, "n_cells": 0}
     w = cells[:, 0]
-    return {"emd": float(np.average(cells[:, 1], weights=w)), "js": float(np.average(cells[:, 2], weights=w)),
-            "js_soft": float(np.average(cells[:, 3], weights=w)), "n_cells": len(cells)}
+    return {**{m: float(np.average(cells[:, j + 1], weights=w)) for j, m in enumerate(_CELL_METRICS)},
+            "n_cells": len(cells)}
 
 
 def _weighted_spread(spread: list) -> dict:

@@ -1,4 +1,5 @@
-"""PNG figures for evaluation: expert usage per demographic group, true vs predicted answer shares per group.
+"""PNG figures for evaluation: expert usage per demographic group, true vs predicted answer shares per group, and
+reliability diagrams.
 
 matplotlib runs on the Agg backend (no display); every function writes one PNG and returns its path.
 """
@@ -84,6 +85,38 @@ def plot_group_answer_shares(question_ids: Sequence, true_idx: Sequence[int], pr
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"answer shares by {dimension}: true vs predicted", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(curves: dict, path: str | Path, title: str = "", n_bins: int = 10) -> Path:
+    """Reliability diagram: per bin of the top answer's probability (equal widths), the share of answers whose top
+    choice was right, against the bin's mean probability; a calibrated predictor lies on the diagonal. Bars under
+    the curves count the answers per bin (first curve).
+
+    curves: {label: (top-choice probability [N], top choice right [N] bool)}."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for k, (label, (confidence, correct)) in enumerate(curves.items()):
+        confidence = np.asarray(confidence, dtype=np.float64)
+        correct = np.asarray(correct, dtype=np.float64)
+        bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
+        n = np.bincount(bins, minlength=n_bins)
+        seen = n > 0
+        mean_conf = np.bincount(bins, confidence, n_bins)[seen] / n[seen]
+        hit = np.bincount(bins, correct, n_bins)[seen] / n[seen]
+        ece = float(np.sum(np.abs(hit - mean_conf) * n[seen]) / max(n.sum(), 1))
+        ax.plot(mean_conf, hit, marker="o", ms=3, label=f"{label} (ECE {ece:.3f})")
+        if k == 0:
+            hist.bar(edges[:-1], n, width=1.0 / n_bins, align="edge", color="C0", alpha=0.5)
+    ax.set_ylabel("share right")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: reliability" if title else "reliability", fontsize=9)
+    hist.set_xlabel("probability of the top answer")
+    hist.set_ylabel("answers", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -28,14 +28,16 @@ RUN_ARGS_NAME = "train_args.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Options a resume may change: where outputs go and how the run is evaluated, none of which the training math sees.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "save_steps", "do_eval", "plots",
-                               "eval_batch_size", "routing_examples", "eval_split", "eval_examples"})
+                               "eval_batch_size", "routing_examples", "eval_split", "eval_examples",
+                               "calibration_examples", "z_permutation"})
 # What a resume reads from the state; a state without one of them is refused before any model loads.
 RESUME_KEYS = ("method", "step", "total_steps", "epoch", "batches_done", "optimizer", "scheduler", "history")
 # What an option newer than a checkpoint meant before it existed: a checkpoint without it ran with this value
 # (not with today's default, which may differ: --demographic-norm came as "none" and is "whiten" by default now).
 ABSENT_MEANS = {"data_seed": None, "seeds": None, "objective": "answer", "group_by": None, "group_min_count": 20,
                 "demographic_norm": "none", "lr_ratio_router": 1.0, "questions_per_respondent": 0,
-                "demographic_projection_layers": 0, "data": None}
+                "demographic_projection_layers": 0, "data": None, "heldout_questions": None,
+                "heldout_question_count": None}
 
 
 def save_adapter(model, method: str, directory: Path) -> None:

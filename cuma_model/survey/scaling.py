@@ -10,7 +10,8 @@ same evaluation answers, so the first method is compared with each other one ans
 with 95% intervals from a bootstrap over respondents (a difference whose interval holds 0 is a tie).
 
 Outputs: OUTPUT_DIR/scaling.json (every metric with its interval and the paired differences, per size),
-scaling.md (the same as tables) and scaling.png (accuracy, NLL, EMD and group JS against training size).
+scaling.md (the same as tables) and scaling.png (NLL, NLL at the run's temperature, accuracy, EMD and group JS
+against training size). A run's temperature is fitted on the validation answers it scored (val_predictions.jsonl).
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from cuma_model.atomic import atomic_write_bytes
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import run_checkpoint as R
 
-METRICS = {"accuracy": "accuracy", "nll": "NLL", "emd": "EMD", "group_js": "group JS", "spread": "spread"}
+# proper scores first; NLL@T: at each run's temperature, fitted on its validation answers (val_predictions.jsonl)
+METRICS = {"nll": "NLL", "calibrated_nll": "NLL@T", "brier": "Brier", "accuracy": "accuracy", "emd": "EMD",
+           "group_js": "group JS", "spread": "spread"}
+PROPER = ("nll", "calibrated_nll", "brier")
 
 
 def run_dir(out_dir: Path, method: str, size: int) -> Path:
@@ -53,7 +57,7 @@ def summarize(sizes: Sequence[int], methods: Sequence[str], out_dir: str | Path)
     shares. Runs not trained yet are listed as missing (and a size without the first method has no differences)."""
     reference, out = methods[0], {}
     for size in sizes:
-        predictions, examples, missing = {}, None, []
+        predictions, temperatures, examples, missing = {}, {}, None, []
         for method in methods:
             path = run_dir(out_dir, method, size) / "predictions.jsonl"
             if not path.exists():
@@ -65,17 +69,23 @@ def summarize(sizes: Sequence[int], methods: Sequence[str], out_dir: str | Path)
                 raise ValueError(f"{method}-{size} was scored on other answers than {next(iter(predictions))}-{size}: "
                                  "the runs of a curve need one data seed and one evaluation subset")
             examples, predictions[method] = ex, E.Predictions(pred, logits)
+            val = path.parent / E.VAL_PREDICTIONS
+            if val.exists() and logits is not None:
+                val_ex, _, val_logits = E.read_predictions_jsonl(val)
+                temperatures[method] = E.temperature_of(val_ex, val_logits)
         if not predictions:
             continue
         metrics = {}
         for method, pr in predictions.items():
-            m = E.evaluate_predictions(examples, pr.choice_idx, pr.choice_logits)
-            metrics[method] = {"accuracy": m["intervals"]["accuracy"], "nll": m["intervals"].get("nll")}
+            m = E.evaluate_predictions(examples, pr.choice_idx, pr.choice_logits,
+                                       temperature=temperatures.get(method))
+            metrics[method] = {k: m["intervals"].get(k) for k in ("accuracy", "nll", "brier", "calibrated_nll")}
         has_reference = reference in predictions
         set_iv, set_paired = E.set_metric_intervals(examples, predictions,
                                                     reference=reference if has_reference else None)
         paired = E.paired_differences(examples, predictions[reference],
-                                      {k: v for k, v in predictions.items() if k != reference}) if has_reference else {}
+                                      {k: v for k, v in predictions.items() if k != reference},
+                                      temperatures.get(reference), temperatures) if has_reference else {}
         for method in predictions:
             metrics[method].update({k: set_iv[method][k] for k in ("emd", "group_js", "spread")})
         for other in paired:
@@ -118,12 +128,13 @@ def _finite(iv) -> dict:
 
 
 def plot(summary: dict, methods: Sequence[str], path: str | Path) -> Path:
-    """Accuracy, NLL, EMD and group JS against training size, one line per method, with 95% intervals."""
+    """NLL (raw and at the run's temperature), accuracy, EMD and group JS against training size, one line per
+    method, with 95% intervals."""
     from cuma_model.survey import plots  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
     sizes = [int(s) for s in summary]
-    panels = ("accuracy", "nll", "emd", "group_js")
+    panels = ("nll", "calibrated_nll", "accuracy", "emd", "group_js")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
     for ax, metric in zip(axes, panels):
         for j, method in enumerate(methods):

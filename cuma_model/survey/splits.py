@@ -133,3 +133,37 @@ def group_distributions(examples: Sequence[SurveyExample], dimensions: Sequence[
                                        groups=dict(zip(dimensions, labels)), target=int(counts.argmax())))
         targets.append(counts / counts.sum())
     return out, targets
+
+
+def pick_heldout_questions(examples: Sequence[SurveyExample], named: Sequence[str] | None = None,
+                           count: int | None = None, fraction: float = 0.2, seed: int = 0) -> list[str]:
+    """The question ids to hold out: those `named`, or `count` of them drawn with `seed` (default: about
+    `fraction` of the questions, at least one), from the sorted ids. At least one question stays for training."""
+    ids = sorted({e.question_id for e in examples})
+    if len(ids) < 2:
+        raise ValueError(f"holding out questions needs at least 2 questions, the survey has {len(ids)}")
+    if named:
+        unknown = sorted(set(named) - set(ids))
+        if unknown:
+            raise ValueError(f"--heldout-questions {unknown} are not questions of the survey; its questions: {ids}")
+        held = list(dict.fromkeys(named))
+    else:
+        n = count if count is not None else max(int(round(fraction * len(ids))), 1)
+        if not 1 <= n < len(ids):
+            raise ValueError(f"--heldout-question-count {n}: hold out at least 1 and at most {len(ids) - 1} of the "
+                             f"survey's {len(ids)} questions")
+        held = [ids[i] for i in np.sort(np.random.default_rng(seed).permutation(len(ids))[:n])]
+    if len(held) >= len(ids):
+        raise ValueError(f"--heldout-questions names every question of the survey ({len(ids)}); leave at least one "
+                         "to train on")
+    return held
+
+
+def split_by_question(examples: Sequence[SurveyExample], heldout_questions: Sequence[str],
+                      test_fraction: float = 0.2, seed: int = 0) -> tuple[list[SurveyExample], list[SurveyExample]]:
+    """(train, test) for questions never trained on: the respondents are split as in `split_by_respondent`; train
+    keeps the training respondents' answers to every other question, test the held-out respondents' answers to the
+    `heldout_questions`. No answer to a held-out question is in train, and no test respondent either."""
+    held = set(heldout_questions)
+    train, test = split_by_respondent(examples, test_fraction, seed)
+    return [e for e in train if e.question_id not in held], [e for e in test if e.question_id in held]

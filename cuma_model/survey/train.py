@@ -16,11 +16,13 @@ In every method the profile text is the prompt's system message (as the publishe
 `--no-profile-in-prompt`.
 
 Data: the survey's respondents are split into train and test (`--split respondent`: held-out respondents;
-`--split profile`: held-out profile texts, zero-shot profiles). A validation split is carved from the TRAIN
-respondents (`--val-fraction`); `--eval-split val` evaluates on it, which is what defaults should be chosen on.
-`--train-examples` takes a seeded random subset of `--questions-per-respondent` questions of each of its random
-respondents (0: example by example, which covers the most respondents and profiles for a budget of examples but
-shares no prompt prefix); `--eval-examples` takes one example by example. Respondents stay disjoint between the
+`--split profile`: held-out profile texts, zero-shot profiles; `--split question`: held-out respondents answering
+held-out questions, `--heldout-questions` or `--heldout-question-count`, trained on the other questions). A
+validation split is carved from the TRAIN respondents (`--val-fraction`); `--eval-split val` evaluates on it, which
+is what defaults should be chosen on. `--train-examples` takes a seeded random subset of
+`--questions-per-respondent` questions of each of its random respondents (0: example by example, which covers the
+most respondents and profiles for a budget of examples but shares no prompt prefix); `--eval-examples` takes one
+example by example. Respondents stay disjoint between the
 splits whatever the subset. The statistical floors are fitted on all training-split examples (not only the subset) and
 scored on the same evaluation examples as the model; when the adapter trains on a subset, each floor is also fitted on
 exactly that subset (`<floor>@<n>`), so that a comparison at equal data is in every table.
@@ -42,8 +44,11 @@ load-balancing loss) for routed methods.
 
 Outputs in `--output-dir` (default `runs/<method>`): `checkpoint-<step>/` every `--save-steps` and `final/` (the
 adapter plus `training_state.pt` and `train_args.json`; each replaced as a unit, see `cuma_model.atomic`),
-`metrics.json`, `predictions.jsonl`, `loss_curve.png`, `answer_shares_<dim>.png`, and for routed methods
-`routing_usage.csv` + `routing_<dim>.png`. SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
+`metrics.json`, `predictions.jsonl`, `val_predictions.jsonl` (the `--calibration-examples` validation answers the
+temperatures are fitted on), `loss_curve.png`, `reliability.png`, `answer_shares_<dim>.png`, and for routed methods
+`routing_usage.csv` + `routing_<dim>.png`. Reports lead with the proper scores (NLL, Brier, RPS), raw and at each
+predictor's temperature; every floor also appears as its sampled twin; a cuma run is also scored with z shuffled
+across respondents (`z_permutation`). SIGINT or SIGTERM writes `checkpoint-<step>/` at the end of the step in
 flight and stops (exit code 128 + the signal). `--resume PATH|latest` continues a run exactly where its checkpoint
 stopped (same remaining batches, same schedule position, same random draws); a resume with other options or other
 training data is refused (`cuma_model.survey.run_checkpoint`). A new run into a folder that holds a previous run's
@@ -75,6 +80,7 @@ from cuma_model.loaders import SMOLLM2_GGUF, clear_gguf_marker, load_smollm2, sm
 from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
+from cuma_model.survey import splits as S
 from cuma_model.survey.field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from cuma_model.survey.run_checkpoint import (
     CHECKPOINT_RE,
@@ -142,8 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="the survey's table instead of its spec's source: a CSV, TSV or Parquet file or a folder "
                         "written by datasets' save_to_disk; several are joined on the respondent columns")
-    g.add_argument("--split", choices=("respondent", "profile"), default="respondent",
-                   help="held-out respondents, or held-out profile texts (zero-shot profiles)")
+    g.add_argument("--split", choices=("respondent", "profile", "question"), default="respondent",
+                   help="held-out respondents, held-out profile texts (zero-shot profiles), or held-out questions "
+                        "(trained on the other questions, scored on the held-out ones; respondents disjoint too)")
+    g.add_argument("--heldout-questions", nargs="+", default=None, metavar="ID",
+                   help="--split question: the question ids to hold out (default: drawn with the data seed)")
+    g.add_argument("--heldout-question-count", type=int, default=None, metavar="N",
+                   help="--split question: how many questions to draw when --heldout-questions is not given "
+                        "(default: --test-fraction of them, at least 1)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="share of respondents held out for test")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the TRAIN respondents carved out for validation")
@@ -228,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints, metrics.json, predictions.jsonl), replacing them; without it such a folder "
                         "is refused")
     g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--calibration-examples", type=int, default=500,
+                   help="validation answers (a seeded subset) the method and every floor are also scored on, to fit "
+                        "each one temperature for the calibrated proper scores (0: no temperature scaling)")
+    g.add_argument("--no-z-permutation", dest="z_permutation", action="store_false",
+                   help="cuma: skip the permutation test (the evaluation answers scored again with z shuffled "
+                        "across respondents; one more scoring pass)")
     g.add_argument("--routing-examples", type=int, default=128,
                    help="evaluation examples whose routing is recorded for the routing report (0: none)")
     g.add_argument("--no-eval", dest="do_eval", action="store_false", help="train only")
@@ -282,8 +300,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-length {args.max_length} cannot hold a prompt's question, its answer choices and "
                          f"the answer position (prompts are left-truncated to it); use at least {MIN_MAX_LENGTH} "
                          "(the default 256 keeps whole prompts on the built-in surveys)")
-    non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "max_steps", "warmup_steps", "save_steps", "epochs",
-                    "routing_examples", "aux_loss_coef", "weight_decay", "max_grad_norm")
+    non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "calibration_examples", "max_steps",
+                    "warmup_steps", "save_steps", "epochs", "routing_examples", "aux_loss_coef", "weight_decay",
+                    "max_grad_norm")
     for name in non_negative:
         if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
@@ -313,6 +332,15 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--gguf-file names a file inside --model; give --model too")
     if args.resume is not None and args.method == "base":
         raise ValueError("--resume continues a training run; --method base does not train")
+    question_options = [name for name in ("heldout_questions", "heldout_question_count")
+                        if getattr(args, name, None) is not None]
+    if question_options and args.split != "question":
+        raise ValueError(f"--{question_options[0].replace('_', '-')} chooses the held-out questions of --split "
+                         f"question; add --split question (this run splits by {args.split})")
+    if args.heldout_questions and args.heldout_question_count is not None:
+        raise ValueError("give --heldout-questions ID ... or --heldout-question-count N, not both")
+    if args.heldout_question_count is not None and args.heldout_question_count < 1:
+        raise ValueError(f"--heldout-question-count must be >= 1, got {args.heldout_question_count}")
     if args.seeds is not None and (args.resume is not None or len(set(args.seeds)) != len(args.seeds)):
         raise ValueError("--seeds takes distinct seeds and starts fresh runs (resume one with its "
                          "--output-dir OUTPUT_DIR/seed-<seed> --seed <seed> --data-seed <data seed>)")
@@ -404,6 +432,8 @@ class Splits:
     test: list
     eval: list       # the subset evaluated
     targets: list | None = None  # --objective distribution: each training example's answer distribution
+    calib: list = dataclasses.field(default_factory=list)  # validation answers the temperatures are fitted on
+    heldout_questions: list | None = None  # --split question: the questions never trained on
 
 
 def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -> Splits:
@@ -411,9 +441,16 @@ def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -
 
     With `--objective distribution`, `train` holds the (group, question) examples of the whole training split
     (`--train-examples` then caps their number) and `targets` their answer distributions."""
-    splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
     seed = data_seed(args)
-    train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=seed)
+    heldout = None
+    if args.split == "question":  # respondents split as usual; validation answers are on the training questions
+        heldout = S.pick_heldout_questions(examples, getattr(args, "heldout_questions", None),
+                                           getattr(args, "heldout_question_count", None), args.test_fraction, seed)
+        train_val, test = S.split_by_question(examples, heldout, test_fraction=args.test_fraction, seed=seed)
+        splitter = D.split_by_respondent
+    else:
+        splitter = D.split_by_respondent if args.split == "respondent" else D.split_heldout_profiles
+        train_val, test = splitter(examples, test_fraction=args.test_fraction, seed=seed)
     train_all, val = splitter(train_val, test_fraction=args.val_fraction, seed=seed + 1)
     targets = None
     if getattr(args, "objective", "answer") == "distribution":
@@ -438,7 +475,9 @@ def make_splits(examples: Sequence[D.SurveyExample], args: argparse.Namespace) -
         train = D.subsample(train_all, args.train_examples, seed=seed)
     pool = test if args.eval_split == "test" else val
     ev = D.subsample(pool, args.eval_examples, seed=seed + 2) if args.eval_examples else list(pool)
-    return Splits(train_all, train, val, test, ev, targets)
+    n_calib = getattr(args, "calibration_examples", 0)
+    calib = D.subsample(val, n_calib, seed=seed + 3) if n_calib else []
+    return Splits(train_all, train, val, test, ev, targets, calib, heldout)
 
 
 def data_seed(args) -> int:
@@ -755,6 +794,7 @@ class ProfileEmbeddings:
     train_index: torch.Tensor
     eval_index: torch.Tensor
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> text
+    calib_index: torch.Tensor | None = None  # the validation answers the temperatures are fitted on
 
 
 def _resume_point(run: _Run) -> tuple[Path | None, dict | None]:
@@ -803,8 +843,10 @@ def _adapted_model(run: _Run, splits: Splits, resume, model, tokenizer, encoder)
         files = ({FIELD_ENCODER_NAME: json.dumps(encoder.to_json(), indent=1) + "\n"}
                  if isinstance(encoder, FieldEncoder) else {})
         read = getattr(encoder, "example_field", "profile")  # the field encoder reads .groups
-        table, index = encoder.encode_unique([getattr(e, read) for e in splits.train + splits.eval])
-        z = ProfileEmbeddings(table.float(), index[: len(splits.train)], index[len(splits.train):], files)
+        table, index = encoder.encode_unique([getattr(e, read) for e in splits.train + splits.eval + splits.calib])
+        n_train, n_eval = len(splits.train), len(splits.eval)
+        z = ProfileEmbeddings(table.float(), index[:n_train], index[n_train: n_train + n_eval], files,
+                              index[n_train + n_eval:])
     model = apply_method(model, args, demographic_dim=encoder.dim if z is not None else 0)
     if z is not None and args.demographic_norm != "none":  # over the distinct profiles trained on
         cuma_model.fit_demographic_norm(model, z.table[z.train_index.unique()])
@@ -951,12 +993,14 @@ def _evaluate_and_write(run: _Run, splits: Splits, model, tokenizer, z: ProfileE
     result = {"method": args.method, "config": vars(args), "output_dir": str(run.out_dir),
               "data": {"survey": args.survey, "split": args.split, "eval_split": args.eval_split,
                        "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
-                       "n_test": len(splits.test), "n_eval": len(splits.eval)},
+                       "n_test": len(splits.test), "n_eval": len(splits.eval), "n_calibration": len(splits.calib),
+                       "heldout_questions": splits.heldout_questions},
               "train": {"steps": step, "history": history}, "timings": run.timings,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.do_eval and run.main:
         result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, run.out_dir,
-                                   z.table[z.eval_index] if z is not None else None, letter_ids))
+                                   z.table[z.eval_index] if z is not None else None, letter_ids,
+                                   z.table[z.calib_index] if z is not None else None))
     run.timings["total_s"] = time.perf_counter() - run.t_start
     if run.main:
         atomic_write_bytes(run.out_dir / "metrics.json",
@@ -993,6 +1037,9 @@ def train_seeds(args_or_config=None, train_one: Callable | None = None) -> dict:
 _SEED_METRICS = {
     "accuracy": lambda r: r["metrics"]["accuracy"],
     "nll": lambda r: r["metrics"]["nll"],
+    "brier": lambda r: r["metrics"]["brier"],
+    "nll_at_temperature": lambda r: (r["metrics"].get("calibrated") or {}).get("nll"),
+    "z_shuffled_nll_difference": lambda r: ((r.get("z_permutation") or {}).get("nll_difference") or {}).get("mean"),
     "emd": lambda r: r["metrics"]["emd"]["mean"],
     "group_js": lambda r: r["metrics"]["group_gaps"]["js"],
     "spread": lambda r: r["metrics"]["group_gaps"]["between_group_spread"]["ratio"],
@@ -1030,13 +1077,23 @@ def format_seed_spread(summary: Mapping) -> str:
 # Evaluation, routing report, figures
 # --------------------------------------------------------------------------------------------------------------------
 
-def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids) -> dict:
+def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, letter_ids, z_calib=None) -> dict:
     """Score the evaluation examples, fit and score the floors, write predictions/routing/figures; returns
-    {"metrics", "floors", "report", "routing"} (plus eval timings in the caller's dict)."""
+    {"metrics", "floors", "sampled_floors", "paired", "z_permutation", "report", "routing"} (plus eval timings).
+
+    Every predictor's temperature is fitted on the calibration answers (`splits.calib`, validation answers), its
+    calibrated scores reported beside the raw ones; cuma is scored again with z shuffled across respondents."""
     t = time.perf_counter()
     model.eval()
     ev = splits.eval
-    prompts = D.render_prompts(tokenizer, ev, profile_in_prompt=args.profile_in_prompt)
+    packs = P.takes_4d_mask(model)
+
+    def score(examples, z_rows, on_batch=None):
+        prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=args.profile_in_prompt)
+        return E.score_choices(model, tokenizer, prompts, [e.letters for e in examples], demographic_embeds=z_rows,
+                               batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
+                               on_batch=on_batch, prefix_groups=[e.respondent_id for e in examples] if packs else None)
+
     with contextlib.ExitStack() as stack:
         on_batch = usage = None
         if args.method in ROUTED and args.routing_examples:
@@ -1045,21 +1102,35 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
             counted: list[int] = []
             on_batch = lambda rows, weights: counted.extend(
                 _add_routing(usage, trace, rows, weights, ev, args.routing_examples))
-        logits = E.score_choices(model, tokenizer, prompts, [e.letters for e in ev], demographic_embeds=z_eval,
-                                 batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
-                                 on_batch=on_batch,
-                                 prefix_groups=[e.respondent_id for e in ev] if P.takes_4d_mask(model) else None)
+        logits = score(ev, z_eval, on_batch)
     pred = E.predict_from_logits(logits)
-    metrics = E.evaluate_predictions(ev, pred, logits)
+    calib = splits.calib
+    calib_logits = score(calib, z_calib) if calib else None
+    temperature = E.temperature_of(calib, calib_logits)
+    metrics = E.evaluate_predictions(ev, pred, logits, temperature=temperature)
+    z_test = None
+    if z_eval is not None and getattr(args, "z_permutation", True):
+        seed = data_seed(args)
+        shuffled = score(ev, E.shuffled_across_respondents(z_eval, [e.respondent_id for e in ev], seed=seed))
+        z_test = E.z_permutation_test(ev, logits, shuffled, seed)
     eval_s = time.perf_counter() - t
-    floor_predictions = E.run_baselines(splits.train_all, ev)
-    # fair floors: fitted on exactly the answers the adapter saw (the distribution objective's examples summarise
-    # the whole training split's answers, so the floors fitted on all of them are its equal-data floors)
+
+    # the floors: fitted on the training split (questions held out never reach them), and, when the adapter
+    # trains on a subset, on exactly that subset (the distribution objective's examples summarise the whole
+    # training split's answers, so the floors fitted on all of them are its equal-data floors)
+    group_prior = splits.heldout_questions is not None
+    fitted = E.fitted_baselines(splits.train_all, group_prior=group_prior)
     if splits.targets is None and len(splits.train) < len(splits.train_all):
-        floor_predictions.update({f"{name}@{len(splits.train)}": p
-                                  for name, p in E.run_baselines(splits.train, ev).items()})
-    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits) for name, p in floor_predictions.items()}
-    paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions)
+        fitted.update({f"{name}@{len(splits.train)}": f
+                       for name, f in E.fitted_baselines(splits.train, group_prior=group_prior).items()})
+    floor_predictions = {name: f.predict(ev) for name, f in fitted.items()}
+    floor_temperatures = {name: E.temperature_of(calib, f.predict(calib).choice_logits if calib else None)
+                          for name, f in fitted.items()}
+    floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits, temperature=floor_temperatures[name])
+              for name, p in floor_predictions.items()}
+    sampled = E.sampled_twins(ev, floor_predictions, floors)
+    paired = E.paired_differences(ev, E.Predictions(pred, logits), floor_predictions, temperature,
+                                  floor_temperatures)
     set_intervals, set_paired = E.set_metric_intervals(
         ev, {args.method: E.Predictions(pred, logits), **floor_predictions}, reference=args.method)
     for name, m in {args.method: metrics, **floors}.items():
@@ -1068,15 +1139,25 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
         paired[name].update(set_paired[name])
     out_dir.mkdir(parents=True, exist_ok=True)
     E.write_predictions_jsonl(out_dir / "predictions.jsonl", ev, pred, logits)
+    if calib:
+        E.write_predictions_jsonl(out_dir / E.VAL_PREDICTIONS, calib, E.predict_from_logits(calib_logits),
+                                  calib_logits)
 
     routing = None
     if usage is not None:
         usage.table(args.num_experts).to_csv(out_dir / "routing_usage.csv", index=False)
         routing = {"csv": "routing_usage.csv", "n_examples": len(counted)}
-    if args.plots:
-        E.evaluate_run(out_dir, set_intervals=False)  # answer-share (and routing) PNGs from the files just written
-    report = E.format_report({args.method: metrics, **floors}) + "\n" + E.format_intervals(args.method, metrics, paired)
-    return {"metrics": metrics, "floors": floors, "paired": paired, "report": report, "routing": routing,
+    if args.plots:  # answer-share, reliability (and routing) PNGs from the files just written
+        E.evaluate_run(out_dir, set_intervals=False)
+    report = (E.format_report({args.method: metrics, **floors, **sampled}) + "\n"
+              + E.format_intervals(args.method, metrics, paired))
+    if z_test is not None:
+        report += "\n" + E.format_z_permutation(z_test)
+    calibration = {"n": len(calib), "split": "val", "temperature": temperature,
+                   "floor_temperatures": floor_temperatures,
+                   "fitted_on_evaluated_answers": bool(calib) and args.eval_split == "val"}
+    return {"metrics": metrics, "floors": floors, "sampled_floors": sampled, "paired": paired,
+            "z_permutation": z_test, "calibration": calibration, "report": report, "routing": routing,
             "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
 
 
