@@ -93,19 +93,19 @@ def gpu_plan() -> Plan:
 
 
 def cpu_plan() -> Plan:
-    """The same kinds of case at interpreter sizes (K, N and r not multiples of the tiles, T from 8 to 150), few
+    """The same kinds of case at interpreter sizes (K, N and r not multiples of the tiles, T from 8 to 100), few
     enough that the whole --cpu run stays under 2 minutes on one core."""
-    head = (Case(96, 64, 48, 16, 8, 2, "fp32"),)
+    head = (Case(64, 48, 40, 16, 4, 2, "fp32"),)
     checks = (Case(75, 40, 56, 12, 6, 2, "fp32", pattern="empty"),
               Case(75, 40, 56, 12, 6, 2, "fp32", shared_A=True, pattern="empty"),
               Case(75, 40, 56, 12, 6, 2, "bf16", pattern="skewed"),
               Case(75, 40, 56, 12, 6, 2, "fp16", shared_A=True),
-              Case(150, 40, 56, 12, 4, 2, "fp32", walk="tokens"),
+              Case(100, 40, 56, 12, 4, 2, "fp32", walk="tokens"),
               Case(8, 40, 56, 16, 8, 2, "fp32"),
               Case(40, 40, 24, 128, 4, 2, "bf16", pattern="empty"),
               Case(40, 40, 24, 8, 6, 2, "fp32", siblings=3))
-    configs = (Case(150, 40, 56, 12, 4, 2, "fp32", walk="tokens"), Case(48, 40, 56, 12, 6, 2, "fp32", shared_A=True))
-    sweep = (Case(24, 32, 32, 32, 16, 2, "fp32", pattern="skewed"),)
+    configs = (Case(100, 40, 56, 12, 4, 2, "fp32", walk="tokens"), Case(48, 40, 56, 12, 6, 2, "fp32", shared_A=True))
+    sweep = (Case(24, 32, 32, 32, 8, 2, "fp32", pattern="skewed"),)
     models = (("tiny Llama, 1 layer", dict(hidden_size=32, intermediate_size=48, num_attention_heads=2,
                                            num_key_value_heads=1, num_hidden_layers=1, vocab_size=64)),)
     return Plan("cpu", "fp32", head, checks, configs, sweep, 0, 1, models, (1, 8))

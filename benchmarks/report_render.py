@@ -33,7 +33,8 @@ def _checks_table(rows: list[dict], with_config: bool) -> list[str]:
 
 
 def _timing_table(rows: list[dict]) -> list[str]:
-    lines = ["| shape | provider | mode | median ms | p10-p90 | back to back ms | x base |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | provider | mode | median ms | p10-p90 | back to back ms | x base |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['error']} | | | |")
