@@ -105,7 +105,7 @@ def cpu_plan() -> Plan:
               Case(40, 40, 24, 128, 4, 2, "bf16", pattern="empty"),
               Case(40, 40, 24, 8, 6, 2, "fp32", siblings=3))
     configs = (Case(100, 40, 56, 12, 4, 2, "fp32", walk="tokens"), Case(48, 40, 56, 12, 6, 2, "fp32", shared_A=True))
-    sweep = (Case(24, 32, 32, 32, 8, 2, "fp32", pattern="skewed"),)
+    sweep = ()  # the step is GPU only
     models = (("tiny Llama, 1 layer", dict(hidden_size=32, intermediate_size=48, num_attention_heads=2,
                                            num_key_value_heads=1, num_hidden_layers=1, vocab_size=64)),)
     return Plan("cpu", "fp32", head, checks, configs, sweep, 0, 1, models, (1, 8))

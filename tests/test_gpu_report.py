@@ -36,6 +36,7 @@ def test_cpu_run_goes_through_every_step_with_the_triton_kernels(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     status = {s["step"]: s["status"] for s in report["steps"]}
     assert status.pop("kernel tests").startswith("skipped on the CPU")
+    assert status.pop("sweep").startswith("skipped on the CPU")
     assert set(status.values()) == {"ok"}, report["steps"]
     results = report["results"]
 
@@ -71,13 +72,13 @@ def test_cpu_run_goes_through_every_step_with_the_triton_kernels(tmp_path):
 def test_a_step_past_its_limit_is_killed_and_the_run_goes_on(tmp_path):
     """The correctness step cut to a few seconds: killed with the cases it finished kept, the step that needs it
     still runs and is marked unverified, and both files are written."""
-    proc = run_report(tmp_path, "--steps", "correctness,sweep", "--max-step-s", "12")
+    proc = run_report(tmp_path, "--steps", "correctness,launches", "--max-step-s", "12")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     first, second = report["steps"]
     assert first["status"] == "timeout after 12 s" and 11 < first["seconds"] < 30
     assert 0 < len(report["results"]["correctness"]["rows"]) < len(cpu_plan().checks)
-    assert second["step"] == "sweep" and "correctness did not pass" in second["unverified"]
+    assert second["step"] == "launches" and "correctness did not pass" in second["unverified"]
     md = (tmp_path / "report.md").read_text()
     assert "timeout after 12 s" in md and "**UNVERIFIED**" in md
 
