@@ -99,7 +99,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {SECTIONS[s['step']]}", ""]
         if s.get("unverified"):
             lines += [f"**UNVERIFIED**: {s['unverified']}.", ""]
-        if s["status"] != "ok":
+        if s["status"] == "failed":
+            lines += ["Step status: failed (see the rows marked FAIL or ERROR).", ""]
+        elif s["status"] != "ok":
             lines += [f"Step status: {s['status']}; the rows below are those it finished.", ""]
         if res.get("error"):
             lines += [res["error"], ""]
