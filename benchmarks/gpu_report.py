@@ -291,17 +291,19 @@ def run_child(step: Step, cpu: bool, out_dir: Path, limit_s: float) -> tuple[str
 
 
 def machine(cpu: bool) -> dict:
-    import torch
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
-    if cpu:
+    if cpu:  # torch is not imported here: the steps' processes do that
         card = f"CPU ({platform.machine()}), Triton interpreter"
     else:
+        import torch
+
         card = torch.cuda.get_device_name(0)
-    try:
-        triton_version = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton_version = "not installed"
-    return {"card": card, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+    return {"card": card, "torch": version("torch"), "triton": version("triton"), "python": platform.python_version(),
             "autotune": os.environ.get("CUMA_AUTOTUNE", "1"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
