@@ -173,7 +173,7 @@ def step_kernel_tests(plan, out: StepOutput, limit_s: float) -> bool:
     env = dict(os.environ, CUMA_TEST_DEVICE="cuda", CUMA_AUTOTUNE="0")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "tests/test_routing_kernels.py", "tests/test_lora_expert_kernels.py",
-           "-q", "-rfE", "-p", "no:cacheprovider"]
+           "-v", "-p", "no:cacheprovider"]  # -v: a line per test as it ends, so a timeout keeps the names
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(10.0, limit_s - 10))
         stdout, passed = proc.stdout, proc.returncode == 0
@@ -182,7 +182,8 @@ def step_kernel_tests(plan, out: StepOutput, limit_s: float) -> bool:
         stdout, passed = stdout + f"\ntimeout after {exc.timeout:.0f} s", False
     lines = stdout.strip().splitlines()
     out.emit({"summary": lines[-1] if lines else "no output",
-              "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20]})
+              "passed": sum(" PASSED" in line for line in lines),
+              "failures": sorted({line.split(" ")[0] for line in lines if " FAILED" in line or " ERROR" in line})[:30]})
     print("\n".join(lines[-30:]), flush=True)
     return passed
 

@@ -113,7 +113,8 @@ def markdown(report: dict) -> str:
         elif s["step"] in ("correctness", "autotune configs"):
             lines += _checks_table(rows, s["step"] == "autotune configs")
         elif s["step"] == "kernel tests":
-            lines += [rows[0]["summary"], ""] + [f"- {f}" for f in rows[0]["failures"]]
+            lines += [f"{rows[0]['summary']} ({rows[0].get('passed', 0)} passed before the end)", ""]
+            lines += [f"- FAILED {f}" for f in rows[0]["failures"]]
         elif s["step"] in ("timings", "sweep"):
             lines += _timing_table(rows)
         elif s["step"] == "launches":
