@@ -1,521 +1,385 @@
-"""GPU report for the CuMA kernels: the one script to run on a CUDA machine (about 8 minutes on one H100/H200).
+"""GPU report for the CuMA kernels: the one command to run on a lent CUDA machine (about 8 minutes on an H100/H200).
 
-    python benchmarks/gpu_report.py [--out DIR]          # CUDA: headline shapes, bf16, autotuning on
-    python benchmarks/gpu_report.py --cpu [--out DIR]    # the same steps on tiny shapes on the CPU (a smoke test;
-                                                         # Triton through its interpreter when TRITON_INTERPRET=1)
+    python benchmarks/gpu_report.py [--out DIR] [--budget-s 480]   # CUDA: headline shapes, bf16, autotuning on
+    python benchmarks/gpu_report.py --cpu [--out DIR]              # the same steps at tiny shapes, the Triton
+                                                                   # kernels through the interpreter (CI runs it)
 
-Steps, in order, each under its own time limit (a step past its limit is recorded as such and the report goes on;
-steps left when --budget-s, default 480, is spent are skipped):
-  1. correctness at the headline shapes (T=16384, K=4096, N=4096 and 1024, r=64, E=8, k=2, bf16; per-expert and
-     shared A, added in place into the base output as the model layer does): y, dx, dA, dB and the gate gradient
-     against the torch path in fp32; the first call's time (compile + autotune) is kept. A failure stops the report.
-  2. timings, CUDA events, median / p10 / p90 of 30 calls, forward and forward+backward: base linear, whole layer
-     (base + experts), experts alone, PEFT LoRA r=64 layer, the dense gated form in bf16, torch._grouped_mm on the
-     sorted tokens, and the published loop (at N=4096 only).
-  3. a sweep of the experts alone: E=16 r=128; every token's first slot on one expert; T=2048; T=8.
-  4. one torch.profiler pass over the whole layer's forward+backward (top kernels by device time).
-  5. the configs autotuning chose, per kernel and key.
-  6. end-to-end training steps (forward + backward + AdamW) of random-weight Llama models of SmolLM2-135M and 8B
-     shapes (a few layers), CuMA (E=8, k=2, r=64 on q_proj, v_proj) against PEFT LoRA r=64 on the same targets.
-  7. with the time left, the kernel test files on the GPU (CUMA_TEST_DEVICE=cuda, one config per kernel).
-Results: DIR/report.json and DIR/report.md (DIR defaults to gpu_report_<time>/ in the working directory).
+Each step runs in a child process under a hard time limit (a hung compile or kernel is killed with its process, and
+the rows it finished stay), and DIR/report.json and DIR/report.md are rewritten after every step. A step that fails
+or times out is recorded and the run goes on; results of later steps that need it are marked UNVERIFIED.
+Steps, in order (limits on a GPU; each is cut to the budget left, less what the later steps marked "keeps"
+are promised):
+  1. precompile (150 s): the first forward+backward at the headline shapes (T=16384, K=4096, N=4096 and 1024, r=64,
+     E=8, k=2, bf16, both A layouts), compile and autotune time per shape; autotune results are cached on disk
+     (TRITON_CACHE_AUTOTUNING) for the later steps.
+  2. correctness (150 s): every launch (h, y - base, y added into base in place, the dy pass, the gate gradient,
+     dx, dA, dB) against an fp64 reference, max abs and max rel error and the worst row and expert named; headline
+     shapes, ragged T=1000 K=1000 N=776 r=48 with an empty expert, T=8, skewed routing, r=128, the shared q/k/v
+     shrink, both A layouts and both tile walks, bf16, fp16 and fp32.
+  3. autotune configs (100 s): every autotune config of every kernel, each against the reference.
+  4. kernel tests (90 s; GPU only): tests/test_routing_kernels.py and tests/test_lora_expert_kernels.py on the GPU
+     (CUMA_AUTOTUNE=0: each kernel's first GPU config).
+  5. timings (90 s, keeps 45 s, needs 2): per call and back to back: base linear, whole layer, experts alone,
+     PEFT LoRA, the dense gated form, torch._grouped_mm, the published loop; each baseline guarded on its own.
+  6. launches (60 s, keeps 30 s, needs 2): the device time of each launch of the layer's forward+backward next to
+     roofline.py's bytes and FLOPs (achieved TB/s, TFLOP/s, share of the roofline floor); the autotune choices.
+  7. sweep (45 s, needs 2; GPU only): the experts alone at E=16 r=128, skewed routing, T=2048, T=8.
+  8. end to end (75 s, keeps 30 s, needs 2): training steps of random-weight Llama models, CuMA against PEFT LoRA.
+A step whose needed step did not pass still runs; its results are marked UNVERIFIED. Exit status 0 when every step
+passed, 1 otherwise. Logs of each step: DIR/logs/; each step's rows as they came: DIR/steps/.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
+import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-@dataclass(frozen=True)
-class Shape:
-    T: int
-    K: int
-    N: int
-    r: int
-    E: int
-    k: int
-    pattern: str = "random"  # or "one": every token's first slot on expert 0
-
-    @property
-    def name(self) -> str:
-        tail = "" if self.pattern == "random" else f" {self.pattern}"
-        return f"T={self.T} K={self.K} N={self.N} r={self.r} E={self.E} k={self.k}{tail}"
+CHECKS_FAILED = 3  # a child's exit status when it ran to the end and some check failed
 
 
 @dataclass(frozen=True)
-class Plan:
-    device: torch.device
-    dtype: torch.dtype
-    headline: tuple[Shape, ...]
-    sweep: tuple[Shape, ...]
-    warmup: int
-    iters: int
-    step_timeout_s: int
-    models: tuple[tuple[str, dict], ...]
-    batch: tuple[int, int]
+class Step:
+    name: str
+    gpu_limit_s: int
+    cpu_limit_s: int
+    needs: tuple[str, ...] = ()
+    cpu_skip: str = ""  # why --cpu skips it (it runs on a GPU only)
+    reserve_s: int = 0  # seconds of the budget that the steps before it leave to it
 
 
-def gpu_plan() -> Plan:
-    head = tuple(Shape(16384, 4096, n, 64, 8, 2) for n in (4096, 1024))
-    sweep = (Shape(16384, 4096, 4096, 128, 16, 2), Shape(16384, 4096, 4096, 64, 8, 2, "one"),
-             Shape(2048, 4096, 4096, 64, 8, 2), Shape(8, 4096, 4096, 64, 8, 2))
-    models = (("SmolLM2-135M shape, 6 layers", dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                                                   num_key_value_heads=3, num_hidden_layers=6, vocab_size=49152)),
-              ("8B shape, 2 layers", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                          num_key_value_heads=8, num_hidden_layers=2, vocab_size=128256)))
-    return Plan(torch.device("cuda"), torch.bfloat16, head, sweep, 5, 30, 180, models, (4, 1024))
+STEPS = (
+    Step("precompile", 150, 30),
+    Step("correctness", 150, 60),
+    Step("autotune configs", 100, 60),
+    Step("kernel tests", 90, 0, cpu_skip="the test suite runs these files through the interpreter"),
+    Step("timings", 90, 60, needs=("correctness",), reserve_s=45),
+    Step("launches", 60, 30, needs=("correctness",), reserve_s=30),
+    Step("sweep", 45, 0, needs=("correctness",), cpu_skip="timings runs its code; it keeps --cpu under 2 minutes"),
+    Step("end to end", 75, 60, needs=("correctness",), reserve_s=30),
+)
 
 
-def cpu_plan() -> Plan:
-    head = tuple(Shape(96, 64, n, 16, 8, 2) for n in (64, 32))
-    sweep = (Shape(48, 32, 32, 32, 16, 2), Shape(48, 32, 32, 16, 8, 2, "one"), Shape(24, 32, 32, 16, 8, 2),
-             Shape(8, 32, 32, 16, 8, 2))
-    models = (("tiny Llama, 2 layers", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                            num_key_value_heads=2, num_hidden_layers=2, vocab_size=128)),)
-    return Plan(torch.device("cpu"), torch.float32, head, sweep, 0, 2, 120, models, (2, 16))
+# ---------------------------------------------------------------------------------- child: one step's work
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+class StepOutput:
+    """The rows of one step, rewritten to DIR/steps/<step>.json after every row, so a killed step keeps them."""
+
+    def __init__(self, out_dir: Path, step: str):
+        self.path = out_dir / "steps" / f"{step.replace(' ', '_')}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = {"rows": []}
+        self.save()
+
+    def emit(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
 
 
-class StepTimeout(Exception):
-    pass
+def step_precompile(plan, out: StepOutput) -> bool:
+    import torch
 
+    from report_checks import Inputs
+    from report_timings import _weight, layer, sync
 
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Raise StepTimeout in the main thread after `seconds` (checked whenever Python code runs)."""
-    def on_alarm(signum, frame):
-        raise StepTimeout(f"step ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device: torch.device, warmup: int, iters: int) -> dict:
-    """median / p10 / p90 milliseconds of fn() over `iters` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-
-    def pct(p):
-        return times[min(len(times) - 1, round(p * (len(times) - 1)))]
-
-    return {"median_ms": statistics.median(times), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "n": len(times)}
-
-
-def make_routing(shape: Shape, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_idx [T, k] int32, router logits [T, E]) for the shape's routing pattern."""
-    from cuma_kernels import route_topk
-
-    logits = torch.randn(shape.T, shape.E, generator=gen)
-    if shape.pattern == "one":
-        logits[:, 0] += 100.0
-    weights, idx = route_topk(logits.to(device), shape.k, "cuma")
-    return idx, weights
-
-
-class Problem:
-    """Inputs of one adapted projection: x, the frozen W, experts A/B, routing, dispatch, an output gradient."""
-
-    def __init__(self, shape: Shape, plan: Plan, shared_A: bool = False, seed: int = 0):
-        from cuma_kernels import dispatch_metadata
-
-        gen = torch.Generator().manual_seed(seed)
-        s, dev, dt = shape, plan.device, plan.dtype
-        self.shape, self.scaling = s, 2.0
-        self.x = torch.randn(s.T, s.K, generator=gen).to(dev, dt)
-        self.W = (torch.randn(s.N, s.K, generator=gen) / s.K ** 0.5).to(dev, dt)
-        self.A = (torch.randn(1 if shared_A else s.E, s.r, s.K, generator=gen) / s.K ** 0.5).to(dev, dt)
-        self.B = (torch.randn(s.E, s.N, s.r, generator=gen) / s.r ** 0.5).to(dev, dt)
-        self.idx, self.w = make_routing(s, dev, gen)
-        self.dispatch = dispatch_metadata(self.idx, s.E)
-        self.grad = torch.randn(s.T, s.N, generator=gen).to(dev, dt)
-
-
-def cuma_layer(p: Problem, x, A, B, w):
-    """The model layer's computation: base linear, then the experts added into its output in place."""
-    from cuma_kernels import lora_experts
-
-    base = x @ p.W.t()
-    return lora_experts(x, A, B, p.idx, w, p.scaling, base, dispatch=p.dispatch, inplace=True)
-
-
-def dense_gated_bf16(x, A, B, idx, w, scaling):
-    """The dense gated form in the input dtype (every expert for every token, masked by the [T, E] gates)."""
-    E, N, r = B.shape
-    gates = torch.zeros(x.shape[0], E, device=x.device, dtype=x.dtype).scatter_add(1, idx.long(), w.to(x.dtype))
-    h = x @ A.reshape(E * r, -1).t()
-    return (h * gates.repeat_interleave(r, dim=1)) @ (B.permute(1, 0, 2).reshape(N, E * r).t() * scaling)
-
-
-# -------------------------------------------------------------------------------------------------- steps
-
-
-def compare(got: dict, ref: dict) -> dict:
-    """y: max|got - ref| / max|ref| (limit 1e-2); gradients: ||got - ref|| / ||ref|| (limit 1e-2)."""
-    out = {}
-    for name, r in ref.items():
-        g = got[name].float()
-        if name == "y":
-            err = ((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
-        else:
-            err = ((g - r).norm() / r.norm().clamp_min(1e-12)).item()
-        out[name] = {"error": err, "ok": err <= 1e-2}
-    return out
-
-
-def step_correctness(plan: Plan, report: dict) -> bool:
-    from cuma_kernels.reference import lora_experts_torch
-
-    rows, ok = [], True
-    for shape in plan.headline:
+    for case in plan.headline:
         for shared in (False, True):
-            p = Problem(shape, plan, shared_A=shared)
-            leaves = [t.clone().requires_grad_() for t in (p.x, p.A, p.B, p.w)]
-            sync(plan.device)
+            c = dataclasses.replace(case, shared_A=shared)
+            p = Inputs(c, plan.torch_device)
+            x, A, B, w = (t.detach().clone().requires_grad_() for t in (p.x, p.A, p.B[0], p.w))
+            sync(plan.torch_device)
             t0 = time.perf_counter()
-            y = cuma_layer(p, *leaves)
-            y.backward(p.grad)
-            sync(plan.device)
-            first_call_s = time.perf_counter() - t0
-            got = {"y": y.detach(), "dx": leaves[0].grad, "dA": leaves[1].grad, "dB": leaves[2].grad,
-                   "d gates": leaves[3].grad}
-            ref_leaves = [t.float().clone().requires_grad_() for t in (p.x, p.A, p.B, p.w)]
-            base_ref = ref_leaves[0] @ p.W.float().t()
-            y_ref = lora_experts_torch(*ref_leaves[:3], p.idx, ref_leaves[3], p.scaling, base_ref)
-            y_ref.backward(p.grad.float())
-            ref = {"y": y_ref.detach(), "dx": ref_leaves[0].grad, "dA": ref_leaves[1].grad,
-                   "dB": ref_leaves[2].grad, "d gates": ref_leaves[3].grad}
-            checks = compare(got, ref)
-            ok = ok and all(c["ok"] for c in checks.values())
-            rows.append({"shape": shape.name, "A": "shared" if shared else "per-expert", "checks": checks,
-                         "first_call_s": first_call_s})
-            print(f"  {shape.name} {'shared' if shared else 'per-expert'} A: "
-                  + ", ".join(f"{n} {c['error']:.1e}{'' if c['ok'] else ' FAIL'}" for n, c in checks.items())
-                  + f" (first call {first_call_s:.1f} s)", flush=True)
-            del p, leaves, ref_leaves, got, ref, y, y_ref
-    report["correctness"] = rows
+            layer(p, _weight(c, p), x, A, B, w).backward(p.dy[0])
+            sync(plan.torch_device)
+            out.emit({"shape": c.name, "first_call_s": time.perf_counter() - t0})
+            print(f"  {c.name}: first call {time.perf_counter() - t0:.1f} s", flush=True)
+            del p, x, A, B, w
+            if plan.device == "cuda":
+                torch.cuda.empty_cache()
+    return True
+
+
+def step_correctness(plan, out: StepOutput) -> bool:
+    from report_checks import check_case, summary_line
+
+    ok = True
+    for case in plan.checks:
+        try:
+            row = check_case(case, plan.torch_device)
+        except Exception as exc:  # recorded against its case; the next case runs
+            row = {"case": case.name, "checks": {}, "ok": False, "seconds": 0.0,
+                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            traceback.print_exc()
+        out.emit(row)
+        print(summary_line(row) + (f" {row['error']}" if "error" in row else ""), flush=True)
+        ok = ok and row["ok"]
     return ok
 
 
-def providers(p: Problem, with_loop: bool) -> dict:
-    from baselines import grouped_mm_experts, grouped_mm_unsupported, peft_delta, peft_linear, published_expert_loop
-    from cuma_kernels import lora_experts
+def step_autotune_configs(plan, out: StepOutput) -> bool:
+    """Each kernel's i-th GPU config (all kernels at once, so len(configs) runs cover them all) on every case."""
+    import triton
 
-    s = p.shape
-    x, A, B, w = (t.clone().requires_grad_() for t in (p.x, p.A, p.B, p.w))
-    leaves = [x, A, B, w]
-    peft = peft_linear(p.W, s.r, p.scaling)
-    for prm in peft.parameters():
-        if prm.requires_grad:
-            leaves.append(prm)
-    rows = {
-        "base linear": lambda: x @ p.W.t(),
-        "whole layer": lambda: cuma_layer(p, x, A, B, w),
-        "experts alone": lambda: lora_experts(x, A, B, p.idx, w, p.scaling, dispatch=p.dispatch),
-        "PEFT LoRA layer": lambda: peft(x),
-        "PEFT adapter alone": lambda: peft_delta(peft, x),
-        "dense gated (input dtype)": lambda: dense_gated_bf16(x, A, B, p.idx, w, p.scaling),
-    }
-    if grouped_mm_unsupported(p.x.device.type, p.x.dtype) is None:
-        rows["torch._grouped_mm"] = lambda: grouped_mm_experts(x, A, B, p.idx, w, p.scaling)
-    if with_loop:
-        rows["published loop"] = lambda: published_expert_loop(x, A, B, p.idx, w, p.scaling)
-    return rows, leaves
+    from cuma_kernels import grouped_lora as gl
+    from report_checks import check_case, summary_line
 
-
-def time_providers(p: Problem, plan: Plan, rows: dict, leaves: list) -> list[dict]:
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        for name, fn in rows.items():
-            def call(fn=fn):
-                if mode == "fwd":
-                    with torch.no_grad():
-                        fn()
-                else:
-                    for t in leaves:
-                        t.grad = None
-                    fn().backward(p.grad)
+    tuned = {"_shrink_kernel": gl.SHRINK_CONFIGS, "_expand_kernel": gl.EXPAND_CONFIGS,
+             "_dy_pass_kernel": gl.DY_PASS_CONFIGS, "_segment_partial_kernel": gl.SEGMENT_CONFIGS}
+    ok = True
+    for i in range(max(len(c[0]) for c in tuned.values())):
+        chosen = {}
+        for name, (gpu_configs, _) in tuned.items():
+            cfg = dict(gpu_configs[min(i, len(gpu_configs) - 1)])
+            meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+            getattr(gl, name).configs = [triton.Config(meta, num_warps=cfg.get("num_warps", 4),
+                                                       num_stages=cfg.get("num_stages", 3))]
+            chosen[name] = cfg
+        label = f"config {i}: " + "; ".join(f"{n.strip('_').removesuffix('_kernel')} "
+                                            + " ".join(f"{k}={v}" for k, v in c.items()) for n, c in chosen.items())
+        for case in plan.config_checks:
             try:
-                stats = time_ms(call, plan.device, plan.warmup, plan.iters)
-            except StepTimeout:
-                raise
-            except Exception as exc:  # a baseline this build or card cannot run is reported, not fatal
-                stats = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-            out.append({"shape": p.shape.name, "provider": name, "mode": mode, **stats})
-    base = {r["mode"]: r.get("median_ms") for r in out if r["provider"] == "base linear"}
-    for r in out:
-        if "median_ms" in r and base.get(r["mode"]):
-            r["x base"] = r["median_ms"] / base[r["mode"]]
-            r["tokens_per_s"] = p.shape.T / r["median_ms"] * 1e3
-    return out
+                row = check_case(case, plan.torch_device, seed=i + 1)
+            except Exception as exc:
+                row = {"case": case.name, "checks": {}, "ok": False, "seconds": 0.0,
+                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            row["config"] = label
+            out.emit(row)
+            print(f"  [{label}]" + summary_line(row), flush=True)
+            ok = ok and row["ok"]
+    return ok
 
 
-def step_timings(plan: Plan, report: dict) -> None:
-    rows = []
-    for i, shape in enumerate(plan.headline):
-        p = Problem(shape, plan)
-        fns, leaves = providers(p, with_loop=i == 0)
-        rows += time_providers(p, plan, fns, leaves)
-        del p, fns, leaves
-    report["timings"] = rows
+def step_kernel_tests(plan, out: StepOutput, limit_s: float) -> bool:
+    env = dict(os.environ, CUMA_TEST_DEVICE="cuda", CUMA_AUTOTUNE="0")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "tests/test_routing_kernels.py", "tests/test_lora_expert_kernels.py",
+           "-v", "-p", "no:cacheprovider"]  # -v: a line per test as it ends, so a timeout keeps the names
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(10.0, limit_s - 10))
+        stdout, passed = proc.stdout, proc.returncode == 0
+    except subprocess.TimeoutExpired as exc:  # the lines it printed are kept
+        stdout = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        stdout, passed = stdout + f"\ntimeout after {exc.timeout:.0f} s", False
+    lines = stdout.strip().splitlines()
+    out.emit({"summary": lines[-1] if lines else "no output",
+              "passed": sum(" PASSED" in line for line in lines),
+              "failures": sorted({line.split(" ")[0] for line in lines if " FAILED" in line or " ERROR" in line})[:30]})
+    print("\n".join(lines[-30:]), flush=True)
+    return passed
 
 
-def step_sweep(plan: Plan, report: dict) -> None:
-    from cuma_kernels import lora_experts
+def step_timings(plan, out: StepOutput) -> bool:
+    from report_timings import time_case
 
-    rows = []
-    for shape in plan.sweep:
-        p = Problem(shape, plan)
-        x, A, B, w = (t.clone().requires_grad_() for t in (p.x, p.A, p.B, p.w))
-        fns = {"base linear": lambda: x @ p.W.t(),
-               "experts alone": lambda: lora_experts(x, A, B, p.idx, w, p.scaling, dispatch=p.dispatch)}
-        rows += time_providers(p, plan, fns, [x, A, B, w])
-        del p
-    report["sweep"] = rows
+    for case in plan.headline:
+        time_case(case, plan, full=True, emit=out.emit)
+    return True
 
 
-def step_profile(plan: Plan, report: dict, out_dir: Path) -> None:
-    from torch.profiler import ProfilerActivity, profile
+def step_sweep(plan, out: StepOutput) -> bool:
+    from report_timings import time_case
 
-    p = Problem(plan.headline[0], plan)
-    x, A, B, w = (t.clone().requires_grad_() for t in (p.x, p.A, p.B, p.w))
-    for _ in range(2):
-        cuma_layer(p, x, A, B, w).backward(p.grad)
-    sync(plan.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        cuma_layer(p, x, A, B, w).backward(p.grad)
-        sync(plan.device)
-    sort = "device_time_total" if plan.device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=20)
-    (out_dir / "profile.txt").write_text(table)
-    report["profile"] = {"shape": p.shape.name, "file": "profile.txt", "sorted_by": sort}
+    for case in plan.sweep:
+        time_case(case, plan, full=False, emit=out.emit)
+    return True
 
 
-def step_configs(report: dict) -> None:
+def step_launches(plan, out: StepOutput) -> bool:
+    from report_timings import launch_times
+
+    for case in plan.headline:
+        for row in launch_times(case, plan):
+            out.emit(row)
+    out.data["autotune choices"] = autotune_choices()
+    out.save()
+    return True
+
+
+def autotune_choices() -> dict:
     import triton
 
     from cuma_kernels import grouped_lora
 
-    chosen = {}
-    for name in dir(grouped_lora):
-        kernel = getattr(grouped_lora, name)
-        if isinstance(kernel, triton.runtime.Autotuner):
-            chosen[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-    report["autotune_choices"] = chosen
+    return {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+            for name, kernel in vars(grouped_lora).items() if isinstance(kernel, triton.runtime.Autotuner)}
 
 
-def step_end_to_end(plan: Plan, report: dict) -> None:
-    import copy
+def step_end_to_end(plan, out: StepOutput) -> bool:
+    from report_timings import end_to_end
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import cuma_model
-
-    rows = []
-    batch, seq = plan.batch
-    for label, dims in plan.models:
-        torch.manual_seed(0)
-        config = LlamaConfig(max_position_embeddings=max(2048, seq), pad_token_id=0, **dims)
-        with plan.device:  # initialise on the device: an 8B-shaped embedding is slow to fill on the host
-            base = LlamaForCausalLM(config).to(plan.dtype)
-        ids = torch.randint(3, dims["vocab_size"], (batch, seq), device=plan.device)
-        z = torch.randn(batch, 64, device=plan.device, dtype=plan.dtype)
-        results = {}
-        for name in ("CuMA E=8 k=2 r=64", "PEFT LoRA r=64"):
-            model = copy.deepcopy(base)
-            if name.startswith("CuMA"):
-                cuma_model.patch_model(model, num_experts=8, top_k=2, r=64, lora_alpha=128, demographic_dim=64,
-                                       target_modules=["q_proj", "v_proj"])
-                kwargs = {"demographic_embeds": z}
-            else:
-                model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=["q_proj", "v_proj"],
-                                                         lora_dropout=0.0))
-                kwargs = {}
-            model.train()
-            params = [q for q in model.parameters() if q.requires_grad]
-            optim = torch.optim.AdamW(params, lr=1e-5)
-
-            def train_step(model=model, kwargs=kwargs, optim=optim):
-                loss = model(input_ids=ids, labels=ids, **kwargs).loss
-                loss.backward()
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-
-            if plan.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(plan.device)
-            stats = time_ms(train_step, plan.device, min(2, plan.warmup), max(2, plan.iters // 3))
-            if plan.device.type == "cuda":
-                stats["peak_memory_GB"] = torch.cuda.max_memory_allocated(plan.device) / 1e9
-            stats["trainable_params"] = sum(q.numel() for q in params)
-            results[name] = stats
-            del model, optim, params
-        peft_ms = results["PEFT LoRA r=64"]["median_ms"]
-        for name, stats in results.items():
-            rows.append({"model": label, "tokens": batch * seq, "config": name, **stats,
-                         "x PEFT": stats["median_ms"] / peft_ms})
-        del base
-    report["end_to_end"] = rows
+    end_to_end(plan, out.emit)
+    return True
 
 
-def step_kernel_tests(plan: Plan, report: dict, seconds_left: float) -> bool | str:
-    """The kernel test files on the GPU (one config per kernel: they compile many specialisations)."""
-    if plan.device.type != "cuda":
-        report["kernel_tests"] = "skipped on the CPU (the test suite runs them through the interpreter)"
-        return "skipped"
-    env = dict(os.environ, CUMA_TEST_DEVICE="cuda", CUMA_AUTOTUNE="0")
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "tests/test_routing_kernels.py", "tests/test_lora_expert_kernels.py", "-q",
-           "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(10, seconds_left - 5))
-    report["kernel_tests"] = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
-    print(f"  {report['kernel_tests']}", flush=True)
-    return proc.returncode == 0
+def run_step_here(name: str, cpu: bool, out_dir: Path, limit_s: float) -> int:
+    """The child's side: run one step, its rows saved as they come. Exit status 0, CHECKS_FAILED or 1 (error)."""
+    import torch
+
+    from report_plan import cpu_plan, gpu_plan
+
+    if cpu:
+        torch.set_num_threads(1)
+    plan = cpu_plan() if cpu else gpu_plan()
+    out = StepOutput(out_dir, name)
+    work = {"precompile": step_precompile, "correctness": step_correctness, "autotune configs": step_autotune_configs,
+            "timings": step_timings, "sweep": step_sweep, "launches": step_launches, "end to end": step_end_to_end}
+    if name == "kernel tests":
+        ok = step_kernel_tests(plan, out, limit_s)
+    else:
+        ok = work[name](plan, out)
+    return 0 if ok else CHECKS_FAILED
 
 
-# ------------------------------------------------------------------------------------------------- output
+# --------------------------------------------------------------------------- parent: steps, limits, report
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# CuMA GPU report: {report['machine']['card']}", "",
-             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report["machine"].items()]
-    lines += ["", "| step | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {s['status']} | {s['seconds']:.1f} |" for s in report["steps"]]
-    if report.get("correctness"):
-        lines += ["", "## Correctness (against the torch path in fp32)", "",
-                  "| shape | A | y | dx | dA | dB | d gates | first call s |", "|---|---|---|---|---|---|---|---|"]
-        for r in report["correctness"]:
-            c = r["checks"]
-            cells = " | ".join(f"{c[n]['error']:.1e}{'' if c[n]['ok'] else ' FAIL'}"
-                               for n in ("y", "dx", "dA", "dB", "d gates"))
-            lines.append(f"| {r['shape']} | {r['A']} | {cells} | {r['first_call_s']:.1f} |")
-    for key, title in (("timings", "Timings"), ("sweep", "Sweep (experts alone)")):
-        if report.get(key):
-            lines += ["", f"## {title}: median ms (p10-p90), x base linear", "",
-                      "| shape | provider | mode | median ms | p10-p90 | x base |", "|---|---|---|---|---|---|"]
-            for r in report[key]:
-                if "median_ms" in r:
-                    lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['median_ms']:.3f} | "
-                                 f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r.get('x base', float('nan')):.2f} |")
-                else:
-                    lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['error']} | | |")
-    if report.get("end_to_end"):
-        lines += ["", "## Training step (forward + backward + AdamW), random weights", "",
-                  "| model | tokens | config | median ms | x PEFT | trainable params |", "|---|---|---|---|---|---|"]
-        for r in report["end_to_end"]:
-            lines.append(f"| {r['model']} | {r['tokens']} | {r['config']} | {r['median_ms']:.2f} | "
-                         f"{r['x PEFT']:.2f} | {r['trainable_params']:,} |")
-    return "\n".join(lines) + "\n"
+def child_env(cpu: bool) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cpu:  # read by triton when it is imported: the child imports it only after this is set
+        env.update(TRITON_INTERPRET="1", CUMA_BACKEND="triton", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        env["TRITON_CACHE_AUTOTUNING"] = "1"  # each step is a new process: keep the autotune results on disk
+    return env
 
 
-def machine(plan: Plan) -> dict:
-    import triton
+def run_child(step: Step, cpu: bool, out_dir: Path, limit_s: float) -> tuple[str, float]:
+    """Run one step in its own process group under a hard limit; its output goes to DIR/logs and the console."""
+    log = out_dir / "logs" / f"{step.name.replace(' ', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step.name, "--out", str(out_dir),
+           "--step-limit-s", str(limit_s)] + (["--cpu"] if cpu else [])
+    t0 = time.perf_counter()
+    with open(log, "w") as sink, open(log) as source:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(cpu), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        status = None
+        while status is None:
+            time.sleep(0.5)
+            sys.stdout.write(source.read())
+            sys.stdout.flush()
+            if proc.poll() is not None:
+                status = {0: "ok", CHECKS_FAILED: "failed"}.get(proc.returncode, f"error (exit {proc.returncode})")
+            elif time.perf_counter() - t0 > limit_s:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a pytest or compiler under it too
+                proc.wait()
+                status = f"timeout after {limit_s:.0f} s"
+        sys.stdout.write(source.read())
+    if status.startswith("error"):
+        tail = log.read_text().strip().splitlines()[-3:]
+        status += ": " + " | ".join(tail)[-300:]
+    return status, time.perf_counter() - t0
 
-    card = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else f"CPU ({platform.machine()})"
-    return {"card": card, "torch": torch.__version__, "triton": triton.__version__, "dtype": str(plan.dtype),
-            "backend": os.environ.get("CUMA_BACKEND", "auto"), "autotune": os.environ.get("CUMA_AUTOTUNE", "1"),
-            "interpreter": os.environ.get("TRITON_INTERPRET", "0")}
+
+def machine(cpu: bool) -> dict:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    if cpu:  # torch is not imported here: the steps' processes do that
+        card = f"CPU ({platform.machine()}), Triton interpreter"
+    else:
+        import torch
+
+        card = torch.cuda.get_device_name(0)
+    return {"card": card, "torch": version("torch"), "triton": version("triton"), "python": platform.python_version(),
+            "autotune": os.environ.get("CUMA_AUTOTUNE", "1"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    from report_render import markdown
+
+    for name, text in (("report.json", json.dumps(report, indent=1, default=str)), ("report.md", markdown(report))):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+
+
+def collect(report: dict, step: Step, out_dir: Path) -> None:
+    path = out_dir / "steps" / f"{step.name.replace(' ', '_')}.json"
+    if path.exists():
+        try:
+            report["results"][step.name] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:  # a half-written file of a killed step: said so, not dropped silently
+            report["results"][step.name] = {"rows": [], "error": f"unreadable results: {exc}"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks the script itself")
+    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, Triton through its interpreter")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default gpu_report_<time>/)")
-    parser.add_argument("--budget-s", type=int, default=480, help="steps that would start later are skipped")
+    parser.add_argument("--budget-s", type=float, default=480, help="the whole run's limit; steps are cut to it")
+    parser.add_argument("--max-step-s", type=float, default=None, help="cap every step's limit at this many seconds")
+    parser.add_argument("--steps", default=None, help="comma-separated subset of the steps, in their usual order")
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # a child: run this one step
+    parser.add_argument("--step-limit-s", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cpu:
-        os.environ.setdefault("CUMA_BACKEND", "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch")
-        plan = cpu_plan()
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: run with --cpu for the smoke mode", file=sys.stderr)
-            return 2
-        plan = gpu_plan()
     out_dir = args.out or Path(f"gpu_report_{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.step:
+        return run_step_here(args.step, args.cpu, out_dir, args.step_limit_s)
+
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --cpu for the interpreter smoke run", file=sys.stderr)
+            return 2
+    known = {s.name for s in STEPS}
+    wanted = [s.strip() for s in args.steps.split(",")] if args.steps else list(known)
+    if set(wanted) - known:
+        print(f"unknown steps {sorted(set(wanted) - known)}; the steps are: {', '.join(s.name for s in STEPS)}",
+              file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"results go to {out_dir}/", flush=True)
-    report = {"machine": machine(plan), "steps": []}
-    steps = [("correctness", lambda: step_correctness(plan, report)),
-             ("timings", lambda: step_timings(plan, report)),
-             ("sweep", lambda: step_sweep(plan, report)),
-             ("profile", lambda: step_profile(plan, report, out_dir)),
-             ("autotune choices", lambda: step_configs(report)),
-             ("end to end", lambda: step_end_to_end(plan, report)),
-             ("kernel tests on the device", lambda: step_kernel_tests(plan, report, left))]
-    status, started = 0, time.perf_counter()
-    for name, run in steps:
-        left = args.budget_s - (time.perf_counter() - started)
-        if left < 10:
-            report["steps"].append({"step": name, "status": "skipped (time budget spent)", "seconds": 0.0})
-            status = 1
-            continue
-        print(f"[{name}]", flush=True)
-        t0 = time.perf_counter()
-        try:
-            with time_limit(int(min(plan.step_timeout_s, left))):
-                result = run()
-            state = "failed" if result is False else "skipped" if result == "skipped" else "ok"
-        except (StepTimeout, subprocess.TimeoutExpired) as exc:
-            state = f"timeout ({exc})"
-        except Exception as exc:  # recorded, and the report goes on
-            state = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-            traceback.print_exc()
-        report["steps"].append({"step": name, "status": state, "seconds": time.perf_counter() - t0})
-        print(f"  -> {state}", flush=True)
-        if name == "correctness" and state != "ok":
-            status = 1
-            break  # timings of wrong kernels mean nothing
-        if state not in ("ok", "skipped"):
-            status = 1
-        if plan.device.type == "cuda":
-            torch.cuda.empty_cache()
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    print(f"results go to {out_dir}/report.json and report.md (rewritten after every step)", flush=True)
+    report = {"machine": machine(args.cpu), "mode": "cpu (interpreter)" if args.cpu else "gpu", "steps": [],
+              "results": {}}
+    steps = [s for s in STEPS if s.name in wanted]
+    for s in steps:
+        report["steps"].append({"step": s.name, "status": "pending", "seconds": 0.0, "needs": list(s.needs)})
+    write_report(report, out_dir)
+    started, status = time.perf_counter(), 0
+    for entry, step in zip(report["steps"], steps):
+        later = steps[steps.index(step) + 1:]
+        left = args.budget_s - (time.perf_counter() - started) - sum(s.reserve_s for s in later if not args.cpu)
+        limit = min(step.cpu_limit_s if args.cpu else step.gpu_limit_s, left, args.max_step_s or math.inf)
+        if step.cpu_skip and args.cpu:
+            entry["status"] = f"skipped on the CPU ({step.cpu_skip})"
+        elif limit < 10:
+            entry["status"], status = "skipped (time budget spent)", 1
+        else:
+            print(f"[{step.name}] (limit {limit:.0f} s)", flush=True)
+            entry["status"], entry["seconds"] = run_child(step, args.cpu, out_dir, limit)
+            collect(report, step, out_dir)
+            print(f"  -> {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
+            if entry["status"] != "ok":
+                status = 1
+        failed_needs = [n for n in step.needs if any(e["step"] == n and e["status"] != "ok" for e in report["steps"])]
+        if failed_needs:
+            entry["unverified"] = f"{', '.join(failed_needs)} did not pass: these numbers may be of wrong kernels"
+        write_report(report, out_dir)
     print(f"results in {out_dir}/report.json and report.md", flush=True)
     return status
 

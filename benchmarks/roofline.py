@@ -60,6 +60,34 @@ def launches(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
     ]
 
 
+# The Triton kernels behind each experts' launch of `launches`, as (kernel, occurrence) in the order one forward +
+# backward of `lora_experts` runs them: the expand kernel serves the forward expand and dx, the segment kernels dB
+# (first: the dy side runs before the x side) and dA. The base and glue launches are timed by the report itself.
+KERNELS = {
+    "shrink (token-major)": (("_shrink_kernel", 0),),
+    "expand, added into base in place": (("_expand_kernel", 0),),
+    "dy pass: dh, d gates, g*dh": (("_dy_pass_kernel", 0),),
+    "dB: segment partials + fixed-order sum": (("_segment_partial_kernel", 0), ("_sum_pieces_kernel", 0)),
+    "dx = expand of g*dh through A^T": (("_expand_kernel", 1),),
+    "dA: segment partials + fixed-order sum": (("_segment_partial_kernel", 1), ("_sum_pieces_kernel", 1)),
+}
+
+
+def measured_per_launch(spans: list[tuple[str, float]]) -> dict[str, float]:
+    """Timed spans [(kernel or launch name, us)] in launch order -> {launch name of `launches`: us}.
+
+    Kernels are matched to launches through KERNELS by occurrence; a span already named after a launch (the base
+    GEMMs, the glue add) is taken as it is. A launch with a missing kernel is left out, never guessed."""
+    seen: dict[str, list[float]] = {}
+    for name, us in spans:
+        seen.setdefault(name, []).append(us)
+    out = {name: times[0] for name, times in seen.items() if name not in {k for ks in KERNELS.values() for k, _ in ks}}
+    for launch, parts in KERNELS.items():
+        if all(len(seen.get(kernel, ())) > i for kernel, i in parts):
+            out[launch] = sum(seen[kernel][i] for kernel, i in parts)
+    return out
+
+
 def seconds(launch: Launch, card: str) -> float:
     flops, bandwidth = CARDS[card]
     return max(launch.flops / flops, launch.bytes / bandwidth)

@@ -18,9 +18,14 @@ def autotuning() -> bool:
     return os.environ.get("CUMA_AUTOTUNE", "1") != "0" and not interpreting()
 
 
-def tune_configs(gpu_configs: list[dict], default: dict, num_warps: int = 4) -> list[triton.Config]:
-    """All `gpu_configs` when autotuning, else only `default` (one config: the interpreter's limit)."""
-    chosen = gpu_configs if autotuning() else [default]
+def tune_configs(gpu_configs: list[dict], interpreter_default: dict, num_warps: int = 4) -> list[triton.Config]:
+    """All `gpu_configs` when autotuning; with autotuning off, one config (the interpreter's limit): the first GPU
+    config on a GPU, so CUMA_AUTOTUNE=0 runs tiles production uses, and `interpreter_default` under the interpreter
+    (small tiles keep it fast)."""
+    if autotuning():
+        chosen = gpu_configs
+    else:
+        chosen = [interpreter_default if interpreting() else gpu_configs[0]]
     configs = []
     for cfg in chosen:
         meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
