@@ -191,10 +191,10 @@ def export_run(a: argparse.Namespace, **given) -> dict:
     return result
 
 
-def _scores(model, tokenizer, examples, z, args, batch_size, letter_ids) -> list[np.ndarray]:
+def _scores(model, tokenizer, examples, z, args, batch_size, letter_ids, progress=False) -> list[np.ndarray]:
     prompts = render_prompts(tokenizer, examples, profile_in_prompt=args.profile_in_prompt)
     return E.score_choices(model, tokenizer, prompts, [e.letters for e in examples], demographic_embeds=z,
-                           batch_size=batch_size, letter_ids=letter_ids, progress=False)
+                           batch_size=batch_size, letter_ids=letter_ids, progress=progress)
 
 
 def fidelity_metrics(examples, logits: Sequence[np.ndarray], exact: Sequence[np.ndarray]) -> dict:
@@ -219,7 +219,7 @@ def evaluate_export(a, args, model, tokenizer, encoder, splits, groups, names, r
         raise ValueError("no evaluation answer belongs to an exported group")
     letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in covered for l in e.letters}))
     t = time.perf_counter()
-    exact = _scores(model, tokenizer, covered, _z(encoder, covered), args, a.batch_size, letter_ids)
+    exact = _scores(model, tokenizer, covered, _z(encoder, covered), args, a.batch_size, letter_ids, progress=True)
     report = {"n_eval": len(pool), "n_covered": len(covered), "exact": fidelity_metrics(covered, exact, exact)}
     base = cuma_model.unpatch_model(model)
     by_group = defaultdict(list)
