@@ -47,7 +47,7 @@ def write_adapter(model, directory: str | Path) -> None:
     (directory / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "peft_type": PEFT_TYPE_NAME}))
     (directory / CONFIG_NAME).write_text(handle_of(model).config.to_json())
     _refuse_special_file(directory / MODEL_CARD_NAME)
-    write_card(directory, handle_of(model).config, into_existing=False)
+    write_card(directory, handle_of(model).config, into_existing=False)  # a card of ours: its section replaced
 
 
 def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Path:
@@ -76,11 +76,13 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
         card = directory / MODEL_CARD_NAME
         _refuse_special_file(card)
         if peft_model is None:
-            users_card = card.is_file() and CARD_MARKER not in card.read_text(encoding="utf-8", errors="replace")
+            text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
 
             def build_plain(tmp: Path) -> None:
-                write_adapter(model, tmp)
-                if users_card:  # theirs, carried over by `keep`
+                if text is not None and CARD_MARKER in text:  # ours, perhaps with the user's text around it
+                    (tmp / MODEL_CARD_NAME).write_text(text, encoding="utf-8")
+                write_adapter(model, tmp)  # replaces the section only
+                if text is not None and CARD_MARKER not in text:  # theirs, carried over by `keep`
                     (tmp / MODEL_CARD_NAME).unlink()
 
             return replace_folder(directory, build_plain, keep=keep)

@@ -7,10 +7,12 @@ the layer runs and re-activates them for the replay, so recomputation routes wit
 
 The stacks live in a `threading.local`: threads keep their conditioning apart, and torch.compile traces reads and
 writes of it (it cannot trace context variables), so a compiled forward, z and all, is one graph. A `conditioning`
-block also reaches threads that have none of their own while it is open (the streaming recipe: `generate` in a
-worker thread, the block around it), as long as it is the model's only open block in the process; with blocks
-open in several threads, a thread without its own is refused rather than given a guess. A block is per thread, not
-per asyncio task: do not hold one open across an `await` that lets another task run the same model.
+block opened with `share_with_threads=True` also reaches threads that have none of their own while it is open (the
+streaming recipe: `generate` in a worker thread, the block around it), as long as it is the model's only shared
+block in the process; with shared blocks open in several threads, a thread without its own is refused rather than
+given a guess. Sharing is asked for, never the default: a server thread that forgot its z must be refused, not
+routed with another request's. A block is per thread, not per asyncio task: do not hold one open across an
+`await` that lets another task run the same model.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class _Stacks(threading.local):
 
 
 _STACKS = _Stacks()
-_OPEN_BLOCKS: list = []  # (owner, z, thread id) of every open `conditioning` block, in any thread
+_OPEN_BLOCKS: list = []  # (owner, z, thread id) of every open `conditioning(..., share_with_threads=True)`
 _OPEN_BLOCKS_LOCK = threading.Lock()
 
 
@@ -140,32 +142,37 @@ def pending_embeds(owner, batch: int | None = None) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def conditioning(model, demographic_embeds: torch.Tensor):
+def conditioning(model, demographic_embeds: torch.Tensor, share_with_threads: bool = False):
     """Condition every forward (and generate) of `model` inside the block on `demographic_embeds` [batch, D].
 
-    For code paths that cannot pass `demographic_embeds=` themselves. An explicit keyword still wins.
+    For code paths that cannot pass `demographic_embeds=` themselves. An explicit keyword still wins. With
+    `share_with_threads`, threads with no block of their own see this one while it is open (a worker thread
+    running `generate` for a streamer), unless shared blocks of the model are open in several threads.
     """
     owner = _owner_of(model)
     entry = (owner, demographic_embeds, threading.get_ident())
-    with _OPEN_BLOCKS_LOCK:
-        _OPEN_BLOCKS.append(entry)
+    if share_with_threads:
+        with _OPEN_BLOCKS_LOCK:
+            _OPEN_BLOCKS.append(entry)
     try:
         with _pending(owner, demographic_embeds, per_row_copies=False):
             yield model
     finally:
-        with _OPEN_BLOCKS_LOCK:  # by identity: comparing entries would compare their tensors
-            del _OPEN_BLOCKS[next(i for i, e in enumerate(_OPEN_BLOCKS) if e is entry)]
+        if share_with_threads:
+            with _OPEN_BLOCKS_LOCK:  # by identity: comparing entries would compare their tensors
+                del _OPEN_BLOCKS[next(i for i, e in enumerate(_OPEN_BLOCKS) if e is entry)]
 
 
 def _open_block_elsewhere(owner) -> torch.Tensor | None:
-    """The z of the one `conditioning` block of `owner` open in another thread (a worker started inside it)."""
+    """The z of the one shared `conditioning` block of `owner` open in another thread (a worker started in it)."""
     if not _OPEN_BLOCKS:  # the common case, read without the lock
         return None
     with _OPEN_BLOCKS_LOCK:
         blocks = [(z, thread) for o, z, thread in _OPEN_BLOCKS if o is owner]
     if len({thread for _, thread in blocks}) > 1:
-        raise ValueError("conditioning blocks of this model are open in several threads, and this thread has none "
-                         "of its own: pass demographic_embeds=z to the call (or open the block in this thread)")
+        raise ValueError("shared conditioning blocks of this model are open in several threads, and this thread "
+                         "has none of its own: pass demographic_embeds=z to the call (or open the block in this "
+                         "thread)")
     return blocks[-1][0] if blocks else None
 
 

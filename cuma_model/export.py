@@ -37,9 +37,9 @@ LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 def average_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Each router's gates averaged over the tokens of `batches`: {router key: g [E] float64, summing to ~1}.
 
-    `batches` yields the keyword arguments of one forward each: `input_ids` [B, S], `attention_mask` [B, S],
-    `demographic_embeds` [B, D] (and anything else the model takes, such as `position_ids` for left padding);
-    padding (mask 0) is left out of the average. `model` is a patched model (or a PeftModel holding CuMA).
+    `batches` yields the keyword arguments of one forward each: `input_ids` [B, S], `attention_mask` [B, S]
+    (optional), `demographic_embeds` [B, D] (and anything else the model takes, such as `position_ids` for left
+    padding); padding (mask 0) is left out of the average. `model` is a patched model (or a PeftModel holding CuMA).
     """
     handle = handle_of(model)
     totals = {key: torch.zeros(router.num_experts, dtype=torch.float64) for key, router in handle.routers.items()}
@@ -50,7 +50,8 @@ def average_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         for kwargs in batches:
             with record_routing(model) as trace:
                 model(**kwargs)
-            keep = kwargs["attention_mask"].bool().cpu()
+            mask = kwargs.get("attention_mask")
+            keep = (mask if mask is not None else torch.ones_like(kwargs["input_ids"])).bool().cpu()
             for record in trace.records:
                 idx, w = record.topk_idx[keep], record.topk_weights[keep].double()  # [tokens, k]
                 gates = torch.zeros(idx.shape[0], totals[record.router_key].shape[0], dtype=torch.float64)

@@ -1,8 +1,9 @@
 """The README.md saved with an adapter: what a CuMA adapter is, what loading it needs, how z is made, its options.
 
-A card of ours carries a marker, so a later save replaces its own section and nothing else: in a folder written by
-`cuma_model.save_pretrained` a README.md without the marker is the user's and is left alone; in one written by
-PEFT's `save_pretrained` the section goes into PEFT's card (which PEFT creates or updates first).
+The section carries markers, so a later save replaces the section and nothing else of the card: in a folder written
+by `cuma_model.save_pretrained` a README.md without the markers is the user's and is left alone, and one with them
+keeps whatever the user added around the section; in one written by PEFT's `save_pretrained` the section goes into
+PEFT's card (which PEFT creates or updates first).
 """
 from __future__ import annotations
 

@@ -271,8 +271,9 @@ def _warn_if_frozen_after_patching(handle) -> None:
     usual cause is a PEFT adapter (LoRA) added after patching, which freezes every parameter without its prefix."""
     if not handle.trainable or not torch.is_grad_enabled():
         return
-    params = [p for layer in handle.layers.values() for p in (layer.cuma_A, layer.cuma_B)]
-    if any(p.requires_grad for p in params + [p for m in handle.routing_modules() for p in m.parameters()]):
+    experts = (p for layer in handle.layers.values() for p in (layer.cuma_A, layer.cuma_B))
+    routers = (p for module in handle.routing_modules() for p in module.parameters())
+    if any(p.requires_grad for p in experts) or any(p.requires_grad for p in routers):
         return
     handle.warned_frozen = True
     warnings.warn("the CuMA adapter has no trainable parameter left, though patching made it trainable: a PEFT "

@@ -61,9 +61,10 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         elif any(True for _ in module.parameters(recurse=False)):
             refused.append(f"{name} ({type(module).__name__})")
     if wrapped:
-        raise ValueError(f"{wrapped[:4]} already wrapped by a PEFT adapter: CuMA adapts plain linear layers. Patch "
-                         "the base model first and add the other adapter on other modules after it, target other "
-                         "modules, or merge the other adapter into the base first (merge_and_unload())")
+        raise ValueError(f"{wrapped[:4]} already wrapped by a PEFT adapter: CuMA adapts plain linear layers. Give "
+                         "CuMA other modules (with the other adapter added first, patch_model(peft_model, "
+                         "target_modules=[...]) keeps both trainable), or merge the other adapter into the base "
+                         "first (merge_and_unload())")
     if refused:
         raise ValueError(f"target_modules={config.target_modules!r} matches modules CuMA cannot adapt: "
                          f"{refused[:4]}; it adapts nn.Linear and Conv1D layers only")

@@ -445,7 +445,7 @@ def test_streaming_from_a_worker_thread(how):
     with torch.no_grad():
         direct = model.generate(**kw, demographic_embeds=z)
     expected = tok.decode(direct[0, kw["input_ids"].shape[1]:], skip_special_tokens=True)
-    with cuma_model.conditioning(model, z):  # held open around the worker, as in the recipe
+    with cuma_model.conditioning(model, z, share_with_threads=how == "block"):  # around the worker, as in the recipe
         text, failure = _streamed(model, tok, kw if how == "block" else {**kw, "demographic_embeds": z})
     assert not failure and text == expected
     other, _ = _streamed(model, tok, {**kw, "demographic_embeds": -z})
@@ -459,7 +459,7 @@ def test_blocks_open_in_several_threads_are_not_guessed_between():
     opened, release = threading.Event(), threading.Event()
 
     def other_thread():
-        with cuma_model.conditioning(model, torch.randn(1, D)):
+        with cuma_model.conditioning(model, torch.randn(1, D), share_with_threads=True):
             opened.set()
             release.wait(timeout=60)
 
@@ -467,13 +467,21 @@ def test_blocks_open_in_several_threads_are_not_guessed_between():
     holder.start()
     opened.wait(timeout=60)
     try:
-        with cuma_model.conditioning(model, torch.randn(1, D)):
+        with cuma_model.conditioning(model, torch.randn(1, D), share_with_threads=True):
             text, failure = _streamed(model, tok, kw)  # a third thread, with no block of its own
     finally:
         release.set()
         holder.join(timeout=60)
     assert text == "" and "open in several threads" in str(failure[0])
     assert not cuma_model.context._OPEN_BLOCKS  # every block closed
+
+
+def test_a_block_stays_in_its_thread_unless_shared():
+    """A server thread that forgot its z is refused, never routed with the z another request's block holds."""
+    model, tok, kw = _streaming_setup()
+    with cuma_model.conditioning(model, torch.randn(1, D)):
+        text, failure = _streamed(model, tok, kw)
+    assert text == "" and "missing conditioning" in str(failure[0])
 
 
 def test_a_failing_streamed_generate_ends_the_stream():

@@ -38,6 +38,16 @@ def test_every_save_writes_a_card_naming_the_base_model(tmp_path, path):
     assert (tmp_path / "README.md").read_text().count(BEGIN) == 1
 
 
+def test_text_the_user_adds_around_the_section_is_kept(tmp_path):
+    model = cuma_model.patch_model(tiny_decoder("llama"), config())
+    cuma_model.save_pretrained(model, tmp_path)
+    card = tmp_path / "README.md"
+    card.write_text(card.read_text() + "\n## My results\n\n72% on my survey.\n")
+    cuma_model.save_pretrained(model, tmp_path)
+    text = card.read_text()
+    assert "## My results" in text and "72% on my survey." in text and text.count(BEGIN) == 1
+
+
 def test_a_users_own_readme_in_the_folder_is_kept(tmp_path):
     (tmp_path / "README.md").write_text("# my notes\n")
     model = cuma_model.patch_model(tiny_decoder("llama"), config())

@@ -1,5 +1,7 @@
 """Stock transformers.Trainer on a patched model: z as a dataset column, bf16, the aux loss logged and weighted
 once per batch under gradient accumulation."""
+import warnings
+
 import datasets
 import pytest
 import torch
@@ -210,13 +212,31 @@ def test_routing_stats_count_each_token_once_per_router(tmp_path):
     assert [logged[f"expert_load/{e}"] for e in range(4)] == pytest.approx(expected, abs=1e-6)
 
 
-def test_usage_trainer_example_with_checkpoints_is_refused_up_front(tmp_path):
+def test_checkpoints_trainer_cannot_resume_are_named_up_front(tmp_path):
     """usage.md's Trainer example (patch_model, CuMACallback) with save_steps: Trainer could not resume from its
-    checkpoints, so it is refused when Trainer is created, and the message gives the fix."""
+    checkpoints, so Trainer's creation warns with the fix, and a run that asks to resume is refused."""
     model = patched()
     args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
-    with pytest.raises(ValueError, match="get_peft_model"):
+    with pytest.warns(UserWarning, match="cannot be resumed.*get_peft_model"):
         Trainer(model=model, args=args, train_dataset=rows(), data_collator=default_data_collator,
                 callbacks=[CuMACallback()])
-    Trainer(model=model, args=arguments(tmp_path), train_dataset=rows(), data_collator=default_data_collator,
-            callbacks=[CuMACallback()])  # no checkpoints: accepted
+    resume = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
+                       resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    with pytest.raises(ValueError, match="cannot resume from .*get_peft_model"):
+        Trainer(model=model, args=resume, train_dataset=rows(), data_collator=default_data_collator,
+                callbacks=[CuMACallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Trainer(model=model, args=arguments(tmp_path), train_dataset=rows(), data_collator=default_data_collator,
+                callbacks=[CuMACallback()])  # no checkpoints: nothing to say
+
+
+def test_a_lora_with_cuma_inside_is_named_as_dropping_cuma_from_checkpoints(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_decoder("llama"), LoraConfig(target_modules=["o_proj"]))
+    cuma_model.patch_model(model, num_experts=4, top_k=2, r=4, demographic_dim=D)
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    with pytest.warns(UserWarning, match="without CuMA's tensors"):
+        Trainer(model=model, args=args, train_dataset=rows(), data_collator=default_data_collator,
+                callbacks=[CuMACallback()])

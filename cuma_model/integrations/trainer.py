@@ -28,8 +28,10 @@ class CuMACallback(TrainerCallback):
       slots over all routers; 1 / num_experts each is balanced), padding left out.
     - Under TRL's trainers, which compute their loss from the backbone, it also gives the model the gradient
       accumulation steps that weight the aux loss there.
-    - A model patched with `patch_model` (not a PEFT model) with Trainer checkpoints on is refused when Trainer is
-      created: Trainer resumes only PEFT models from the adapter folders a CuMA model saves.
+    - Trainer resumes only PEFT models from an adapter folder, and saves a PeftModel of another method (a LoRA with
+      CuMA patched inside it) without CuMA's tensors. With Trainer checkpoints on, either model gets a warning when
+      Trainer is created, and is refused when its arguments ask to resume (`resume_from_checkpoint`); the message
+      says what works instead.
     """
 
     def __init__(self, routing_stats: bool = False):
@@ -39,7 +41,7 @@ class CuMACallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
         if model is not None:
-            _refuse_unresumable_checkpoints(args, model)
+            _check_checkpoints(args, model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
@@ -95,18 +97,30 @@ def _move_to_front(callback: TrainerCallback) -> None:
         del frame
 
 
-def _refuse_unresumable_checkpoints(args, model) -> None:
+def _check_checkpoints(args, model) -> None:
+    """Warn of Trainer checkpoints that cannot resume the CuMA adapter, and refuse them when the run asks to resume."""
+    import warnings
+
     from peft import PeftModel
 
+    from ..checkpoint import is_cuma_peft_model
+
     found = patched_submodule(model)
-    if found is None or isinstance(model, PeftModel) or args.save_strategy == "no":
+    if found is None or is_cuma_peft_model(model) or args.save_strategy == "no":
         return
-    raise ValueError(
-        "Trainer cannot resume from the checkpoints of a model patched with cuma_model.patch_model: it saves the "
-        "adapter, and Trainer resumes only PEFT models from an adapter folder. Build the model with "
-        "peft.get_peft_model(base_model, cuma_model.CuMAConfig(..., task_type='CAUSAL_LM')) instead (it computes "
-        "exactly what patch_model computes, and resumes exactly), or set save_strategy='no' and save with "
-        "trainer.save_model(folder) (cuma_model.from_pretrained loads it)")
+    if isinstance(model, PeftModel):
+        why = ("Trainer saves this PeftModel (another PEFT method, with CuMA patched inside it) without CuMA's "
+               "tensors, so its checkpoints cannot resume CuMA. Save CuMA's adapter yourself "
+               "(cuma_model.save_pretrained(model, folder)), or give Trainer a model that is CuMA's own PeftModel")
+    else:
+        why = ("Trainer resumes only PEFT models from the adapter folders a model patched with "
+               "cuma_model.patch_model saves. Build the model with peft.get_peft_model(base_model, "
+               "cuma_model.CuMAConfig(..., task_type='CAUSAL_LM')) instead (it computes exactly what patch_model "
+               "computes, and resumes exactly), or set save_strategy='no' and save with trainer.save_model(folder) "
+               "(cuma_model.from_pretrained loads it)")
+    if getattr(args, "resume_from_checkpoint", None):
+        raise ValueError(f"cannot resume from {args.resume_from_checkpoint}: {why}")
+    warnings.warn(f"these Trainer checkpoints cannot be resumed: {why}", stacklevel=2)
 
 
 def add_demographic_embeds(dataset, encoder, text_column: str = "profile", batch_size: int = 256):

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cuma_model
+from cuma_model.atomic import replace_folder
 from cuma_model.export import average_gates, static_lora_factors, write_lora
 
 from . import evaluate as E
@@ -102,11 +103,9 @@ def _load_run(run_dir: Path, model=None, tokenizer=None, encoder=None, examples=
     if model is None:
         model, tokenizer = T.load_model_and_tokenizer(args.model, args.gguf_file)
     model = cuma_model.from_pretrained(model, final, is_trainable=False).eval()
-    if encoder is not None:
-        pass
-    elif (final / FIELD_ENCODER_NAME).is_file():
+    if encoder is None and (final / FIELD_ENCODER_NAME).is_file():
         encoder = FieldEncoder.from_json(json.loads((final / FIELD_ENCODER_NAME).read_text()))
-    else:
+    elif encoder is None:
         from .encoder import DemographicEncoder
 
         encoder = DemographicEncoder(args.encoder)
@@ -173,17 +172,19 @@ def export_run(a: argparse.Namespace, **given) -> dict:
     calibrate_s = time.perf_counter() - t
     base_name = model.cuma.config.base_model_name_or_path
     for rank in ranks:
-        folder = out / f"rank-{rank or 'full'}"
-        entries = []
-        for key, rows in groups.items():
-            write_lora(model, static_lora_factors(model, gates[key], rank), folder / names[key])
-            entries.append({"adapter": names[key], "group": key, "calibration_prompts": len(rows)})
+        entries = [{"adapter": names[key], "group": key, "calibration_prompts": len(rows)}
+                   for key, rows in groups.items()]
         manifest = {"run": str(run_dir), "base_model": base_name, "group_by": dims or "profile",
                     "rank": rank or "full", "groups": entries,
                     "how": "each router's gates averaged over the group's calibration prompts (each with its own z);"
                            " the experts' updates under those gates as one LoRA per layer"}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+        def build(tmp: Path) -> None:  # the rank's folder as a unit: no group of an earlier export is left in it
+            for key in groups:
+                write_lora(model, static_lora_factors(model, gates[key], rank), tmp / names[key])
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+        folder = replace_folder(out / f"rank-{rank or 'full'}", build)
         print(f"wrote {len(entries)} LoRA adapters of rank {rank or 'full'} to {folder}")
     result = {"groups": len(groups), "calibrate_s": calibrate_s, "output": str(out)}
     if a.evaluate:
@@ -209,6 +210,8 @@ def fidelity_metrics(examples, logits: Sequence[np.ndarray], exact: Sequence[np.
 
 
 def evaluate_export(a, args, model, tokenizer, encoder, splits, groups, names, ranks, out: Path) -> dict:
+    """Score the evaluation answers exactly, then through each rank's adapters. `model` is unpatched on the way:
+    the adapters are loaded onto its base, as a server would."""
     from peft import PeftModel
 
     pool = splits.eval
