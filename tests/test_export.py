@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 import cuma_model
-from cuma_model.export import _truncate, average_gates, export_lora, static_lora_factors, write_lora
+from cuma_model.static_lora import _truncate, average_gates, export_lora, static_lora_factors, write_lora
 from test_architectures import build
 from tiny_models import randomize_experts
 

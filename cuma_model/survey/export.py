@@ -4,7 +4,7 @@
 
 reads the run's `final/` adapter and options, rebuilds its data splits, and for each group (the distinct values of
 `--group-by`'s dimensions, or each distinct profile without it) averages the routers' gates over up to
-`--calibration-prompts` of the group's training prompts, each with its own z (`cuma_model.export`). Written:
+`--calibration-prompts` of the group's training prompts, each with its own z (`cuma_model.static_lora`). Written:
 `<output>/rank-<R>/<group>/` (PEFT LoRA folders that vLLM, SGLang, LoRAX, TGI and PEFT load) and
 `<output>/rank-<R>/manifest.json` (which folder is which group). `full` keeps every expert (exact for the averaged
 gates); a number truncates each layer's update to that rank by SVD.
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import cuma_model
 from cuma_model.atomic import replace_folder
-from cuma_model.export import average_gates, static_lora_factors, write_lora
+from cuma_model.static_lora import average_gates, static_lora_factors, write_lora
 
 from . import evaluate as E
 from . import metrics as M
