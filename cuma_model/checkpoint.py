@@ -15,7 +15,7 @@ import torch
 
 from .atomic import exclusive_lock, is_own_leftover, recover_folder, replace_folder, resolve_folder
 from .config import CONFIG_NAME, LEGACY_PEFT_TYPE_NAME, PEFT_TYPE_NAME
-from .handle import handle_of
+from .handle import handle_of, inside_peft
 from .model_card import BEGIN as CARD_MARKER, MODEL_CARD_NAME, write_card
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,9 +62,7 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
     directory = Path(directory)
     resolve_folder(directory)  # refuse a folder no save can replace before anything is touched
     peft_model = model if is_cuma_peft_model(model) else None
-    patched = peft_model.get_base_model() if peft_model is not None else model
-    if peft_model is None and _is_peft_model(model):  # CuMA patched inside another PEFT method's model (a LoRA)
-        model = patched = model.get_base_model()
+    patched = inside_peft(model)  # inside CuMA's PeftModel, or another PEFT method's (a LoRA beside CuMA)
     # the adapter files are replaced, everything else is the user's, except what an interrupted write of ours left
     keep = lambda name: name not in ADAPTER_FILES and not is_own_leftover(name)
     with exclusive_lock(directory):  # held from the check to the swap: another save cannot slip in between
@@ -81,7 +79,7 @@ def save_pretrained(model, directory: str | Path, overwrite: bool = False) -> Pa
             def build_plain(tmp: Path) -> None:
                 if text is not None and CARD_MARKER in text:  # ours, perhaps with the user's text around it
                     (tmp / MODEL_CARD_NAME).write_text(text, encoding="utf-8")
-                write_adapter(model, tmp)  # replaces the section only
+                write_adapter(patched, tmp)  # replaces the section only
                 if text is not None and CARD_MARKER not in text:  # theirs, carried over by `keep`
                     (tmp / MODEL_CARD_NAME).unlink()
 

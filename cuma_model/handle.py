@@ -77,6 +77,16 @@ def handle_of(model: nn.Module) -> CuMAHandle:
     return handle
 
 
+def inside_peft(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel (of another method, say a LoRA on other modules, which CuMA joins: the
+    PeftModel's forward reaches it with every keyword, `demographic_embeds` included); any other model itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def patched_submodule(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(qualified name, module) of the CuMA-patched model inside `model` (itself, or wrapped by PEFT, DDP or
     accelerate), or None. It is the module that holds the handle, not one that forwards `.cuma` (a PeftModel)."""

@@ -23,10 +23,10 @@ from .context import (
     pending_embeds,
     wrap_checkpoint_function,
 )
-from .handle import CuMAHandle, handle_of
+from .handle import CuMAHandle, handle_of, inside_peft
 from .layer import CuMALinear
 from .router import DemographicProjection, DemographicRouter, demographic_statistics
-from .targets import execution_device, features, find_targets
+from .targets import execution_device, features, find_targets, wrapped_by_peft
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -46,7 +46,7 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
         raise TypeError(f"patch_model takes a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
     if getattr(model, "cuma", None) is not None:
         raise ValueError("model is already patched with CuMA")
-    wrapper, model = model, _inside_peft(model)
+    wrapper, model = model, inside_peft(model)
     config = dataclasses.replace(config, **config_kwargs) if config is not None else CuMAConfig(**config_kwargs)
     if config.base_model_name_or_path is None:  # provenance, for the saved config and its model card
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -62,16 +62,6 @@ def patch_model(model: nn.Module, config: CuMAConfig | None = None, **config_kwa
         raise
     model.cuma = handle
     return wrapper
-
-
-def _inside_peft(model: nn.Module) -> nn.Module:
-    """The model inside a PeftModel of another method (a LoRA on other modules, say), which CuMA joins: the
-    PeftModel's forward reaches it with every keyword, `demographic_embeds` included."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
@@ -113,13 +103,9 @@ def _inject(model: nn.Module, handle: CuMAHandle, targets) -> None:
 
 def _other_adapters_parameters(model: nn.Module) -> set[str]:
     """Names of the parameters of other PEFT adapters in `model` (inside a tuner layer, outside its base layer)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return set()
     names = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
+        if wrapped_by_peft(module):
             for child, sub in module.named_children():
                 if child != "base_layer":
                     names.update(f"{prefix}.{child}.{n}" for n, _ in sub.named_parameters())
@@ -354,8 +340,13 @@ class AdapterSave:
         return save_pretrained(self.model, save_directory)
 
 
+def _inputs_of(args, kwargs):
+    """The call's input_ids (or inputs_embeds), keyword or first positional argument."""
+    return kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+
+
 def _batch_of(args, kwargs) -> int | None:
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    inputs = _inputs_of(args, kwargs)
     if inputs is None:  # an encoder-decoder's decoder step in generate: its rows are the beams
         inputs = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds"))
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
@@ -373,7 +364,7 @@ def _signature_with_embeds(fn) -> inspect.Signature:
 
 def _check_token_weights(weights, args, kwargs) -> None:
     """aux_token_weights: one finite, non-negative weight per input token ([batch, seq])."""
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    inputs = _inputs_of(args, kwargs)
     shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
     if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or (shape is not None and weights.shape != shape):
         got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
@@ -438,7 +429,7 @@ def _check_finite(z: torch.Tensor) -> None:
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo patch_model in place: the base layers, the base forward (and any forward the instance had before) and the
     base's requires_grad flags come back, adapters and routers go."""
-    wrapper, model = model, _inside_peft(model)
+    wrapper, model = model, inside_peft(model)
     handle = handle_of(model)
     _restore(model, handle)
     del model.cuma
@@ -488,7 +479,7 @@ def from_pretrained(model, directory: str | Path, is_trainable: bool = True):
     recover_folder(directory)
     config = CuMAConfig.load(directory)
     tensors = read_adapter_weights(directory)
-    wrapper, model = model, _inside_peft(model)
+    wrapper, model = model, inside_peft(model)
     patch_model(model, config)
     try:
         load_adapter_tensors(model, tensors, directory, requires_grad=is_trainable)

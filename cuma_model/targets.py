@@ -39,7 +39,7 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
 
 
-def _wrapped_by_peft(module: nn.Module) -> bool:
+def wrapped_by_peft(module: nn.Module) -> bool:
     """A layer that a PEFT adapter (LoRA, ...) already replaced with its own wrapper of the base layer."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -54,7 +54,7 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or not config.matches(name):
             continue
-        if _wrapped_by_peft(module):
+        if wrapped_by_peft(module):
             wrapped.append(f"{name} ({type(module).__module__.split('.')[-2]})")
         elif isinstance(module, ADAPTABLE):
             targets.append((name, module))

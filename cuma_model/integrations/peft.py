@@ -101,10 +101,9 @@ class CuMAModel(BaseTuner):
             )
         if low_cpu_mem_usage:
             raise ValueError("CuMA adapters are created with their weights (low_cpu_mem_usage=True is not supported)")
-        if config.base_model_name_or_path is None:
-            name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-            config.base_model_name_or_path = str(name) if name else None
         patch_model(model, config)
+        if config.base_model_name_or_path is None:  # PEFT saves its own copy: give it the name patch_model found
+            config.base_model_name_or_path = handle_of(model).config.base_model_name_or_path
         try:
             if weights_dir is not None and (Path(weights_dir) / "adapter_model.safetensors").is_file():
                 from ..checkpoint import canonical_names, check_adapter_tensors, read_adapter_weights
