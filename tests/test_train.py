@@ -470,6 +470,20 @@ def test_question_split_keeps_heldout_answers_out_of_training_and_the_floors(tmp
     assert qm["nll"] == pytest.approx(np.log(3)) and qm["calibrated"]["temperature"] > 0
 
 
+@pytest.mark.parametrize("method", ["lora", "cuma"])
+def test_the_base_model_answers_held_out_questions_as_a_floor(tmp_path, method):
+    """The frozen base model's floor is exactly what --method base scores on the same split."""
+    split = dict(split="question", heldout_questions=["parks"], calibration_examples=10, z_permutation=False)
+    res = T.train(options(tmp_path, method=method, max_steps=3, **split), **parts())
+    base = T.train(options(tmp_path, method="base", output_dir=str(tmp_path / "base"), **split), **parts())
+    floor = res["floors"][T.BASE_FLOOR]
+    for key in ("nll", "brier", "accuracy"):
+        assert floor[key] == pytest.approx(base["metrics"][key], rel=1e-5), key
+    assert floor["calibrated"]["temperature"] == pytest.approx(base["metrics"]["calibrated"]["temperature"], rel=1e-4)
+    assert res["metrics"]["nll"] != pytest.approx(floor["nll"], rel=1e-6)  # the adapter itself was scored too
+    assert T.BASE_FLOOR in res["paired"] and f"{T.BASE_FLOOR}~sampled" in res["sampled_floors"]
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--heldout-questions", "roads"], "add --split question"),
     (["--split", "question", "--heldout-question-count", "0"], "--heldout-question-count must be >= 1"),

@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -81,6 +82,7 @@ from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
 from cuma_model.survey import splits as S
+from cuma_model.survey.selection import BestOnValidation
 from cuma_model.survey.field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from cuma_model.survey.run_checkpoint import (
     CHECKPOINT_RE,
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each respondent); 0 = all")
     g.add_argument("--max-length", type=int, default=256,
                    help=f"prompts longer than this (tokens) are left-truncated, the profile first (a warning counts "
-                        f"them when more than {TRUNCATION_WARN_SHARE:.0%} are); at least {MIN_MAX_LENGTH}")
+                        f"them when more than {TRUNCATION_WARN_SHARE:.0%}% are); at least {MIN_MAX_LENGTH}")
     g.add_argument("--objective", choices=OBJECTIVES, default="answer",
                    help="answer: each respondent's own answer (cross-entropy, the published objective); "
                         "distribution: one example per (group, question) of the training split, its target the "
@@ -243,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-examples", type=int, default=500,
                    help="validation answers (a seeded subset) the method and every floor are also scored on, to fit "
                         "each one temperature for the calibrated proper scores (0: no temperature scaling)")
+    g.add_argument("--select-every", type=int, default=0, metavar="N",
+                   help="score the --calibration-examples validation answers every N optimizer steps and at the "
+                        "last, and keep the adapter of the step with the lowest validation NLL (final/ holds it; "
+                        "metrics.json's train.selection lists every score); 0: keep the last step's adapter")
     g.add_argument("--no-z-permutation", dest="z_permutation", action="store_false",
                    help="cuma: skip the permutation test (the evaluation answers scored again with z shuffled "
                         "across respondents; one more scoring pass)")
@@ -301,7 +307,7 @@ def validate_args(args: argparse.Namespace) -> None:
                          f"the answer position (prompts are left-truncated to it); use at least {MIN_MAX_LENGTH} "
                          "(the default 256 keeps whole prompts on the built-in surveys)")
     non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "calibration_examples", "max_steps",
-                    "warmup_steps", "save_steps", "epochs", "routing_examples", "aux_loss_coef", "weight_decay",
+                    "warmup_steps", "save_steps", "select_every", "epochs", "routing_examples", "aux_loss_coef", "weight_decay",
                     "max_grad_norm")
     for name in non_negative:
         if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
@@ -330,6 +336,9 @@ def validate_args(args: argparse.Namespace) -> None:
         check_local_model(args.encoder, "--encoder")
     if args.gguf_file and args.model is None and args.gguf_file != DEFAULT_GGUF:
         raise ValueError("--gguf-file names a file inside --model; give --model too")
+    if args.select_every and not args.calibration_examples:
+        raise ValueError("--select-every scores the --calibration-examples validation answers; --calibration-examples "
+                         "0 leaves none (give it a number of answers, e.g. 500)")
     if args.resume is not None and args.method == "base":
         raise ValueError("--resume continues a training run; --method base does not train")
     question_options = [name for name in ("heldout_questions", "heldout_question_count")
@@ -673,6 +682,10 @@ def check_resume(resume_dir: Path, state: dict, args: argparse.Namespace) -> Non
         raise ValueError(f"cannot resume from {resume_dir}: these options differ from the run that wrote it "
                          "(resume with the same options, or start a new run in another --output-dir):\n  "
                          + "\n  ".join(differences))
+    if args.select_every and saved.get("calibration_examples") != args.calibration_examples:
+        raise ValueError(f"cannot resume from {resume_dir}: --select-every scores the --calibration-examples "
+                         f"validation answers; the checkpoint's run scored {saved.get('calibration_examples')}, this "
+                         f"run would score {args.calibration_examples}")
     config = resume_dir / CONFIG_NAME
     version = json.loads(config.read_text()).get("cuma_config_version", 1) if args.method in ROUTED else None
     if version is not None and version < NAMES_VERSION:
@@ -775,6 +788,7 @@ class _Run:
         from accelerate import Accelerator
 
         self.args, self.t_start, self.timings = args, time.perf_counter(), {}
+        self.selection: dict | None = None  # --select-every: the scores and the step kept
         self.accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
         self.main = self.accelerator.is_main_process
         self.out_dir = output_dir_of(args)
@@ -896,6 +910,7 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
     scheduler = _make_scheduler(optimizer, args, total_steps, accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
     z_table = z.table.to(accelerator.device) if needs_z else None
+    selector = _selector(run, splits, tokenizer, z, letter_ids)
 
     history: list[dict] = []
     step, epoch, batches_done = 0, 0, 0
@@ -909,7 +924,11 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         history = list(state["history"])
+        if selector is not None:
+            selector.load_state_dict(state["selection"])
         run.log(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})")
+        if selector is not None and step and selector.due(step, total_steps):  # a stop came before its scoring
+            _select(run, selector, accelerator.unwrap_model(model), step, history)
 
     def state_dict_now(epoch_, batches_done_):
         if batches_done_ >= len(loader):
@@ -917,7 +936,8 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
         return {"method": args.method, "step": step, "total_steps": total_steps, "epoch": epoch_,
                 "batches_done": batches_done_, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "seed": args.seed,
-                "args": vars(args), "data_fingerprint": fingerprint}
+                "args": vars(args), "data_fingerprint": fingerprint,
+                "selection": selector.state_dict() if selector is not None else None}
 
     def checkpoint(name, epoch_, batches_done_):
         accelerator.wait_for_everyone()
@@ -967,11 +987,18 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
                 acc_ce, acc_aux, acc_n = 0.0, 0.0, 0
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean[0]:.3f}")
+                if selector is not None and not stop_now and selector.due(step, total_steps):
+                    _select(run, selector, accelerator.unwrap_model(model), step, history)
                 if step >= total_steps or stop_now:
                     break
                 if args.save_steps and step % args.save_steps == 0:
                     checkpoint(f"checkpoint-{step}", epoch, batches_done)
         bar.close()
+        if selector is not None and step >= total_steps:
+            selected = selector.restore(accelerator.unwrap_model(model))
+            run.log(f"kept the adapter of step {selected} of {total_steps} (validation NLL "
+                    f"{selector.best_nll:.4f}, the lowest of {len(selector.scores)} scored steps)")
+        run.selection = selector.summary() if selector is not None else None
         # stopped early by a signal: keep every step done so far
         saved = checkpoint("final" if step >= total_steps else f"checkpoint-{step}", epoch, batches_done)
     run.timings["train_s"] = time.perf_counter() - t
@@ -986,6 +1013,28 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
     return history, step
 
 
+def _selector(run: _Run, splits: Splits, tokenizer, z: ProfileEmbeddings | None, letter_ids):
+    """--select-every: the validation scorer that keeps the best step's adapter (None when off)."""
+    args = run.args
+    if not args.select_every:
+        return None
+    calib, z_calib = splits.calib, (z.table[z.calib_index] if z is not None else None)
+    true = [e.target for e in calib]
+
+    def score(model):
+        return score_examples(model, tokenizer, calib, z_calib, args=args,
+                              letter_ids=letter_ids, progress=False), true
+
+    return BestOnValidation(args.select_every, score)
+
+
+def _select(run: _Run, selector: BestOnValidation, model, step: int, history: list[dict]) -> None:
+    entry = selector.observe(model, step)
+    history[-1].update({k: entry[k] for k in ("val_nll", "val_nll_calibrated")})
+    run.log(f"step {step}: validation NLL {entry['val_nll']:.4f} ({entry['val_nll_calibrated']:.4f} at T "
+            f"{entry['temperature']:.2f})")
+
+
 def _evaluate_and_write(run: _Run, splits: Splits, model, tokenizer, z: ProfileEmbeddings | None, letter_ids,
                         history: list[dict], step: int) -> dict:
     """Score the evaluation examples against the floors (main process), write metrics.json and the loss curve."""
@@ -995,7 +1044,8 @@ def _evaluate_and_write(run: _Run, splits: Splits, model, tokenizer, z: ProfileE
                        "n_train": len(splits.train), "n_train_split": len(splits.train_all), "n_val": len(splits.val),
                        "n_test": len(splits.test), "n_eval": len(splits.eval), "n_calibration": len(splits.calib),
                        "heldout_questions": splits.heldout_questions},
-              "train": {"steps": step, "history": history}, "timings": run.timings,
+              "train": {"steps": step, "history": history, "selection": run.selection},
+              "timings": run.timings,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.do_eval and run.main:
         result.update(evaluate_run(accelerator.unwrap_model(model), tokenizer, splits, args, run.out_dir,
@@ -1086,13 +1136,7 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     t = time.perf_counter()
     model.eval()
     ev = splits.eval
-    packs = P.takes_4d_mask(model)
-
-    def score(examples, z_rows, on_batch=None):
-        prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=args.profile_in_prompt)
-        return E.score_choices(model, tokenizer, prompts, [e.letters for e in examples], demographic_embeds=z_rows,
-                               batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=True,
-                               on_batch=on_batch, prefix_groups=[e.respondent_id for e in examples] if packs else None)
+    score = functools.partial(score_examples, model, tokenizer, args=args, letter_ids=letter_ids)
 
     with contextlib.ExitStack() as stack:
         on_batch = usage = None
@@ -1126,6 +1170,13 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
     floor_predictions = {name: f.predict(ev) for name, f in fitted.items()}
     floor_temperatures = {name: E.temperature_of(calib, f.predict(calib).choice_logits if calib else None)
                           for name, f in fitted.items()}
+    if splits.heldout_questions is not None and args.method != "base":
+        # questions no table has seen: the frozen base model, asked the same prompts, is a floor that can answer
+        with adapters_off(model, args.method):
+            base_logits = score(ev, z_eval)
+            base_calib = score(calib, z_calib) if calib else None
+        floor_predictions[BASE_FLOOR] = E.Predictions(E.predict_from_logits(base_logits), base_logits)
+        floor_temperatures[BASE_FLOOR] = E.temperature_of(calib, base_calib)
     floors = {name: E.evaluate_predictions(ev, p.choice_idx, p.choice_logits, temperature=floor_temperatures[name])
               for name, p in floor_predictions.items()}
     sampled = E.sampled_twins(ev, floor_predictions, floors)
@@ -1161,6 +1212,30 @@ def evaluate_run(model, tokenizer, splits: Splits, args, out_dir: Path, z_eval, 
             "eval_timings": {"score_s": eval_s, "total_s": time.perf_counter() - t}}
 
 
+BASE_FLOOR = "base_model"  # the frozen base model's answers to the same prompts, a floor for held-out questions
+
+
+@contextlib.contextmanager
+def adapters_off(model, method: str):
+    """The frozen base model inside the block: PEFT's switch for lora, cuma's for the routed methods."""
+    if method == "lora":
+        with model.disable_adapter():
+            yield model
+    else:
+        with cuma_model.adapters_disabled(model):
+            yield model
+
+
+def score_examples(model, tokenizer, examples, z_rows, on_batch=None, *, args, letter_ids, progress=True):
+    """Choice logits of `examples` (z_rows: their z, or None), each respondent's questions packed where the model
+    takes a 4-D mask."""
+    prompts = D.render_prompts(tokenizer, examples, profile_in_prompt=args.profile_in_prompt)
+    packs = P.takes_4d_mask(model)
+    return E.score_choices(model, tokenizer, prompts, [e.letters for e in examples], demographic_embeds=z_rows,
+                           batch_size=args.eval_batch_size, letter_ids=letter_ids, progress=progress,
+                           on_batch=on_batch, prefix_groups=[e.respondent_id for e in examples] if packs else None)
+
+
 def _add_routing(usage, trace, rows: Sequence[Sequence[int]], weights: torch.Tensor, examples,
                  limit: int) -> list[int]:
     """Count one scored batch's routing (every prompt token, a shared prefix once per prompt) for its rows that
@@ -1186,6 +1261,10 @@ def plot_loss_curve(history: Sequence[Mapping], path: Path, title: str) -> Path:
     if len(loss) >= w > 1:
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w} steps")
+    scored = [h for h in history if "val_nll" in h]  # --select-every
+    if scored:
+        ax.plot([h["step"] for h in scored], [h["val_nll"] for h in scored], "o-", lw=1.2, ms=3,
+                label="validation NLL over the answer choices")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("answer-letter cross entropy")
     ax.set_title(f"{title}: training loss")
