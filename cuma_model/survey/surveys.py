@@ -264,7 +264,7 @@ def anes_prochoice_spec() -> SurveySpec:
 SURVEYS = {"gss_spending": gss_spending_spec, "gss_abortion": gss_abortion_spec, "anes_prochoice": anes_prochoice_spec}
 # The survey whose groups differ most in their answers (on held-out answers the logistic regression on the
 # demographics is 7 to 13 points above question-majority on abortion, 0 to 5 on spending): where keeping groups
-# apart can be seen. Chosen on the validation split (docs/results.md).
+# apart can be seen. Chosen on the validation split (docs/earlier-runs.md).
 DEFAULT_SURVEY = "gss_abortion"
 
 

@@ -31,7 +31,7 @@ Default size: 864 training examples (4 questions of each of 216 respondents) see
 test examples. A batch packs each respondent's questions into one row that computes their shared profile prefix
 once (`cuma_model.survey.packing`; the same losses), which makes a step about twice as fast as padded rows, and
 scoring packs each respondent's evaluation questions the same way. Chosen on the validation split
-(docs/results.md): this recipe beat the previous one (432 answers drawn one by one, the same 3 passes) on every
+(docs/earlier-runs.md): this recipe beat the previous one (432 answers drawn one by one, the same 3 passes) on every
 metric but the spread (a tie), accuracy +3.9 points [+0.4, +7.3], in less training time.
 Larger runs: `--train-examples 0 --eval-examples 0 --epochs N`.
 
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuma: z (unit norm) is multiplied by this at the routers' input")
     g.add_argument("--demographic-norm", choices=("none", "center", "whiten"), default="whiten",
                    help="cuma: z at the routers' input centred, or whitened, over the distinct training profiles "
-                        "(chosen on validation, docs/results.md); the statistics are saved with the adapter; none: "
+                        "(chosen on validation, docs/earlier-runs.md); the statistics are saved with the adapter; none: "
                         "raw z, as published")
     g.add_argument("--demographic-projection-layers", type=int, choices=(0, 1, 2), default=0,
                    help="cuma: the published encoder projection of z, one for all routers, after --demographic-norm: "
