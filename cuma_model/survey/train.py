@@ -82,7 +82,6 @@ from cuma_model.survey import data as D
 from cuma_model.survey import evaluate as E
 from cuma_model.survey import packing as P
 from cuma_model.survey import splits as S
-from cuma_model.survey.selection import BestOnValidation
 from cuma_model.survey.field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from cuma_model.survey.run_checkpoint import (
     CHECKPOINT_RE,
@@ -96,6 +95,7 @@ from cuma_model.survey.run_checkpoint import (
     saved_args,
     write_checkpoint,
 )
+from cuma_model.survey.selection import BestOnValidation
 
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "base")
 ROUTED = ("cuma", "hydralora", "mixlora")
@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuma: z (unit norm) is multiplied by this at the routers' input")
     g.add_argument("--demographic-norm", choices=("none", "center", "whiten"), default="whiten",
                    help="cuma: z at the routers' input centred, or whitened, over the distinct training profiles "
-                        "(chosen on validation, docs/earlier-runs.md); the statistics are saved with the adapter; none: "
-                        "raw z, as published")
+                        "(chosen on validation, docs/earlier-runs.md); the statistics are saved with the adapter; "
+                        "none: raw z, as published")
     g.add_argument("--demographic-projection-layers", type=int, choices=(0, 1, 2), default=0,
                    help="cuma: the published encoder projection of z, one for all routers, after --demographic-norm: "
                         "0 none, 1 a linear map, 2 Linear-GELU-Linear; trained with the routers (their learning "
@@ -307,8 +307,8 @@ def validate_args(args: argparse.Namespace) -> None:
                          f"the answer position (prompts are left-truncated to it); use at least {MIN_MAX_LENGTH} "
                          "(the default 256 keeps whole prompts on the built-in surveys)")
     non_negative = ("train_examples", "questions_per_respondent", "eval_examples", "calibration_examples", "max_steps",
-                    "warmup_steps", "save_steps", "select_every", "epochs", "routing_examples", "aux_loss_coef", "weight_decay",
-                    "max_grad_norm")
+                    "warmup_steps", "save_steps", "select_every", "epochs", "routing_examples", "aux_loss_coef",
+                    "weight_decay", "max_grad_norm")
     for name in non_negative:
         if not getattr(args, name) >= 0:  # NaN fails too: a NaN norm or coefficient would switch the term off
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
