@@ -504,3 +504,32 @@ def test_unknown_or_all_heldout_questions_are_refused(tmp_path):
                                                      heldout_questions=["parks", "roads", "schools"])))
     with pytest.raises(ValueError, match="at most 2 of the survey's 3 questions"):
         T.make_splits(survey(), T._args_from(options(tmp_path, split="question", heldout_question_count=3)))
+
+
+def test_label_smoothing_caps_how_sure_the_adapter_becomes(tmp_path):
+    """Trained alike, the smoothed run's top answer probability on its training answers stays under its target's
+    1 - eps, well below the plain run's."""
+    e = survey()[0]
+    assert T.smoothed_answer(e, 0.3) == pytest.approx([0.15 if i != e.target else 0.7 for i in range(3)])
+
+    def top_probability(eps, name):
+        p = parts()
+        T.train(options(tmp_path, method="lora", max_steps=150, lr=1e-2, label_smoothing=eps, do_eval=False,
+                        output_dir=str(tmp_path / name)), **p)
+        model, tok = p["model"], p["tokenizer"]
+        train = survey()[:60]
+        prompts = T.D.render_prompts(tok, train, profile_in_prompt=True)
+        logits = E.score_choices(model, tok, prompts, [x.letters for x in train], progress=False)
+        return float(np.mean([np.exp(l.max() - np.logaddexp.reduce(l)) for l in logits]))
+
+    plain, smoothed = top_probability(0.0, "plain"), top_probability(0.3, "smoothed")
+    assert smoothed < 0.7 and smoothed < plain - 0.1, (smoothed, plain)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"label_smoothing": 1.0}, "must be in \\[0, 1\\)"), ({"label_smoothing": float("nan")}, "must be in"),
+    ({"label_smoothing": 0.1, "objective": "distribution", "group_by": ["party"]}, "already distributions"),
+])
+def test_bad_label_smoothing_is_named(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        T.validate_args(T._args_from(options(tmp_path, **kw)))

@@ -37,7 +37,8 @@ RESUME_KEYS = ("method", "step", "total_steps", "epoch", "batches_done", "optimi
 ABSENT_MEANS = {"data_seed": None, "seeds": None, "objective": "answer", "group_by": None, "group_min_count": 20,
                 "demographic_norm": "none", "lr_ratio_router": 1.0, "questions_per_respondent": 0,
                 "demographic_projection_layers": 0, "data": None, "heldout_questions": None,
-                "heldout_question_count": None, "select_every": 0}
+                "heldout_question_count": None, "select_every": 0,
+                "label_smoothing": 0.0}
 
 
 def save_adapter(model, method: str, directory: Path) -> None:

@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(required with it: e.g. party ideology)")
     g.add_argument("--group-min-count", type=int, default=20,
                    help="the fewest answers a (group, question) needs to become a distribution example")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                   help="answer objective: the target gives the true answer 1 - EPS and the question's other "
+                        "choices EPS shared equally (not the whole vocabulary), which caps how sure the adapter is "
+                        "taught to be; 0: the respondent's answer alone")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3)
@@ -294,6 +298,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
     if args.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {args.objective!r}; choose from {OBJECTIVES}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.label_smoothing and args.objective != "answer":
+        raise ValueError("--label-smoothing smooths the answer objective's one-hot target; the distribution "
+                         "objective's targets are already distributions")
     if args.objective == "distribution" and not args.group_by:
         raise ValueError("--objective distribution needs --group-by DIM [DIM ...]: the dimensions whose groups' "
                          "answer distributions it trains on")
@@ -735,6 +744,12 @@ class stop_requests(contextlib.AbstractContextManager):
         return False
 
 
+def smoothed_answer(example: D.SurveyExample, eps: float) -> list[float]:
+    """The answer target with `eps` of its mass spread equally over the question's other choices."""
+    n = len(example.choices)
+    return [1.0 - eps if i == example.target else eps / (n - 1) for i in range(n)]
+
+
 def _forward_loss(model, batch, z_table, keep_kw, needs_z: bool, routed: bool):
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"], use_cache=False)
@@ -888,6 +903,9 @@ def _fit(run: _Run, splits: Splits, resume, model, tokenizer, z: ProfileEmbeddin
     if splits.targets is not None:
         targets = [([letter_ids[l] for l in e.letters], [float(x) for x in p])
                    for e, p in zip(splits.train, splits.targets)]
+    elif args.label_smoothing:
+        targets = [([letter_ids[l] for l in e.letters], smoothed_answer(e, args.label_smoothing))
+                   for e in splits.train]
     z_index = z.train_index.tolist() if needs_z else [0] * len(splits.train)
     # the z rows trained on, not the table (which also holds the evaluation profiles a resume may change)
     fingerprint = data_fingerprint(prompt_ids, labels, *([targets] if targets else []),
