@@ -112,3 +112,15 @@ def test_selection_options_are_checked(tmp_path):
 def test_every_help_text_renders():
     text = T.build_parser().format_help()
     assert "option_strings" not in text and "1% are" in text
+
+
+def test_the_validation_curves_of_runs_are_drawn(tmp_path):
+    from PIL import Image
+
+    T.train(options(tmp_path, **{**SELECT, "max_steps": 4, "do_eval": False}), **parts())
+    plain = tmp_path / "plain"
+    T.train(options(tmp_path, method="lora", max_steps=2, do_eval=False, output_dir=str(plain)), **parts())
+    png = E.plot_selection_curves([tmp_path / "run", plain], tmp_path / "curves.png")
+    assert Image.open(png).size[0] > 300
+    with pytest.raises(ValueError, match="train with --select-every N"):
+        E.plot_selection_curves([plain], tmp_path / "none.png")

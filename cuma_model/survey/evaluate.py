@@ -1154,6 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="output directory of --baselines (one run directory per floor)")
     p.add_argument("--group-dims", help="comma-separated dimensions of the group floors, most important first")
     p.add_argument("--markdown", help="also write the comparison table as markdown to this path")
+    p.add_argument("--curves", help="also draw the validation NLL curves of the --run-dir runs trained with "
+                                    "--select-every into this PNG")
     a = p.parse_args(argv)
     if not a.run_dir and not a.baselines:
         p.error("give --run-dir and/or --baselines")
@@ -1186,7 +1188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(results))
     if a.markdown:
         write_markdown_table(results, a.markdown)
+    if a.curves:
+        print(f"written {plot_selection_curves(a.run_dir, a.curves)}")
     return 0
+
+
+def plot_selection_curves(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
+    """The validation NLL curves (metrics.json's train.selection) of the runs that recorded them, in one PNG."""
+    from . import plots
+
+    curves = {}
+    for d in run_dirs:
+        selection = ((json.loads((Path(d) / "metrics.json").read_text()).get("train") or {}).get("selection"))
+        if selection:
+            curves[Path(d).name] = selection
+    if not curves:
+        raise ValueError(f"none of {[str(d) for d in run_dirs]} scored validation answers during training "
+                         "(train.selection in metrics.json): train with --select-every N")
+    return plots.plot_validation_curves(curves, path)
 
 
 if __name__ == "__main__":

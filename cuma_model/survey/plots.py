@@ -121,6 +121,29 @@ def plot_reliability(curves: dict, path: str | Path, title: str = "", n_bins: in
     return _save(fig, path)
 
 
+def plot_validation_curves(curves: dict, path: str | Path, title: str = "validation NLL during training") -> Path:
+    """Validation NLL per scored step, raw (solid) and at each step's fitted temperature (dashed), one colour per
+    run; the kept step of each run is circled.
+
+    curves: {label: {"scores": [{"step", "val_nll", "val_nll_calibrated"}, ...], "best_step": int}}
+    (metrics.json's train.selection)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (label, sel) in enumerate(curves.items()):
+        steps = [s["step"] for s in sel["scores"]]
+        ax.plot(steps, [s["val_nll"] for s in sel["scores"]], color=f"C{k}", marker="o", ms=3, label=f"{label}")
+        ax.plot(steps, [s["val_nll_calibrated"] for s in sel["scores"]], color=f"C{k}", ls="--", lw=1,
+                label=f"{label}, at T")
+        best = [s for s in sel["scores"] if s["step"] == sel.get("best_step")]
+        if best:
+            ax.plot([best[0]["step"]], [best[0]["val_nll"]], "o", ms=10, mfc="none", color=f"C{k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("NLL of the validation answers")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
