@@ -9,12 +9,18 @@ read a row once, relying on L2 for the k rank programs of a tile; segment kernel
 The last table measures, on the CPU, how many rank-r slices the token-major kernels run per tile of tokens in
 `token_order` for uniformly random routing: 1.0 means exactly the routed work. The expand and dx always pay it;
 the shrink and the dy pass walk the expert-sorted pairs instead where it grows (`grouped_lora.pair_major`).
+
+Two designs are modelled launch by launch: "v2" (`launches`: the base nn.Linear runs on its own, the experts add
+into its output, autograd adds the base and the experts' dx) and "v3" (`launches_v3`: `linear_with_experts`, the
+base GEMMs add into the experts' outputs through their C operand, one dx buffer, no autograd add). Rows marked
+"not built" (`launches_v3_read_once`) model a dA / dB that reads each routed token's x and dy once; no kernel does.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,6 +66,87 @@ def launches(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
     ]
 
 
+def launches_v3(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
+    """Every launch of `linear_with_experts` (the base linear owned by the op), forward and backward (bf16).
+
+    The expand writes a fresh [T, N] buffer (no read of a base output) and the base GEMM adds x W^T into it as its
+    C operand (cuBLAS beta=1: it reads C in its epilogue, T*N more bytes, still compute-bound); the experts' dx
+    kernel writes the dx buffer and the base dx GEMM adds dy W into it the same way. The shrink, dy pass, dB and dA
+    are v2's kernels, unchanged. A frozen bias is read by the expand (N elements: not counted).
+    """
+    v2 = {x.name: x for x in launches(T, K, N, r, E, k, pieces_per_expert_total)}
+    P = T * k
+    return [
+        Launch("base x @ W^T, added into the expert output (C operand)", "fwd", 2 * T * K * N,
+               BF16 * (T * K + N * K + 2 * T * N), "base"),
+        v2["shrink (token-major)"],
+        Launch("expand into a fresh buffer", "fwd", 2 * P * r * N, BF16 * (P * r + E * N * r + T * N) + 8 * P + IDX * T,
+               "experts"),
+        Launch("base dx = dy @ W, added into the experts' dx (C operand)", "bwd", 2 * T * K * N,
+               BF16 * (T * N + N * K + 2 * T * K), "base"),
+        v2["dy pass: dh, d gates, g*dh"],
+        v2["dB: segment partials + fixed-order sum"],
+        Launch("experts' dx = expand of g*dh through A^T, into the dx buffer", "bwd", 2 * P * r * K,
+               BF16 * (P * r + E * r * K + T * K) + 4 * P, "experts"),
+        v2["dA: segment partials + fixed-order sum"],
+    ]
+
+
+def launches_v3_read_once(T, K, N, r, E, k, partials=True) -> list[Launch]:
+    """NOT BUILT: v3 with a dA and a dB that read each routed token's x and dy row once, per expert-set piece.
+
+    A program would own a run of tokens with one set of k experts (`token_order` groups them) and a column tile,
+    read each x (dy) row of the run once and keep the k experts' [C, r] sums in registers, then write them as fp32
+    partials for a fixed-order sum: one partial per (set, expert), C(E, k) sets (every set non-empty, as with
+    uniform routing; skewed routing has fewer sets but needs splits for parallelism). partials=False drops that
+    round trip too: the floor of this design, which no deterministic kernel here reaches.
+    """
+    from math import comb
+
+    sets = min(comb(E, k), T) if partials else 0
+    P = T * k
+    rows = launches_v3(T, K, N, r, E, k)
+    once = {
+        "dB: segment partials + fixed-order sum": Launch(
+            f"dB: each dy row read once, per expert-set piece{'' if partials else ', no partials'} (not built)", "bwd", 2 * P * N * r,
+            BF16 * (T * N + P * r + E * N * r) + FP32 * 2 * sets * k * N * r + 12 * P, "experts"),
+        "dA: segment partials + fixed-order sum": Launch(
+            f"dA: each x row read once, per expert-set piece{'' if partials else ', no partials'} (not built)", "bwd", 2 * P * K * r,
+            BF16 * (T * K + P * r + E * r * K) + FP32 * 2 * sets * k * K * r + 8 * P, "experts"),
+    }
+    return [once.get(x.name, x) for x in rows]
+
+
+DESIGNS = {  # name -> (launches function, built)
+    "v2": (launches, True),
+    "v3": (launches_v3, True),
+    "v3 + dA/dB read once (not built)": (launches_v3_read_once, False),
+    "v3 + dA/dB read once, no partials (not built)": (partial(launches_v3_read_once, partials=False), False),
+}
+
+
+def overhead(rows: list[Launch], base_rows: list[Launch], card: str, phases=("fwd", "bwd")) -> tuple[float, float]:
+    """(layer us, layer / base): every launch of `rows` in `phases` against the plain base linear's launches."""
+    layer = sum(seconds(x, card) for x in rows if x.phase in phases) * 1e6
+    base = sum(seconds(x, card) for x in base_rows if x.phase in phases and x.part == "base") * 1e6
+    return layer, layer / base
+
+
+def design_table(shapes) -> str:
+    lines = ["| shape | card | base fwd+bwd us | " + " | ".join(f"{d} us (x base)" for d in DESIGNS) + " |",
+             "|---|---|---|" + "---|" * len(DESIGNS)]
+    for T, K, N, r, E, k in shapes:
+        base_rows = launches(T, K, N, r, E, k)
+        for card in CARDS:
+            base = sum(seconds(x, card) for x in base_rows if x.part == "base") * 1e6
+            cells = []
+            for fn, _ in DESIGNS.values():
+                us, ratio = overhead(fn(T, K, N, r, E, k), base_rows, card)
+                cells.append(f"{us:.0f} ({ratio:.2f})")
+            lines.append(f"| N={N} | {card} | {base:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # The Triton kernels behind each experts' launch of `launches`, as (kernel, occurrence) in the order one forward +
 # backward of `lora_experts` runs them: the expand kernel serves the forward expand and dx, the segment kernels dB
 # (first: the dy side runs before the x side) and dA. The base and glue launches are timed by the report itself.
@@ -98,9 +185,9 @@ def bound(launch: Launch, card: str) -> str:
     return "compute" if launch.flops / flops >= launch.bytes / bandwidth else "memory"
 
 
-def launch_table(T, K, N, r, E, k) -> str:
-    rows = launches(T, K, N, r, E, k)
-    lines = [f"T={T}, K={K}, N={N}, r={r}, E={E}, k={k}, bf16, per-expert A:", "",
+def launch_table(T, K, N, r, E, k, design="v2") -> str:
+    rows = DESIGNS[design][0](T, K, N, r, E, k)
+    lines = [f"{design}: T={T}, K={K}, N={N}, r={r}, E={E}, k={k}, bf16, per-expert A:", "",
              "| launch | phase | GFLOP | MB | H100 us | H200 us | bound (H200) |", "|---|---|---|---|---|---|---|"]
     for x in rows:
         lines.append(f"| {x.name} | {x.phase} | {x.flops / 1e9:.1f} | {x.bytes / 1e6:.0f} | "
@@ -212,9 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=16384)
     args = parser.parse_args(argv)
     shapes = [(args.tokens, 4096, n, 64, 8, 2) for n in (4096, 1024)]
-    for shape in shapes:
-        print(launch_table(*shape), end="\n\n")
+    for design in list(DESIGNS)[:3]:
+        for shape in shapes:
+            print(launch_table(*shape, design=design), end="\n\n")
     print(summary_table(shapes), end="\n\n")
+    print(design_table(shapes), end="\n\n")
     for siblings in (3, 2):  # q/k/v, gate/up
         print(shared_shrink_table(args.tokens, 4096, 64, 8, 2, siblings), end="\n\n")
     print(slices_table(args.tokens))

@@ -31,4 +31,29 @@ def test_script_prints_the_tables():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--tokens", "2048"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("| launch | phase |") == 2 and proc.stdout.count("projections on one x") == 2 and "H200" in proc.stdout and "slices per tile" in proc.stdout
+    assert proc.stdout.count("| launch | phase |") == 6 and "v3 us (x base)" in proc.stdout and proc.stdout.count("projections on one x") == 2 and "H200" in proc.stdout and "slices per tile" in proc.stdout
+
+
+def test_v3_owns_the_base_and_does_the_same_expert_work_in_fewer_bytes():
+    shape = (16384, 4096, 1024, 64, 8, 2)
+    v2, v3 = roofline.launches(*shape), roofline.launches_v3(*shape)
+    assert not [x for x in v3 if x.part == "glue"]  # no autograd add of two dx
+    assert sum(x.flops for x in v2 if x.part == "experts") == sum(x.flops for x in v3 if x.part == "experts")
+    assert sum(x.flops for x in v2 if x.part == "base") == sum(x.flops for x in v3 if x.part == "base")
+    assert sum(x.bytes for x in v3) < sum(x.bytes for x in v2)
+    # the base GEMMs read the expert output / the experts' dx as their C operand: T*N and T*K more bytes
+    base2, base3 = (sum(x.bytes for x in rows if x.part == "base") for rows in (v2, v3))
+    assert base3 - base2 == roofline.BF16 * (16384 * 1024 + 16384 * 4096)
+
+
+def test_headline_ratios_and_the_not_built_rows_are_labelled():
+    ratios = {}
+    for n in (4096, 1024):
+        shape = (16384, 4096, n, 64, 8, 2)
+        base_rows = roofline.launches(*shape)
+        for design, (fn, built) in roofline.DESIGNS.items():
+            rows = fn(*shape)
+            assert built == (not any("not built" in x.name for x in rows)), design
+            ratios[design, n] = round(roofline.overhead(rows, base_rows, "H100 SXM")[1], 2)
+    assert ratios["v2", 4096] == 1.48 and ratios["v2", 1024] == 2.31
+    assert ratios["v3", 4096] == 1.33 and ratios["v3", 1024] == 1.84
