@@ -144,7 +144,8 @@ def step_autotune_configs(plan, out: StepOutput) -> bool:
     from report_checks import check_case, summary_line
 
     tuned = {"_shrink_kernel": gl.SHRINK_CONFIGS, "_expand_kernel": gl.EXPAND_CONFIGS,
-             "_dy_pass_kernel": gl.DY_PASS_CONFIGS, "_segment_partial_kernel": gl.SEGMENT_CONFIGS}
+             "_dy_pass_kernel": gl.DY_PASS_CONFIGS, "_segment_partial_kernel": gl.SEGMENT_CONFIGS,
+             "_set_partial_kernel": gl.SET_PIECE_CONFIGS}
     ok = True
     for i in range(max(len(c[0]) for c in tuned.values())):
         chosen = {}

@@ -234,7 +234,9 @@ def launch_times(case: Case, plan: Plan) -> list[dict]:
         for t in (x, A, B, w):
             t.grad = None
     pieces = gl.segment_pieces(p.dispatch.offsets, case.T * case.k, max(case.N, case.K))[0].shape[0]
-    model = roofline.launches(case.T, case.K, case.N, case.r, case.E, case.k, pieces)
+    set_pieces = gl.set_pieces(p.idx, p.dispatch.token_order, case.E, max(case.N, case.K))
+    set_count = int((set_pieces.piece_start < case.T).sum())
+    model = roofline.experts_op_launches(case.T, case.K, case.N, case.r, case.E, case.k, pieces, set_count)
     measured = [roofline.measured_per_launch(run) for run in runs]
     rows = []
     for launch in model:

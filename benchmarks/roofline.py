@@ -11,16 +11,16 @@ The last table measures, on the CPU, how many rank-r slices the token-major kern
 the shrink and the dy pass walk the expert-sorted pairs instead where it grows (`grouped_lora.pair_major`).
 
 Two designs are modelled launch by launch: "v2" (`launches`: the base nn.Linear runs on its own, the experts add
-into its output, autograd adds the base and the experts' dx) and "v3" (`launches_v3`: `linear_with_experts`, the
-base GEMMs add into the experts' outputs through their C operand, one dx buffer, no autograd add). Rows marked
-"not built" (`launches_v3_read_once`) model a dA / dB that reads each routed token's x and dy once; no kernel does.
+into its output, autograd adds the base and the experts' dx; dA and dB per expert segment) and "v3"
+(`launches_v3`: `linear_with_experts`, the base GEMMs add into the experts' outputs through their C operand, one
+dx buffer, no autograd add; dA and dB per expert-set piece, each x and dy row read once). Rows marked "not built"
+(`launches_v3_no_partials`) model a dA / dB without the fp32 partials' round trip; no kernel here does that.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,16 +66,49 @@ def launches(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
     ]
 
 
-def launches_v3(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
+def uniform_set_pieces(T, E, k, columns, seed=0) -> int:
+    """Pieces `grouped_lora.set_pieces` makes for uniformly random routing (runs of one expert set, cut into chunks)."""
+    from cuma_kernels import dispatch_metadata
+    from cuma_kernels.grouped_lora import set_pieces
+    from cuma_kernels.reference import route_topk_torch
+
+    _, idx = route_topk_torch(torch.randn(T, E, generator=torch.Generator().manual_seed(seed)), k)
+    pieces = set_pieces(idx, dispatch_metadata(idx, E).token_order, E, columns)
+    return int((pieces.piece_start < T).sum())
+
+
+def set_piece_launches(T, K, N, r, E, k, pieces, label="per expert-set piece", partials=True) -> dict[str, Launch]:
+    """dB and dA per expert-set piece: each dy / x row read once, k fp32 [C, r] partials per piece written and read
+    back by the fixed-order sum (none with partials=False)."""
+    P = T * k
+    part = FP32 * 2 * pieces * k * r if partials else 0
+    return {
+        "dB": Launch(f"dB: each dy row read once, {label}", "bwd", 2 * P * N * r,
+                     BF16 * (T * N + P * r + E * N * r) + part * N + 12 * P + 4 * P, "experts"),
+        "dA": Launch(f"dA: each x row read once, {label}", "bwd", 2 * P * K * r,
+                     BF16 * (T * K + P * r + E * r * K) + part * K + 8 * P + 4 * P, "experts"),
+    }
+
+
+def launches_v3(T, K, N, r, E, k, pieces_per_expert_total=None, set_pieces_total=None) -> list[Launch]:
     """Every launch of `linear_with_experts` (the base linear owned by the op), forward and backward (bf16).
 
     The expand writes a fresh [T, N] buffer (no read of a base output) and the base GEMM adds x W^T into it as its
     C operand (cuBLAS beta=1: it reads C in its epilogue, T*N more bytes, still compute-bound); the experts' dx
-    kernel writes the dx buffer and the base dx GEMM adds dy W into it the same way. The shrink, dy pass, dB and dA
-    are v2's kernels, unchanged. A frozen bias is read by the expand (N elements: not counted).
+    kernel writes the dx buffer and the base dx GEMM adds dy W into it the same way. dB and dA run per expert-set
+    piece where `grouped_lora.reads_once` picks it (the headline shapes), with the pieces uniform routing makes;
+    elsewhere per expert segment, as in v2. The shrink and the dy pass are v2's. A frozen bias is read by the
+    expand (N elements: not counted).
     """
+    from cuma_kernels.grouped_lora import reads_once
+
     v2 = {x.name: x for x in launches(T, K, N, r, E, k, pieces_per_expert_total)}
     P = T * k
+    dB, dA = v2["dB: segment partials + fixed-order sum"], v2["dA: segment partials + fixed-order sum"]
+    if reads_once(T, max(N, K), r, E, k, torch.device("cpu")):
+        pieces = set_pieces_total if set_pieces_total is not None else uniform_set_pieces(T, E, k, max(N, K))
+        by_set = set_piece_launches(T, K, N, r, E, k, pieces)
+        dB, dA = by_set["dB"], by_set["dA"]
     return [
         Launch("base x @ W^T, added into the expert output (C operand)", "fwd", 2 * T * K * N,
                BF16 * (T * K + N * K + 2 * T * N), "base"),
@@ -85,43 +118,37 @@ def launches_v3(T, K, N, r, E, k, pieces_per_expert_total=None) -> list[Launch]:
         Launch("base dx = dy @ W, added into the experts' dx (C operand)", "bwd", 2 * T * K * N,
                BF16 * (T * N + N * K + 2 * T * K), "base"),
         v2["dy pass: dh, d gates, g*dh"],
-        v2["dB: segment partials + fixed-order sum"],
+        dB,
         Launch("experts' dx = expand of g*dh through A^T, into the dx buffer", "bwd", 2 * P * r * K,
                BF16 * (P * r + E * r * K + T * K) + 4 * P, "experts"),
-        v2["dA: segment partials + fixed-order sum"],
+        dA,
     ]
 
 
-def launches_v3_read_once(T, K, N, r, E, k, partials=True) -> list[Launch]:
-    """NOT BUILT: v3 with a dA and a dB that read each routed token's x and dy row once, per expert-set piece.
+def launches_v3_no_partials(T, K, N, r, E, k) -> list[Launch]:
+    """NOT BUILT: v3 whose dA and dB also keep their sums on chip (no fp32 partial written and read back): the floor
+    of this design; a deterministic kernel would need an in-order reduction across programs, which none here does."""
+    by_set = set_piece_launches(T, K, N, r, E, k, 0, "no fp32 partials (not built)", partials=False)
+    return [by_set[x.name[:2]] if x.name.startswith(("dA", "dB")) else x for x in launches_v3(T, K, N, r, E, k)]
 
-    A program would own a run of tokens with one set of k experts (`token_order` groups them) and a column tile,
-    read each x (dy) row of the run once and keep the k experts' [C, r] sums in registers, then write them as fp32
-    partials for a fixed-order sum: one partial per (set, expert), C(E, k) sets (every set non-empty, as with
-    uniform routing; skewed routing has fewer sets but needs splits for parallelism). partials=False drops that
-    round trip too: the floor of this design, which no deterministic kernel here reaches.
-    """
-    from math import comb
 
-    sets = min(comb(E, k), T) if partials else 0
-    P = T * k
-    rows = launches_v3(T, K, N, r, E, k)
-    once = {
-        "dB: segment partials + fixed-order sum": Launch(
-            f"dB: each dy row read once, per expert-set piece{'' if partials else ', no partials'} (not built)", "bwd", 2 * P * N * r,
-            BF16 * (T * N + P * r + E * N * r) + FP32 * 2 * sets * k * N * r + 12 * P, "experts"),
-        "dA: segment partials + fixed-order sum": Launch(
-            f"dA: each x row read once, per expert-set piece{'' if partials else ', no partials'} (not built)", "bwd", 2 * P * K * r,
-            BF16 * (T * K + P * r + E * r * K) + FP32 * 2 * sets * k * K * r + 8 * P, "experts"),
-    }
-    return [once.get(x.name, x) for x in rows]
+def experts_op_launches(T, K, N, r, E, k, pieces_per_expert_total=None, set_pieces_total=None) -> list[Launch]:
+    """The launches of the base linear plus `lora_experts` (the op the GPU report times): v2's, with dB and dA in
+    the form `grouped_lora.reads_once` picks for these shapes."""
+    from cuma_kernels.grouped_lora import reads_once
+
+    rows = launches(T, K, N, r, E, k, pieces_per_expert_total)
+    if not reads_once(T, max(N, K), r, E, k, torch.device("cpu")):
+        return rows
+    pieces = set_pieces_total if set_pieces_total is not None else uniform_set_pieces(T, E, k, max(N, K))
+    by_set = set_piece_launches(T, K, N, r, E, k, pieces)
+    return [by_set[x.name[:2]] if x.name.startswith(("dA", "dB")) else x for x in rows]
 
 
 DESIGNS = {  # name -> (launches function, built)
     "v2": (launches, True),
     "v3": (launches_v3, True),
-    "v3 + dA/dB read once (not built)": (launches_v3_read_once, False),
-    "v3 + dA/dB read once, no partials (not built)": (partial(launches_v3_read_once, partials=False), False),
+    "v3, dA/dB without partials (not built)": (launches_v3_no_partials, False),
 }
 
 
@@ -157,6 +184,8 @@ KERNELS = {
     "dB: segment partials + fixed-order sum": (("_segment_partial_kernel", 0), ("_sum_pieces_kernel", 0)),
     "dx = expand of g*dh through A^T": (("_expand_kernel", 1),),
     "dA: segment partials + fixed-order sum": (("_segment_partial_kernel", 1), ("_sum_pieces_kernel", 1)),
+    "dB: each dy row read once, per expert-set piece": (("_set_partial_kernel", 0), ("_sum_set_pieces_kernel", 0)),
+    "dA: each x row read once, per expert-set piece": (("_set_partial_kernel", 1), ("_sum_set_pieces_kernel", 1)),
 }
 
 
@@ -299,7 +328,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=16384)
     args = parser.parse_args(argv)
     shapes = [(args.tokens, 4096, n, 64, 8, 2) for n in (4096, 1024)]
-    for design in list(DESIGNS)[:3]:
+    for design in DESIGNS:
         for shape in shapes:
             print(launch_table(*shape, design=design), end="\n\n")
     print(summary_table(shapes), end="\n\n")

@@ -56,4 +56,20 @@ def test_headline_ratios_and_the_not_built_rows_are_labelled():
             assert built == (not any("not built" in x.name for x in rows)), design
             ratios[design, n] = round(roofline.overhead(rows, base_rows, "H100 SXM")[1], 2)
     assert ratios["v2", 4096] == 1.48 and ratios["v2", 1024] == 2.31
-    assert ratios["v3", 4096] == 1.33 and ratios["v3", 1024] == 1.84
+    assert ratios["v3", 4096] == 1.29 and ratios["v3", 1024] == 1.75
+
+
+def test_set_pieces_read_x_once_and_are_counted_from_the_built_code():
+    T, K, N, r, E, k = 16384, 4096, 4096, 64, 8, 2
+    assert roofline.uniform_set_pieces(T, E, k, K) == 28  # one piece per set of 2 of 8 experts
+    rows = {x.name[:2]: x for x in roofline.launches_v3(T, K, N, r, E, k) if x.name.startswith(("dA", "dB"))}
+    v2 = {x.name[:2]: x for x in roofline.launches(T, K, N, r, E, k) if x.name.startswith(("dA", "dB"))}
+    assert "read once" in rows["dA"].name and rows["dA"].flops == v2["dA"].flops
+    # x once (not once per pair) plus k fp32 [K, r] partials per piece, written and read back
+    x_bytes, partials = roofline.BF16 * T * K, roofline.FP32 * 2 * 28 * k * K * r
+    small = roofline.BF16 * (T * k * r + E * r * K) + 12 * T * k  # g*dh rows, A's shape of dA, indices
+    assert rows["dA"].bytes == x_bytes + partials + small
+    assert rows["dA"].bytes < v2["dA"].bytes
+    # where the rule keeps the expert segments (E=16: 120 sets), v3 keeps v2's dA and dB
+    assert [x.name for x in roofline.launches_v3(T, K, N, r, 16, k) if x.name.startswith("dA")] == [
+        "dA: segment partials + fixed-order sum"]
