@@ -160,17 +160,19 @@ def overhead(rows: list[Launch], base_rows: list[Launch], card: str, phases=("fw
 
 
 def design_table(shapes) -> str:
-    lines = ["| shape | card | base fwd+bwd us | " + " | ".join(f"{d} us (x base)" for d in DESIGNS) + " |",
-             "|---|---|---|" + "---|" * len(DESIGNS)]
+    lines = ["| shape | card | base fwd / fwd+bwd us | " + " | ".join(f"{d}: fwd / fwd+bwd us (x base)" for d in DESIGNS)
+             + " |", "|---|---|---|" + "---|" * len(DESIGNS)]
     for T, K, N, r, E, k in shapes:
         base_rows = launches(T, K, N, r, E, k)
         for card in CARDS:
-            base = sum(seconds(x, card) for x in base_rows if x.part == "base") * 1e6
+            base = [sum(seconds(x, card) for x in base_rows if x.part == "base" and x.phase in phases) * 1e6
+                    for phases in (("fwd",), ("fwd", "bwd"))]
             cells = []
             for fn, _ in DESIGNS.values():
-                us, ratio = overhead(fn(T, K, N, r, E, k), base_rows, card)
-                cells.append(f"{us:.0f} ({ratio:.2f})")
-            lines.append(f"| N={N} | {card} | {base:.0f} | " + " | ".join(cells) + " |")
+                rows = fn(T, K, N, r, E, k)
+                (f_us, f_x), (fb_us, fb_x) = (overhead(rows, base_rows, card, ph) for ph in (("fwd",), ("fwd", "bwd")))
+                cells.append(f"{f_us:.0f} ({f_x:.2f}) / {fb_us:.0f} ({fb_x:.2f})")
+            lines.append(f"| N={N} | {card} | {base[0]:.0f} / {base[1]:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

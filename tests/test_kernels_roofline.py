@@ -31,7 +31,7 @@ def test_script_prints_the_tables():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--tokens", "2048"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("| launch | phase |") == 6 and "v3 us (x base)" in proc.stdout and proc.stdout.count("projections on one x") == 2 and "H200" in proc.stdout and "slices per tile" in proc.stdout
+    assert proc.stdout.count("| launch | phase |") == 6 and "v3: fwd / fwd+bwd us (x base)" in proc.stdout and proc.stdout.count("projections on one x") == 2 and "H200" in proc.stdout and "slices per tile" in proc.stdout
 
 
 def test_v3_owns_the_base_and_does_the_same_expert_work_in_fewer_bytes():
