@@ -587,7 +587,7 @@ def segment_outer(
 # expert; the set form reads it once but writes k partials per piece, and there is a piece per set of experts
 # (C(E, k) with uniform routing). `reads_once` picks the form with fewer modelled HBM bytes for the shapes.
 SET_PIECE_WAVES = 1  # pieces x column tiles of 128 cover the GPU this many times (more pieces: more partials)
-MAX_SET_PIECE_COLUMNS = 256  # k * rank tile of the set kernel's accumulator
+MAX_SET_PIECE_COLUMNS = 128  # k * rank tile of the set kernel's accumulator: [128, 128] fp32 at most, as the segment kernel's
 
 
 class SetPieces:
@@ -620,8 +620,9 @@ def _set_piece_bound(T: int, num_experts: int, top_k: int, chunk: int) -> int:
 def reads_once(T: int, columns: int, rank: int, num_experts: int, top_k: int, device: torch.device) -> bool:
     """True when dA and dB run per expert-set piece (each x / dy row read once) rather than per expert segment.
 
-    CUMA_OUTER=sets|segments forces a form (sets only where the set keys are exact, E**k < 2**62); auto takes the
-    set form when tokens walk in set order (not `pair_major`), k rank tiles fit one accumulator, and its modelled
+    The set form needs exact set keys (E**k < 2**62) and k rank tiles that fit one accumulator
+    (MAX_SET_PIECE_COLUMNS); CUMA_OUTER=sets|segments forces a form within that. Auto takes the set form when
+    tokens walk in set order (not `pair_major`) and its modelled
     bytes (x once, k fp32 partials per piece) are fewer than the segments' (x k times, one partial per piece),
     counting the pieces that uniform routing makes (every set of k distinct experts, cut into chunks).
     """
@@ -630,10 +631,10 @@ def reads_once(T: int, columns: int, rank: int, num_experts: int, top_k: int, de
     choice = os.environ.get("CUMA_OUTER", "auto")
     if choice not in ("auto", "sets", "segments"):
         raise ValueError(f"CUMA_OUTER must be auto, sets or segments, got {choice!r}")
-    exact = num_experts ** top_k < 2 ** 62
-    if choice != "auto" or not exact:
-        return choice == "sets" and exact
-    if pair_major(T, num_experts, top_k) or top_k * rank_block(rank) > MAX_SET_PIECE_COLUMNS:
+    possible = num_experts ** top_k < 2 ** 62 and top_k * rank_block(rank) <= MAX_SET_PIECE_COLUMNS
+    if choice != "auto" or not possible:
+        return choice == "sets" and possible
+    if pair_major(T, num_experts, top_k):
         return False
     pairs = T * top_k
     seg_chunk = max(MIN_PIECE_PAIRS, triton.next_power_of_2(triton.cdiv(max(pairs, 1), max(1, triton.cdiv(
