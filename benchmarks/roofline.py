@@ -276,14 +276,24 @@ def shrink_side_launches(T, K, r, E, k, siblings, shared, pieces_per_expert_tota
     ]
 
 
+def owned_side_launches(T, K, r, E, k, siblings) -> list[Launch]:
+    """The K-side launches of `siblings` projections on one x that each own their base (v3, no shared shrink): a
+    shrink, an experts' dx (written into the projection's dx buffer, which its base dx GEMM adds into: compute-bound,
+    not counted here) and a dA each, and autograd adds the siblings' siblings - 1 dx terms."""
+    rows = [x for x in launches_v3(T, K, 1, r, E, k) if x.name.startswith(("shrink", "experts' dx", "dA"))]
+    adds = Launch("autograd: dx adds", "bwd", (siblings - 1) * T * K, BF16 * 3 * (siblings - 1) * T * K, "glue")
+    return [Launch(f"{x.name} x{siblings}", x.phase, siblings * x.flops, siblings * x.bytes, x.part)
+            for x in rows] + [adds]
+
+
 def shared_shrink_table(T, K, r, E, k, siblings) -> str:
     lines = [f"T={T}, K={K}, r={r}, E={E}, k={k}, bf16, per-expert A, {siblings} projections on one x "
              "(the K side only: the expand side is unchanged):", "",
              "| path | K-side launch | phase | GFLOP | MB | H200 us |", "|---|---|---|---|---|---|"]
     totals = {}
-    for shared in (False, True):
-        path = "shared" if shared else "per projection"
-        rows = shrink_side_launches(T, K, r, E, k, siblings, shared)
+    for path in ("per projection", "shared", "v3: base owned, per projection"):
+        rows = (owned_side_launches(T, K, r, E, k, siblings) if path.startswith("v3") else
+                shrink_side_launches(T, K, r, E, k, siblings, path == "shared"))
         for x in rows:
             lines.append(f"| {path} | {x.name} | {x.phase} | {x.flops / 1e9:.1f} | {x.bytes / 1e6:.0f} | "
                          f"{seconds(x, 'H200') * 1e6:.0f} |")

@@ -125,7 +125,9 @@ class CuMALinear(nn.Module):
 
         The first projection to use the route runs the shrink for every sibling that can share it, in one launch
         over their A's concatenated along r (x read once); the others take their column slice. Siblings are this
-        router's layers with the same input width and A layout and no active dropout (each draws its own mask).
+        router's layers with the same input width and A layout and no active dropout (each draws its own mask)
+        that do not own their base (`_owns_base`: by the roofline model, owning the base per projection costs
+        less than sharing the shrink, because it drops a dx add per projection; CUMA_OWN_BASE=0 restores sharing).
         A sibling that then receives a different input computes its own and its slice goes unused. Triton backend
         only (CUMA_SHARED_SHRINK=0 turns it off).
         """
@@ -135,7 +137,7 @@ class CuMALinear(nn.Module):
             routed_alike = state.layers_routed_by(self.cuma_router.key) if state is not None else ()
             group = [layer for layer in routed_alike if layer.in_features == self.in_features
                      and layer.cuma_A.shape[0] == self.cuma_A.shape[0] and layer.cuma_A.device == x.device
-                     and not layer._dropping()]
+                     and not layer._dropping() and not layer._owns_base(x)]
             if (len(group) > 1 and self in group and os.environ.get("CUMA_SHARED_SHRINK", "1") != "0"
                     and cuma_kernels.backend_for(x) == "triton"):
                 x2 = x.reshape(-1, self.in_features).to(dtype)

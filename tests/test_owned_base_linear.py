@@ -1,12 +1,14 @@
 """The adapted projection computes a plain frozen nn.Linear base together with its experts (one op, one dx
-buffer): the patched model gives the same loss and gradients with that path on and off (CUMA_OWN_BASE), and
-bases it must not own (trainable, hooked, wrapped) keep their own forward."""
+buffer): the patched model gives the same loss and gradients with that path on and off (CUMA_OWN_BASE; off, the
+Triton backend shares one shrink between q/k/v instead), and bases it must not own (trainable, hooked, wrapped)
+keep their own forward."""
 import os
 
 import pytest
 import torch
 from torch import nn
 
+import cuma_kernels
 import cuma_model
 from tiny_models import randomize_experts, tiny_decoder
 
@@ -29,7 +31,6 @@ def output_nodes(model):
 def run(monkeypatch, own, backend="torch", bias=False, dtype=torch.float32, upcast=False, **patch):
     monkeypatch.setenv("CUMA_BACKEND", backend)
     monkeypatch.setenv("CUMA_OWN_BASE", "1" if own else "0")
-    monkeypatch.setenv("CUMA_SHARED_SHRINK", "0")  # each projection runs its own experts' op
     model = tiny_decoder("qwen2" if bias else "llama", dtype=dtype)  # qwen2's q/k/v carry a bias
     cuma_model.patch_model(model, num_experts=4, top_k=2, r=8, demographic_dim=4, **patch)
     randomize_experts(model)
@@ -37,13 +38,16 @@ def run(monkeypatch, own, backend="torch", bias=False, dtype=torch.float32, upca
         model.float()
         dtype = torch.float32
     nodes = output_nodes(model)
+    shrinks = []
+    real_shrink = cuma_kernels.lora_shrink
+    monkeypatch.setattr(cuma_kernels, "lora_shrink", lambda *a, **kw: shrinks.append(1) or real_shrink(*a, **kw))
     model.train()
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = model(ids, demographic_embeds=z, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-    return out.loss.detach().float(), grads, nodes
+    return out.loss.detach().float(), grads, nodes, len(shrinks)
 
 
 def compare(on, off, tol):
@@ -65,6 +69,8 @@ def test_owned_base_gives_the_same_loss_and_gradients(monkeypatch, backend, bias
     off = run(monkeypatch, False, backend, bias)
     assert on[2] and set(on[2]) == {"_LinearWithExpertsBackward"}  # every projection: one op, one backward
     assert "_LinearWithExpertsBackward" not in off[2]
+    if backend == "triton":  # off, q and v share one shrink (each expands its slice); on, each owns its base
+        assert on[3] == 0 and off[3] == 2  # shared shrinks: one per layer
     compare(on, off, 1e-4)
 
 

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("CUMA_BACKEND", "triton")
+    # plain frozen nn.Linear bases would otherwise own their base per projection instead of sharing the shrink
+    # (tests/test_owned_base_linear.py covers that choice)
+    monkeypatch.setenv("CUMA_OWN_BASE", "0")
 
 
 @pytest.fixture
@@ -167,7 +170,6 @@ def test_model_bf16_q_and_v_only(monkeypatch, shrink_calls):
     got = run(model)
     assert shrink_calls == [2 * 8] * model.config.num_hidden_layers  # q and v: still one launch
     monkeypatch.setenv("CUMA_SHARED_SHRINK", "0")
-    monkeypatch.setenv("CUMA_OWN_BASE", "0")  # the same base and experts' ops, one shrink each (bf16 rounds alike)
     assert_matches(got, run(tiny_model(["q_proj", "v_proj"], torch.bfloat16)), torch.bfloat16)
     # against fp64 the whole bf16 network's rounding counts (its base layers too): outputs only here; the bf16
     # gradients against fp64 are checked at the kernel level above
