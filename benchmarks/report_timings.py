@@ -78,12 +78,16 @@ def _weight(case: Case, p: Inputs) -> torch.Tensor:
 
 
 def providers(case: Case, p: Inputs, W, full: bool) -> tuple[dict, list]:
-    """name -> (callable or the reason it cannot run), and the leaves whose gradients each call clears."""
-    from cuma_kernels import lora_experts
+    """name -> (callable or the reason it cannot run), and the leaves whose gradients each call clears.
+    "whole layer" is the base linear with the experts added into its output (v2); "whole layer, base owned" the
+    one op that computes both (`linear_with_experts`, what the model runs for a plain frozen nn.Linear)."""
+    from cuma_kernels import linear_with_experts, lora_experts
 
     x, A, B, w = (t.detach().clone().requires_grad_() for t in (p.x, p.A, p.B[0], p.w))
     leaves = [x, A, B, w]
     rows = {"base linear": lambda: x @ W.t(), "whole layer": lambda: layer(p, W, x, A, B, w),
+            "whole layer, base owned": lambda: linear_with_experts(x, W, None, A, B, p.idx, w, p.scaling,
+                                                                   dispatch=p.dispatch),
             "experts alone": lambda: lora_experts(x, A, B, p.idx, w, p.scaling, dispatch=p.dispatch)}
     if not full:
         return rows, leaves

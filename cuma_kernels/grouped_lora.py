@@ -9,7 +9,9 @@ Launches (P = T * k routed (token, slot) pairs):
 - dy pass    dh_tj = scaling * B_{e_tj}^T dy_t, then dg_tj = dh_tj . h_tj and g_tj * dh_tj, token-major.
 - dx         the expand kernel again, through A^T (shared A: the slots summed first, one GEMM).
 - dB, dA     per expert segment of the expert-sorted pairs, split over tokens into pieces whose fp32 partial
-             sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+             sums are added in a fixed order by a second small kernel (deterministic, no atomics); or, where
+             `reads_once` says it moves fewer bytes, per expert-set piece of `token_order`: each dy / x row read
+             once for all k experts of its token, k partials per piece, added in a fixed order the same way.
 h is saved in x's dtype (the compute dtype), never in fp32.
 
 Token-major kernels walk the tokens in `DispatchMetadata.token_order` (tokens grouped by their set of experts) and

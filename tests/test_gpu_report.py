@@ -54,8 +54,8 @@ def test_cpu_run_goes_through_every_step_with_the_triton_kernels(tmp_path):
     assert "BLOCK_T=128" in configs[-1]["config"]  # a GPU config, not the interpreter's 32x32
 
     timed = {(r["provider"], r["mode"]) for r in results["timings"]["rows"] if "median_ms" in r}
-    for provider in ("base linear", "whole layer", "experts alone", "PEFT LoRA layer", "dense gated (input dtype)",
-                     "published loop"):
+    for provider in ("base linear", "whole layer", "whole layer, base owned", "experts alone", "PEFT LoRA layer",
+                     "dense gated (input dtype)", "published loop"):
         assert (provider, "fwd+bwd") in timed, provider
     assert all("back_to_back_ms" in r for r in results["timings"]["rows"] if "median_ms" in r)
 
