@@ -291,9 +291,16 @@ def shared_shrink_table(T, K, r, E, k, siblings) -> str:
              "(the K side only: the expand side is unchanged):", "",
              "| path | K-side launch | phase | GFLOP | MB | H200 us |", "|---|---|---|---|---|---|"]
     totals = {}
-    for path in ("per projection", "shared", "v3: base owned, per projection"):
-        rows = (owned_side_launches(T, K, r, E, k, siblings) if path.startswith("v3") else
-                shrink_side_launches(T, K, r, E, k, siblings, path == "shared"))
+    paths = {
+        "per projection": lambda: shrink_side_launches(T, K, r, E, k, siblings, False),
+        "shared": lambda: shrink_side_launches(T, K, r, E, k, siblings, True),
+        "v3: base owned, per projection": lambda: owned_side_launches(T, K, r, E, k, siblings),
+        # every sibling's base dx GEMM would add into the shared shrink's dx buffer: no dx adds left
+        "shared, bases owned (not built)": lambda: [x for x in shrink_side_launches(T, K, r, E, k, siblings, True)
+                                                    if x.part != "glue" or "adds" not in x.name],
+    }
+    for path, make in paths.items():
+        rows = make()
         for x in rows:
             lines.append(f"| {path} | {x.name} | {x.phase} | {x.flops / 1e9:.1f} | {x.bytes / 1e6:.0f} | "
                          f"{seconds(x, 'H200') * 1e6:.0f} |")
