@@ -17,10 +17,12 @@ are promised):
      shapes, ragged T=1000 K=1000 N=776 r=48 with an empty expert, T=8, skewed routing, r=128, the shared q/k/v
      shrink, both A layouts and both tile walks, bf16, fp16 and fp32.
   3. autotune configs (100 s): every autotune config of every kernel, each against the reference.
-  4. kernel tests (90 s; GPU only): tests/test_routing_kernels.py and tests/test_lora_expert_kernels.py on the GPU
-     (CUMA_AUTOTUNE=0: each kernel's first GPU config).
-  5. timings (90 s, keeps 45 s, needs 2): per call and back to back: base linear, whole layer, experts alone,
-     PEFT LoRA, the dense gated form, torch._grouped_mm, the published loop; each baseline guarded on its own.
+  4. kernel tests (90 s; GPU only): tests/test_routing_kernels.py, test_lora_expert_kernels.py,
+     test_base_linear_kernels.py and test_set_piece_kernels.py on the GPU (CUMA_AUTOTUNE=0: each kernel's first
+     GPU config).
+  5. timings (90 s, keeps 45 s, needs 2): per call and back to back: base linear, whole layer (and with the base
+     owned by the op), experts alone, PEFT LoRA, the dense gated form, torch._grouped_mm, the published loop; each
+     baseline guarded on its own.
   6. launches (60 s, keeps 30 s, needs 2): the device time of each launch of the layer's forward+backward next to
      roofline.py's bytes and FLOPs (achieved TB/s, TFLOP/s, share of the roofline floor); the autotune choices.
   7. sweep (45 s, needs 2; GPU only): the experts alone at E=16 r=128, skewed routing, T=2048, T=8.
@@ -144,7 +146,8 @@ def step_autotune_configs(plan, out: StepOutput) -> bool:
     from report_checks import check_case, summary_line
 
     tuned = {"_shrink_kernel": gl.SHRINK_CONFIGS, "_expand_kernel": gl.EXPAND_CONFIGS,
-             "_dy_pass_kernel": gl.DY_PASS_CONFIGS, "_segment_partial_kernel": gl.SEGMENT_CONFIGS}
+             "_dy_pass_kernel": gl.DY_PASS_CONFIGS, "_segment_partial_kernel": gl.SEGMENT_CONFIGS,
+             "_set_partial_kernel": gl.SET_PIECE_CONFIGS}
     ok = True
     for i in range(max(len(c[0]) for c in tuned.values())):
         chosen = {}
@@ -173,7 +176,7 @@ def step_kernel_tests(plan, out: StepOutput, limit_s: float) -> bool:
     env = dict(os.environ, CUMA_TEST_DEVICE="cuda", CUMA_AUTOTUNE="0")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "tests/test_routing_kernels.py", "tests/test_lora_expert_kernels.py",
-           "-v", "-p", "no:cacheprovider"]  # -v: a line per test as it ends, so a timeout keeps the names
+           "tests/test_base_linear_kernels.py", "tests/test_set_piece_kernels.py", "-v", "-p", "no:cacheprovider"]  # -v: a line per test as it ends, so a timeout keeps the names
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(10.0, limit_s - 10))
         stdout, passed = proc.stdout, proc.returncode == 0

@@ -78,12 +78,16 @@ def _weight(case: Case, p: Inputs) -> torch.Tensor:
 
 
 def providers(case: Case, p: Inputs, W, full: bool) -> tuple[dict, list]:
-    """name -> (callable or the reason it cannot run), and the leaves whose gradients each call clears."""
-    from cuma_kernels import lora_experts
+    """name -> (callable or the reason it cannot run), and the leaves whose gradients each call clears.
+    "whole layer" is the base linear with the experts added into its output (v2); "whole layer, base owned" the
+    one op that computes both (`linear_with_experts`, what the model runs for a plain frozen nn.Linear)."""
+    from cuma_kernels import linear_with_experts, lora_experts
 
     x, A, B, w = (t.detach().clone().requires_grad_() for t in (p.x, p.A, p.B[0], p.w))
     leaves = [x, A, B, w]
     rows = {"base linear": lambda: x @ W.t(), "whole layer": lambda: layer(p, W, x, A, B, w),
+            "whole layer, base owned": lambda: linear_with_experts(x, W, None, A, B, p.idx, w, p.scaling,
+                                                                   dispatch=p.dispatch),
             "experts alone": lambda: lora_experts(x, A, B, p.idx, w, p.scaling, dispatch=p.dispatch)}
     if not full:
         return rows, leaves
@@ -234,7 +238,9 @@ def launch_times(case: Case, plan: Plan) -> list[dict]:
         for t in (x, A, B, w):
             t.grad = None
     pieces = gl.segment_pieces(p.dispatch.offsets, case.T * case.k, max(case.N, case.K))[0].shape[0]
-    model = roofline.launches(case.T, case.K, case.N, case.r, case.E, case.k, pieces)
+    set_pieces = gl.set_pieces(p.idx, p.dispatch.token_order, case.E, max(case.N, case.K))
+    set_count = int((set_pieces.piece_start < case.T).sum())
+    model = roofline.experts_op_launches(case.T, case.K, case.N, case.r, case.E, case.k, pieces, set_count)
     measured = [roofline.measured_per_launch(run) for run in runs]
     rows = []
     for launch in model:

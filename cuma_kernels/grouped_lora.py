@@ -9,7 +9,9 @@ Launches (P = T * k routed (token, slot) pairs):
 - dy pass    dh_tj = scaling * B_{e_tj}^T dy_t, then dg_tj = dh_tj . h_tj and g_tj * dh_tj, token-major.
 - dx         the expand kernel again, through A^T (shared A: the slots summed first, one GEMM).
 - dB, dA     per expert segment of the expert-sorted pairs, split over tokens into pieces whose fp32 partial
-             sums are added in a fixed order by a second small kernel (deterministic, no atomics).
+             sums are added in a fixed order by a second small kernel (deterministic, no atomics); or, where
+             `reads_once` says it moves fewer bytes, per expert-set piece of `token_order`: each dy / x row read
+             once for all k experts of its token, k partials per piece, added in a fixed order the same way.
 h is saved in x's dtype (the compute dtype), never in fp32.
 
 Token-major kernels walk the tokens in `DispatchMetadata.token_order` (tokens grouped by their set of experts) and
@@ -57,6 +59,9 @@ DY_PASS_CONFIGS = ([{"BLOCK_T": 64, "BLOCK_N": 64}, {"BLOCK_T": 64, "BLOCK_N": 1
                    {"BLOCK_T": 32, "BLOCK_N": 32})
 SEGMENT_CONFIGS = ([{"BLOCK_M": 64, "BLOCK_C": 64}, {"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 128, "BLOCK_C": 64}],
                    {"BLOCK_M": 32, "BLOCK_C": 32})
+SET_PIECE_CONFIGS = ([{"BLOCK_M": 64, "BLOCK_C": 64}, {"BLOCK_M": 64, "BLOCK_C": 128},
+                      {"BLOCK_M": 32, "BLOCK_C": 128, "num_warps": 8}],
+                     {"BLOCK_M": 32, "BLOCK_C": 32})
 
 
 @triton.jit
@@ -333,6 +338,75 @@ def _sum_pieces_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Program (expert-set piece, column tile): a piece is a run of `token_order` whose tokens share one set of k
+# experts, so each x row of the run is read once and feeds all k experts: partial[piece][:, q] = scale * sum over
+# the run of X[t]^T (g? * H[t, slot of its q-th smallest expert]), the k ranks side by side in one [C, k*r] tile.
+@triton.autotune(
+    configs=tune_configs(*SET_PIECE_CONFIGS),
+    key=["C", "R", "TOP_K", "GATED"],
+)
+@triton.jit
+def _set_partial_kernel(
+    x_ptr, stride_xt, stride_xc,
+    h_ptr, stride_ht, stride_hj,
+    gate_ptr, ranked_slot_ptr, token_order_ptr, piece_start_ptr, piece_end_ptr,
+    part_ptr,
+    C, R, scale,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    piece = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    offs_j = tl.arange(0, BLOCK_KR)
+    rank_q = offs_j // BLOCK_R
+    offs_r = offs_j % BLOCK_R
+    j_mask = (rank_q < TOP_K) & (offs_r < R)
+    start = tl.load(piece_start_ptr + piece)
+    end = tl.load(piece_end_ptr + piece)
+    acc = tl.zeros((BLOCK_C, BLOCK_KR), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_M):
+        pos = p0 + tl.arange(0, BLOCK_M)
+        p_mask = pos < end
+        tok = tl.load(token_order_ptr + pos, mask=p_mask, other=0).to(tl.int64)
+        hj_mask = p_mask[:, None] & j_mask[None, :]
+        slot = tl.load(ranked_slot_ptr + tok[:, None] * TOP_K + rank_q[None, :], mask=hj_mask, other=0).to(tl.int64)
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + slot * stride_hj + offs_r[None, :], mask=hj_mask, other=0.0)
+        if GATED:
+            h = h.to(tl.float32) * tl.load(gate_ptr + tok[:, None] * TOP_K + slot, mask=hj_mask, other=0.0)
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + cols[None, :] * stride_xc,
+                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _mma(tl.trans(xt), h.to(xt.dtype), acc, UPCAST, IEEE)
+    if start < end:  # an unused piece (past the last run) writes nothing, and nothing reads it
+        tl.store(part_ptr + piece * C * BLOCK_KR + cols[:, None] * BLOCK_KR + offs_j[None, :], acc * scale,
+                 mask=c_mask[:, None] & j_mask[None, :])
+
+
+# Program (expert, column tile): out[e] = the sum of e's (piece, rank) partials in piece order (fixed: the same
+# result on every run); an expert in no piece gets zeros. A token that names one expert twice puts that expert at
+# two ranks of its piece: both entries are summed.
+@triton.jit
+def _sum_set_pieces_kernel(
+    part_ptr, entries_ptr, first_ptr,
+    out_ptr, stride_oe, stride_oc, stride_or,
+    C, R,
+    TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ex = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = (cols < C)[:, None] & (offs_r < R)[None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for i in range(tl.load(first_ptr + ex), tl.load(first_ptr + ex + 1)):
+        entry = tl.load(entries_ptr + i)
+        piece = entry // TOP_K
+        column = (entry % TOP_K) * BLOCK_R
+        acc += tl.load(part_ptr + piece * C * BLOCK_KR + cols[:, None] * BLOCK_KR + column + offs_r[None, :], mask=mask,
+                       other=0.0)
+    tl.store(out_ptr + ex * stride_oe + cols[:, None] * stride_oc + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
     upcast = interpreting()
     return upcast, (dtype == torch.float32 or upcast)
@@ -510,6 +584,152 @@ def segment_outer(
     return out
 
 
+# ---- dA and dB per expert-set piece: each routed token's x (dy) row read once for all k of its experts.
+# The expert-segment form above gathers a row once per pair (k times) but writes one fp32 partial per piece of one
+# expert; the set form reads it once but writes k partials per piece, and there is a piece per set of experts
+# (C(E, k) with uniform routing). `reads_once` picks the form with fewer modelled HBM bytes for the shapes.
+SET_PIECE_WAVES = 1  # pieces x column tiles of 128 cover the GPU this many times (more pieces: more partials)
+MAX_SET_PIECE_COLUMNS = 128  # k * rank tile of the set kernel's accumulator: [128, 128] fp32 at most, as the segment kernel's
+
+
+class SetPieces:
+    """Runs of `token_order` with one set of experts, cut into pieces, and where each (piece, rank) sum goes.
+
+    piece_start / piece_end [S] int64 positions in token_order (unused pieces are empty); ranked_slot [T, k] int32:
+    the slot of each token's q-th smallest expert; entries [S*k] int64: piece * k + rank, sorted by expert (stable,
+    so in piece order); first [E+2] int64: expert e owns entries[first[e]:first[e+1]] (the last range is unused
+    pieces'). S is a static bound, so nothing here syncs with the host.
+    """
+
+    def __init__(self, piece_start, piece_end, ranked_slot, entries, first):
+        self.piece_start, self.piece_end, self.ranked_slot = piece_start, piece_end, ranked_slot
+        self.entries, self.first = entries, first
+
+
+def _multisets(num_experts: int, top_k: int) -> int:
+    return math.comb(num_experts + top_k - 1, top_k)
+
+
+def _set_chunk(T: int, columns: int, device: torch.device) -> int:
+    target = max(1, triton.cdiv(SET_PIECE_WAVES * sm_count(device), triton.cdiv(max(columns, 1), 128)))
+    return max(MIN_PIECE_PAIRS, triton.next_power_of_2(triton.cdiv(max(T, 1), target)))
+
+
+def _set_piece_bound(T: int, num_experts: int, top_k: int, chunk: int) -> int:
+    return triton.cdiv(T, chunk) + min(T, _multisets(num_experts, top_k))
+
+
+def reads_once(T: int, columns: int, rank: int, num_experts: int, top_k: int, device: torch.device) -> bool:
+    """True when dA and dB run per expert-set piece (each x / dy row read once) rather than per expert segment.
+
+    The set form needs exact set keys (E**k < 2**62) and k rank tiles that fit one accumulator
+    (MAX_SET_PIECE_COLUMNS); CUMA_OUTER=sets|segments forces a form within that. Auto takes the set form when
+    tokens walk in set order (not `pair_major`) and its modelled
+    bytes (x once, k fp32 partials per piece) are fewer than the segments' (x k times, one partial per piece),
+    counting the pieces that uniform routing makes (every set of k distinct experts, cut into chunks).
+    """
+    import os
+
+    choice = os.environ.get("CUMA_OUTER", "auto")
+    if choice not in ("auto", "sets", "segments"):
+        raise ValueError(f"CUMA_OUTER must be auto, sets or segments, got {choice!r}")
+    possible = num_experts ** top_k < 2 ** 62 and top_k * rank_block(rank) <= MAX_SET_PIECE_COLUMNS
+    if choice != "auto" or not possible:
+        return choice == "sets" and possible
+    if pair_major(T, num_experts, top_k):
+        return False
+    pairs = T * top_k
+    seg_chunk = max(MIN_PIECE_PAIRS, triton.next_power_of_2(triton.cdiv(max(pairs, 1), max(1, triton.cdiv(
+        PIECE_WAVES * sm_count(device), triton.cdiv(max(columns, 1), 128))))))
+    seg_pieces = triton.cdiv(pairs, seg_chunk) + num_experts
+    sets = min(T, math.comb(num_experts, top_k))  # every set of k distinct experts used, as uniform routing does
+    set_pieces_ = sets * triton.cdiv(triton.cdiv(T, sets), _set_chunk(T, columns, device))
+    segment_bytes = 2 * pairs * columns + 8 * seg_pieces * columns * rank
+    set_bytes = 2 * T * columns + 8 * set_pieces_ * top_k * columns * rank
+    return set_bytes < segment_bytes
+
+
+def set_pieces(topk_idx: torch.Tensor, token_order: torch.Tensor, num_experts: int, columns: int) -> SetPieces:
+    """The expert-set pieces of `token_order` (tokens sorted by their set of experts), on the device, no host sync.
+
+    A piece starts wherever a token's sorted experts differ from the previous token's, and every `chunk` tokens
+    inside a run (sized so that pieces x column tiles cover the GPU SET_PIECE_WAVES times).
+    """
+    T, top_k = topk_idx.shape
+    device = topk_idx.device
+    ranked = torch.sort(topk_idx.long(), dim=1, stable=True)
+    by_rank = ranked.values.index_select(0, token_order)  # [T, k]: each token's experts, smallest first
+    chunk = _set_chunk(T, columns, device)
+    bound = _set_piece_bound(T, num_experts, top_k, chunk)
+    pos = torch.arange(T, device=device)
+    new_run = torch.ones(T, dtype=torch.bool, device=device)
+    new_run[1:] = (by_rank[1:] != by_rank[:-1]).any(1)
+    run_start = torch.cummax(torch.where(new_run, pos, 0), 0).values
+    piece_of = torch.cumsum(((pos - run_start) % chunk == 0).long(), 0) - 1  # nondecreasing
+    piece_start = torch.searchsorted(piece_of, torch.arange(bound, device=device))  # T where unused
+    piece_end = torch.cat([piece_start[1:], piece_start.new_full((1,), T)])
+    used = piece_start < T
+    experts = by_rank.index_select(0, piece_start.clamp_max(max(T - 1, 0))) if T else by_rank.new_zeros(bound, top_k)
+    experts = torch.where(used[:, None], experts, num_experts).reshape(-1)  # unused pieces: a spare expert E
+    entries = torch.sort(experts, stable=True).indices
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
+    first = torch.zeros(num_experts + 2, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=first[1:])
+    return SetPieces(piece_start, piece_end, ranked.indices.to(torch.int32).contiguous(), entries, first)
+
+
+def set_piece_outer(x: torch.Tensor, h: torch.Tensor, gates: torch.Tensor | None, token_order: torch.Tensor,
+                    pieces: SetPieces, out: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+    """`segment_outer` per expert-set piece: fill out [E, C, r] (any strides) with scale * sum_{pairs p of e}
+    x_t^T (g_p h_p), reading each x row once. x [T, C]; h [T*k, r] per pair or [T, r] shared; gates [T, k] fp32
+    or None."""
+    num_experts, cols, rank = out.shape
+    if cols == 0 or rank == 0 or num_experts == 0:
+        return out
+    T = x.shape[0]
+    sht, shj = _h_strides(h, T, top_k)
+    upcast, ieee = _flags(x.dtype)
+    block_r = rank_block(rank)
+    block_kr = triton.next_power_of_2(top_k * block_r)
+    num_pieces = pieces.piece_start.shape[0]
+    partial = torch.empty(num_pieces, cols, block_kr, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (num_pieces, triton.cdiv(cols, meta["BLOCK_C"]))  # noqa: E731
+    _set_partial_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        h, sht, shj,
+        gates if gates is not None else h, pieces.ranked_slot, token_order, pieces.piece_start, pieces.piece_end,
+        partial,
+        cols, rank, scale,
+        TOP_K=top_k, GATED=gates is not None, UPCAST=upcast, IEEE=ieee, BLOCK_R=block_r, BLOCK_KR=block_kr,
+    )
+    block_c = 64
+    _sum_set_pieces_kernel[(num_experts, triton.cdiv(cols, block_c))](
+        partial, pieces.entries, pieces.first,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        cols, rank,
+        TOP_K=top_k, BLOCK_R=block_r, BLOCK_KR=block_kr, BLOCK_C=block_c,
+    )
+    return out
+
+
+def outer_pieces(topk_idx: torch.Tensor, offsets: torch.Tensor, token_order: torch.Tensor, columns: int,
+                 rank: int) -> SetPieces | tuple[torch.Tensor, ...]:
+    """The work split of dA / dB for these shapes: SetPieces (`reads_once`) or expert-segment pieces."""
+    T, top_k = topk_idx.shape
+    num_experts = offsets.shape[0] - 1
+    if T and reads_once(T, columns, rank, num_experts, top_k, topk_idx.device):
+        return set_pieces(topk_idx, token_order, num_experts, columns)
+    return segment_pieces(offsets, T * top_k, columns)
+
+
+def expert_outer(x, h, gates, sort_order, token_order, pieces, out, scale, top_k):
+    """scale * sum over each expert's pairs of x_t^T (g h): `set_piece_outer` or `segment_outer`, as `pieces` says."""
+    if isinstance(pieces, SetPieces):
+        return set_piece_outer(x, h, gates, token_order, pieces, out, scale, top_k)
+    return segment_outer(x, h, gates, sort_order, pieces, out, scale, top_k)
+
+
 def lora_experts_triton_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -536,7 +756,7 @@ def lora_experts_triton_backward(
     num_a, rank, kd = lora_A.shape
     dx = torch.empty_like(x)
     d_a = torch.empty_like(lora_A)
-    pieces = segment_pieces(offsets, T * top_k, max(lora_B.shape[1], kd))
+    pieces = outer_pieces(topk_idx, offsets, token_order, max(lora_B.shape[1], kd), rank)
     dhg, d_b, d_gates = _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_order, token_order,
                                               pieces)
     if T == 0:
@@ -548,7 +768,7 @@ def lora_experts_triton_backward(
         torch.mm(dh_sum.t(), x, out=d_a[0])
     else:
         lora_expand(dhg, a_t, topk_idx, None, 1.0, dx, token_order)
-        segment_outer(x, dhg, None, sort_order, pieces, d_a.permute(0, 2, 1), 1.0, top_k)
+        expert_outer(x, dhg, None, sort_order, token_order, pieces, d_a.permute(0, 2, 1), 1.0, top_k)
     return dx, d_a, d_b, d_gates
 
 
@@ -578,7 +798,7 @@ def _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_orde
             T, n, rank, num_experts, scaling,
             TOP_K=top_k, PAIR_MAJOR=by_pairs, UPCAST=upcast, IEEE=ieee, BLOCK_R=rank_block(rank),
         )
-    segment_outer(grad_y, h, gates, sort_order, pieces, d_b, scaling, top_k)
+    expert_outer(grad_y, h, gates, sort_order, token_order, pieces, d_b, scaling, top_k)
     return dhg, d_b, d_gates
 
 
@@ -605,7 +825,7 @@ def lora_expand_backward(
     topk_idx = topk_idx.to(torch.int32).contiguous()
     gates = topk_weights.to(torch.float32).contiguous()
     T, top_k = topk_idx.shape
-    pieces = segment_pieces(offsets, T * top_k, lora_B.shape[1])
+    pieces = outer_pieces(topk_idx, offsets, token_order, lora_B.shape[1], lora_B.shape[2])
     dhg, d_b, d_gates = _output_side_backward(grad_y, h, lora_B, topk_idx, gates, scaling, sort_order, token_order,
                                               pieces)
     if h.shape[0] != T * top_k:  # shared by the slots: its gradient is the sum over them, added in fp32
@@ -640,10 +860,10 @@ def lora_shrink_backward(
     d_a = torch.empty_like(lora_A)
     if T == 0:
         return dx.zero_(), d_a.zero_()
-    pieces = segment_pieces(offsets, T * top_k, kd)
+    pieces = outer_pieces(topk_idx, offsets, token_order, kd, min(rank, MAX_RANK_BLOCK))
     a_t, d_a_t = lora_A.permute(0, 2, 1), d_a.permute(0, 2, 1)  # [E, K, R]
     for c0 in range(0, rank, MAX_RANK_BLOCK):
         cols = slice(c0, min(rank, c0 + MAX_RANK_BLOCK))
         lora_expand(grad_h[:, cols], a_t[:, :, cols], topk_idx, None, 1.0, dx, token_order, accumulate=c0 > 0)
-        segment_outer(x, grad_h[:, cols], None, sort_order, pieces, d_a_t[:, :, cols], 1.0, top_k)
+        expert_outer(x, grad_h[:, cols], None, sort_order, token_order, pieces, d_a_t[:, :, cols], 1.0, top_k)
     return dx, d_a

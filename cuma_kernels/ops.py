@@ -279,6 +279,24 @@ def _check_expert_inputs(x, lora_A, lora_B, topk_idx, topk_weights, base_out) ->
                 raise IndexError(f"topk_idx values must be in [0, {num_experts}), got min {lo} and max {hi}")
 
 
+def expert_plan(x, lora_A, lora_B, topk_idx, dispatch: DispatchMetadata | None):
+    """(backend, sort_order, offsets, token_order) of the experts' ops for this call: "triton" (with the dispatch
+    metadata, computed here when None), "torch_routed" (with the expert-sorted pairs) or "torch" (dense form)."""
+    backend = backend_for(x)
+    sort_order = offsets = token_order = None
+    if backend == "triton":
+        if dispatch is None:
+            dispatch = dispatch_metadata(topk_idx, lora_B.shape[0])
+        sort_order, offsets, token_order = dispatch.sort_order, dispatch.offsets, dispatch.token_order
+    elif torch_expert_path(x.shape[0], lora_B.shape[2], lora_B.shape[0], topk_idx.shape[1]) == "routed":
+        backend = "torch_routed"
+        if dispatch is None:
+            sort_order, offsets = pair_order(topk_idx, lora_B.shape[0])
+        else:
+            sort_order, offsets = dispatch.sort_order, dispatch.offsets
+    return backend, sort_order, offsets, token_order
+
+
 def lora_experts(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -307,18 +325,7 @@ def lora_experts(
         raise ValueError("inplace=True needs a base_out to add into")
     if inplace and base_out.is_leaf and base_out.requires_grad and torch.is_grad_enabled():
         raise ValueError("inplace=True cannot add into a leaf tensor that requires grad; pass inplace=False")
-    backend = backend_for(x)
-    sort_order = offsets = token_order = None
-    if backend == "triton":
-        if dispatch is None:
-            dispatch = dispatch_metadata(topk_idx, lora_B.shape[0])
-        sort_order, offsets, token_order = dispatch.sort_order, dispatch.offsets, dispatch.token_order
-    elif torch_expert_path(x.shape[0], lora_B.shape[2], lora_B.shape[0], topk_idx.shape[1]) == "routed":
-        backend = "torch_routed"
-        if dispatch is None:
-            sort_order, offsets = pair_order(topk_idx, lora_B.shape[0])
-        else:
-            sort_order, offsets = dispatch.sort_order, dispatch.offsets
+    backend, sort_order, offsets, token_order = expert_plan(x, lora_A, lora_B, topk_idx, dispatch)
     return _LoraExperts.apply(base_out, x, lora_A, lora_B, topk_weights, topk_idx, float(scaling), sort_order,
                               offsets, token_order, backend, inplace)
 

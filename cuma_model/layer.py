@@ -56,14 +56,15 @@ class CuMALinear(nn.Module):
         return self.cuma_A, self.cuma_B, self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if is_disabled(self.owner) or getattr(self, "_disable_adapters", False):  # the latter: PEFT's per-layer switch
-            return out
+            return self.base_layer(x)
+        owned = self._owns_base(x)
+        out = None if owned else self.base_layer(x)
         route = self._route(x)
         # The experts compute in the dtype the base produced: under autocast that is the autocast dtype, whatever
         # x and the (fp32 master) adapter weights are. Autocast is off inside, so the ops' own fp32 accumulation
-        # is not cast down again.
-        dtype = out.dtype
+        # is not cast down again. (The owned path runs only where that dtype is x's own.)
+        dtype = x.dtype if owned else out.dtype
         if route.dispatch is None and cuma_kernels.backend_for(x) == "triton":
             route.dispatch = cuma_kernels.dispatch_metadata(route.topk_idx, self.cuma_router.num_experts)
         device = x.device.type
@@ -74,11 +75,18 @@ class CuMALinear(nn.Module):
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             h = self._shared_shrink(route, x, dtype)
             if h is not None:  # this projection's slice of the shrink run once for its siblings
+                if out is None:
+                    out = self.base_layer(x)
                 y = cuma_kernels.lora_expand(h, self.cuma_B.to(dtype), route.topk_idx, route.topk_weights,
                                              self.scaling, base_out=out.reshape(-1, self.out_features),
                                              dispatch=route.dispatch, inplace=in_place)
                 return y.view(out.shape)
             x2 = self.cuma_dropout(x).reshape(-1, self.in_features).to(dtype)
+            if owned:  # one op for the base and the experts, forward and backward
+                y = cuma_kernels.linear_with_experts(
+                    x2, self.base_layer.weight, self.base_layer.bias, self.cuma_A.to(dtype), self.cuma_B.to(dtype),
+                    route.topk_idx, route.topk_weights, self.scaling, dispatch=route.dispatch)
+                return y.view(*x.shape[:-1], self.out_features)
             y = cuma_kernels.lora_experts(
                 x2,
                 self.cuma_A.to(dtype),
@@ -92,13 +100,34 @@ class CuMALinear(nn.Module):
             )
         return y.view(out.shape)
 
+    def _owns_base(self, x: torch.Tensor) -> bool:
+        """True when the experts' op computes the base linear too (`cuma_kernels.linear_with_experts`), so that
+        the experts' dx and the base dx share one buffer: for a plain frozen dense nn.Linear (no hooks, not
+        quantized or wrapped) in x's float dtype on x's device, with no active dropout on the experts' input
+        (then both read the same x), outside autocast and torch.compile. CUMA_OWN_BASE=0 turns it off."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or os.environ.get("CUMA_OWN_BASE", "1") == "0":
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return False
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or type(weight) is not nn.Parameter or weight.dtype not in cuma_kernels.FLOAT_DTYPES:
+            return False
+        if weight.dtype != x.dtype or weight.device != x.device or (bias is not None and bias.dtype != x.dtype):
+            return False
+        if self._dropping() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            return False
+        return True
+
     def _shared_shrink(self, route: Route, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """This layer's h from the shrink shared by the projections routed by the same route (same router, same
         input tensor), or None: then it runs its own fused shrink + expand.
 
         The first projection to use the route runs the shrink for every sibling that can share it, in one launch
         over their A's concatenated along r (x read once); the others take their column slice. Siblings are this
-        router's layers with the same input width and A layout and no active dropout (each draws its own mask).
+        router's layers with the same input width and A layout and no active dropout (each draws its own mask)
+        that do not own their base (`_owns_base`: by the roofline model, owning the base per projection costs
+        less than sharing the shrink, because it drops a dx add per projection; CUMA_OWN_BASE=0 restores sharing).
         A sibling that then receives a different input computes its own and its slice goes unused. Triton backend
         only (CUMA_SHARED_SHRINK=0 turns it off).
         """
@@ -108,7 +137,7 @@ class CuMALinear(nn.Module):
             routed_alike = state.layers_routed_by(self.cuma_router.key) if state is not None else ()
             group = [layer for layer in routed_alike if layer.in_features == self.in_features
                      and layer.cuma_A.shape[0] == self.cuma_A.shape[0] and layer.cuma_A.device == x.device
-                     and not layer._dropping()]
+                     and not layer._dropping() and not layer._owns_base(x)]
             if (len(group) > 1 and self in group and os.environ.get("CUMA_SHARED_SHRINK", "1") != "0"
                     and cuma_kernels.backend_for(x) == "triton"):
                 x2 = x.reshape(-1, self.in_features).to(dtype)

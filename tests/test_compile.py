@@ -87,9 +87,10 @@ def test_generation_with_z_through_a_compiled_forward_does_not_recompile_across_
     assert not torch.equal(expected[0], expected[1])  # the calls really differ
 
 
-def test_a_compiled_direct_backbone_call_is_one_graph_and_carries_the_aux_gradient():
+def test_a_compiled_direct_backbone_call_is_one_graph_and_carries_the_aux_gradient(monkeypatch):
     """TRL's route: the backbone called with z, the aux loss handed to the caller's backward (its warning about the
     missing accumulation steps stays out of the graph)."""
+    monkeypatch.setenv("CUMA_OWN_BASE", "0")  # compiled code never owns the base: eager runs the same ops, to the bit
     torch._dynamo.reset()
     model = patched().train()
     inputs = batch(5)

@@ -152,6 +152,14 @@ def _lora_kernel_specs(dt):
                       dict(TOP_K=2, GATED=gated, BLOCK_R=block_r, **flags)))
     specs.append((g._sum_pieces_kernel, {"part_ptr": "*fp32", "first_piece_ptr": "*i64", "out_ptr": "*" + dt}, (),
                   dict(BLOCK_R=64, BLOCK_C=64)))
+    for gated, block_r, top_k, block_kr in ((True, 64, 2, 128), (False, 64, 2, 128), (True, 16, 3, 64)):
+        specs.append((g._set_partial_kernel, {"x_ptr": "*" + dt, "h_ptr": "*" + dt, "gate_ptr": "*fp32",
+                                              "ranked_slot_ptr": "*i32", "token_order_ptr": "*i64",
+                                              "piece_start_ptr": "*i64", "piece_end_ptr": "*i64", "part_ptr": "*fp32"},
+                      ("scale",), dict(TOP_K=top_k, GATED=gated, BLOCK_R=block_r, BLOCK_KR=block_kr, **flags)))
+    specs.append((g._sum_set_pieces_kernel, {"part_ptr": "*fp32", "entries_ptr": "*i64", "first_ptr": "*i64",
+                                             "out_ptr": "*" + dt}, (), dict(TOP_K=2, BLOCK_R=64, BLOCK_KR=128,
+                                                                           BLOCK_C=64)))
     return specs
 
 
@@ -197,6 +205,7 @@ def _compile_kernels_for_sm90(all_variants: bool) -> None:
 
 def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUMA_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this checkout's kernels
     proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "kernels for sm_90" in proc.stdout, proc.stdout + proc.stderr

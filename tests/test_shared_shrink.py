@@ -27,6 +27,9 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     monkeypatch.setenv("CUMA_BACKEND", "triton")
+    # plain frozen nn.Linear bases would otherwise own their base per projection instead of sharing the shrink
+    # (tests/test_owned_base_linear.py covers that choice)
+    monkeypatch.setenv("CUMA_OWN_BASE", "0")
 
 
 @pytest.fixture
