@@ -1,27 +1,11 @@
 """The base linear and its experts as one op (`linear_with_experts`): output and every gradient (x, the base
 weight and bias, A, B, the gates) against an fp64 einsum reference, on the torch backend's two forms and on the
 Triton kernels (the interpreter on a CPU; CUMA_TEST_DEVICE=cuda runs them for real)."""
-import os
-
 import pytest
 import torch
 
 from cuma_kernels import linear_with_experts
-
-DEVICE = os.environ.get("CUMA_TEST_DEVICE", "cpu")
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
-    if name.startswith("torch"):
-        if DEVICE != "cpu":
-            pytest.skip("the torch backend's two forms are tested on the CPU")
-        monkeypatch.setenv("CUMA_CPU_PATH", "routed" if name == "torch-routed" else "dense")
-    monkeypatch.setenv("CUMA_BACKEND", name.split("-")[0])
-    return name
+from test_lora_expert_kernels import DEVICE, backend  # noqa: F401  (the backend fixture, by parameter)
 
 
 def routing(T, E, k, pattern, gen):
