@@ -533,3 +533,9 @@ def test_label_smoothing_caps_how_sure_the_adapter_becomes(tmp_path):
 def test_bad_label_smoothing_is_named(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         T.validate_args(T._args_from(options(tmp_path, **kw)))
+
+
+def test_label_smoothing_defaults_by_objective(tmp_path):
+    assert T._args_from(options(tmp_path)).label_smoothing == T.LABEL_SMOOTHING == 0.1
+    assert T._args_from(options(tmp_path, objective="distribution", group_by=["party"])).label_smoothing == 0.0
+    assert T._args_from(options(tmp_path, label_smoothing=0.0)).label_smoothing == 0.0

@@ -104,7 +104,8 @@ OBJECTIVES = ("answer", "distribution")
 DEFAULT_GGUF = SMOLLM2_GGUF
 FIELDS = "fields"  # --encoder value: z from the demographic field values (FieldEncoder), not a sentence encoder
 MIN_MAX_LENGTH = 32  # tokens: below this a chat prompt cannot hold its question, answer choices and the answer slot
-TRUNCATION_WARN_SHARE = 0.01  # warn when more training prompts than this lose their beginning to --max-length
+TRUNCATION_WARN_SHARE = 0.01
+LABEL_SMOOTHING = 0.1  # the answer objective's default, chosen on validation (docs/results.md)  # warn when more training prompts than this lose their beginning to --max-length
 # what a run writes into --output-dir, by which a folder is known to hold a previous run's outputs
 RUN_OUTPUTS = ("final", "metrics.json", "predictions.jsonl", "seeds.json")
 
@@ -187,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(required with it: e.g. party ideology)")
     g.add_argument("--group-min-count", type=int, default=20,
                    help="the fewest answers a (group, question) needs to become a distribution example")
-    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+    g.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
                    help="answer objective: the target gives the true answer 1 - EPS and the question's other "
                         "choices EPS shared equally (not the whole vocabulary), which caps how sure the adapter is "
-                        "taught to be; 0: the respondent's answer alone")
+                        f"taught to be; 0: the respondent's answer alone (default: {LABEL_SMOOTHING} with the answer "
+                        "objective, chosen on validation, docs/results.md; the distribution objective's targets "
+                        "are distributions already)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3)
@@ -286,7 +289,8 @@ def _args_from(args_or_config) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise ValueError on an option or a combination of options that cannot run."""
+    """Raise ValueError on an option or a combination of options that cannot run (and fill in the defaults that
+    depend on other options: --label-smoothing)."""
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
     if args.survey not in D.SURVEYS and not (str(args.survey).endswith(".json") and Path(args.survey).is_file()):
@@ -298,6 +302,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {SCHEDULERS}")
     if args.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {args.objective!r}; choose from {OBJECTIVES}")
+    if args.label_smoothing is None:  # the default depends on the objective
+        args.label_smoothing = LABEL_SMOOTHING if args.objective == "answer" else 0.0
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.label_smoothing and args.objective != "answer":
