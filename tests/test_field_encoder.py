@@ -44,7 +44,7 @@ def test_without_the_profile_in_the_prompt_field_z_carries_who_is_asking(tmp_pat
     prompt, only z can tell the parties apart."""
     p = parts()
     del p["encoder"]
-    common = {"profile_in_prompt": False, "max_steps": 300, "lr": 3e-3}
+    common = {"profile_in_prompt": False, "max_steps": 300, "lr": 3e-3, "label_smoothing": 0.0}  # one-hot targets
     res = T.train(options(tmp_path, method="cuma", encoder=T.FIELDS, **common), **p)
     routed = res["metrics"]["accuracy"]
     blind = T.train(options(tmp_path, method="mixlora", output_dir=str(tmp_path / "blind"), **common),
