@@ -140,3 +140,11 @@ class DemographicEncoder:
             pooled = masked_mean_pool(hidden.float(), tokens["attention_mask"]).cpu()
             for text, row in zip(batch, pooled):
                 self._cache[text] = row.clone()
+
+
+def examples_z(encoder, examples) -> torch.Tensor:
+    """Each example's z [N, D] float32 from `encoder` (anything with `encode_unique`): a sentence encoder reads the
+    profile text, the field encoder (`example_field = "groups"`) the group values."""
+    read = getattr(encoder, "example_field", "profile")
+    table, index = encoder.encode_unique([getattr(e, read) for e in examples])
+    return table.float()[index]

@@ -35,6 +35,7 @@ from cuma_model.static_lora import average_gates, static_lora_factors, write_lor
 from . import evaluate as E
 from . import metrics as M
 from . import train as T
+from .encoder import examples_z
 from .field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from .prompts import render_prompts
 from .run_checkpoint import RUN_ARGS_NAME
@@ -112,12 +113,6 @@ def _load_run(run_dir: Path, model=None, tokenizer=None, encoder=None, examples=
     return args, model, tokenizer, encoder, splits
 
 
-def _z(encoder, examples) -> torch.Tensor:
-    read = getattr(encoder, "example_field", "profile")
-    table, index = encoder.encode_unique([getattr(e, read) for e in examples])
-    return table.float()[index]
-
-
 def _batches(model, tokenizer, prompts: Sequence[str], z: torch.Tensor, batch_size: int, max_length: int):
     pad = T.pad_token_id(tokenizer)
     rows = [tokenizer.encode(p, add_special_tokens=False)[-max_length:] for p in prompts]
@@ -167,8 +162,8 @@ def export_run(a: argparse.Namespace, **given) -> dict:
     gates = {}
     for key, rows in tqdm(groups.items(), desc="calibrating groups", unit="group"):
         prompts = render_prompts(tokenizer, rows, profile_in_prompt=args.profile_in_prompt)
-        gates[key] = average_gates(model, _batches(model, tokenizer, prompts, _z(encoder, rows), a.batch_size,
-                                                   args.max_length))
+        batches = _batches(model, tokenizer, prompts, examples_z(encoder, rows), a.batch_size, args.max_length)
+        gates[key] = average_gates(model, batches)
     calibrate_s = time.perf_counter() - t
     base_name = model.cuma.config.base_model_name_or_path
     for rank in ranks:
@@ -222,7 +217,8 @@ def evaluate_export(a, args, model, tokenizer, encoder, splits, groups, names, r
         raise ValueError("no evaluation answer belongs to an exported group")
     letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in covered for l in e.letters}))
     t = time.perf_counter()
-    exact = _scores(model, tokenizer, covered, _z(encoder, covered), args, a.batch_size, letter_ids, progress=True)
+    exact = _scores(model, tokenizer, covered, examples_z(encoder, covered), args, a.batch_size, letter_ids,
+                    progress=True)
     report = {"n_eval": len(pool), "n_covered": len(covered), "exact": fidelity_metrics(covered, exact, exact)}
     base = cuma_model.unpatch_model(model)
     by_group = defaultdict(list)

@@ -27,6 +27,7 @@ from cuma_model.atomic import atomic_write_bytes
 from . import evaluate as E
 from . import splits as S
 from . import train as T
+from .encoder import examples_z
 from .field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from .run_checkpoint import RUN_ARGS_NAME
 
@@ -77,15 +78,6 @@ def load_run(run_dir: Path, load_base: Callable | None = None):
     return args, method, model.eval(), tokenizer, encoder, temperature
 
 
-def z_of(encoder, examples):
-    """Each example's z from the run's encoder (None for methods without z)."""
-    if encoder is None:
-        return None
-    read = getattr(encoder, "example_field", "profile")  # the field encoder reads .groups
-    table, index = encoder.encode_unique([getattr(e, read) for e in examples])
-    return table.float()[index]
-
-
 def transfer(runs: Sequence[str | Path], examples, batch_size: int = 32, load_base: Callable | None = None) -> dict:
     """Score each run on `examples` (SurveyExamples of the target survey) beside the base model and the uniform
     guess; returns the dict written to transfer.json (without writing it). `load_base(args) -> (model, tokenizer)`
@@ -102,7 +94,7 @@ def transfer(runs: Sequence[str | Path], examples, batch_size: int = 32, load_ba
         args, method, model, tokenizer, encoder, temperature = load_run(run_dir, load_base)
         letter_ids = E.letter_token_ids(tokenizer, sorted({l for e in examples for l in e.letters}))
         args.eval_batch_size = batch_size
-        z = z_of(encoder, examples)
+        z = examples_z(encoder, examples) if encoder is not None else None
         logits = T.score_examples(model, tokenizer, examples, z, args=args, letter_ids=letter_ids)
         name = f"{method} ({run_dir.name})"
         names.append(name)
