@@ -36,9 +36,8 @@ from . import evaluate as E
 from . import metrics as M
 from . import train as T
 from .encoder import examples_z
-from .field_encoder import FIELD_ENCODER_NAME, FieldEncoder
 from .prompts import render_prompts
-from .run_checkpoint import RUN_ARGS_NAME
+from .run_checkpoint import finished_run, run_encoder
 
 MANIFEST_NAME = "manifest.json"
 FIDELITY_NAME = "fidelity.json"
@@ -90,10 +89,7 @@ def _load_run(run_dir: Path, model=None, tokenizer=None, encoder=None, examples=
     """(training options, model with the run's adapter, tokenizer, encoder, splits). The keywords stand in for what
     the run's options name (as in `train`): a model and tokenizer already loaded, an encoder, the survey's examples."""
     final = run_dir / "final"
-    if not (final / RUN_ARGS_NAME).is_file():
-        raise FileNotFoundError(f"{final} holds no {RUN_ARGS_NAME}: --run takes the --output-dir of a finished "
-                                "`python -m cuma_model.train` run")
-    saved = json.loads((final / RUN_ARGS_NAME).read_text())
+    saved = finished_run(run_dir)
     if saved.get("method") != "cuma":
         raise ValueError(f"{run_dir} trained {saved.get('method')!r}: export takes a cuma run (a LoRA run is already "
                          "a plain LoRA: load its final/ folder directly)")
@@ -104,12 +100,8 @@ def _load_run(run_dir: Path, model=None, tokenizer=None, encoder=None, examples=
     if model is None:
         model, tokenizer = T.load_model_and_tokenizer(args.model, args.gguf_file)
     model = cuma_model.from_pretrained(model, final, is_trainable=False).eval()
-    if encoder is None and (final / FIELD_ENCODER_NAME).is_file():
-        encoder = FieldEncoder.from_json(json.loads((final / FIELD_ENCODER_NAME).read_text()))
-    elif encoder is None:
-        from .encoder import DemographicEncoder
-
-        encoder = DemographicEncoder(args.encoder)
+    if encoder is None:
+        encoder = run_encoder(final, args.encoder)
     return args, model, tokenizer, encoder, splits
 
 

@@ -193,3 +193,24 @@ def data_fingerprint(*parts) -> str:
         else:
             h.update(json.dumps(part).encode())
     return h.hexdigest()
+
+
+def finished_run(run_dir: Path) -> dict:
+    """The `train_args.json` of a finished training run's `final/` ({"method", "step", "args"})."""
+    final = Path(run_dir) / "final"
+    if not (final / RUN_ARGS_NAME).is_file():
+        raise FileNotFoundError(f"{final} holds no {RUN_ARGS_NAME}: --run takes the --output-dir of a finished "
+                                "`python -m cuma_model.train` run")
+    return json.loads((final / RUN_ARGS_NAME).read_text())
+
+
+def run_encoder(final: Path, encoder_name):
+    """The z encoder a cuma run trained with: the field encoder saved in `final/`, else the named sentence
+    encoder."""
+    from .field_encoder import FIELD_ENCODER_NAME, FieldEncoder
+
+    if (Path(final) / FIELD_ENCODER_NAME).is_file():
+        return FieldEncoder.from_json(json.loads((Path(final) / FIELD_ENCODER_NAME).read_text()))
+    from .encoder import DemographicEncoder
+
+    return DemographicEncoder(encoder_name)

@@ -28,8 +28,7 @@ from . import evaluate as E
 from . import splits as S
 from . import train as T
 from .encoder import examples_z
-from .field_encoder import FIELD_ENCODER_NAME, FieldEncoder
-from .run_checkpoint import RUN_ARGS_NAME
+from .run_checkpoint import finished_run, run_encoder
 
 TRANSFER_NAME = "transfer.json"
 UNIFORM = "uniform"
@@ -53,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_run(run_dir: Path, load_base: Callable | None = None):
     """(options, method, model with the run's adapter in eval mode, tokenizer, encoder or None, source temperature)."""
     final = run_dir / "final"
-    if not (final / RUN_ARGS_NAME).is_file():
-        raise FileNotFoundError(f"{final} holds no {RUN_ARGS_NAME}: --run takes the --output-dir of a finished "
-                                "`python -m cuma_model.train` run")
-    saved = json.loads((final / RUN_ARGS_NAME).read_text())
+    saved = finished_run(run_dir)
     args, method = T._args_from(saved["args"]), saved["method"]
     model, tokenizer = load_base(args) if load_base else T.load_model_and_tokenizer(args.model, args.gguf_file)
     if method == "lora":
@@ -65,13 +61,7 @@ def load_run(run_dir: Path, load_base: Callable | None = None):
         model = PeftModel.from_pretrained(model, final)
     elif method != "base":
         model = cuma_model.from_pretrained(model, final, is_trainable=False)
-    encoder = None
-    if method == "cuma" and (final / FIELD_ENCODER_NAME).is_file():
-        encoder = FieldEncoder.from_json(json.loads((final / FIELD_ENCODER_NAME).read_text()))
-    elif method == "cuma":
-        from .encoder import DemographicEncoder
-
-        encoder = DemographicEncoder(args.encoder)
+    encoder = run_encoder(final, args.encoder) if method == "cuma" else None
     metrics = run_dir / "metrics.json"
     temperature = (json.loads(metrics.read_text()).get("calibration") or {}).get("temperature") \
         if metrics.is_file() else None
